@@ -1,0 +1,164 @@
+"""ONE table of named training presets, each in a `t4` form (real models on a free Colab T4) and a `tiny` form
+(tiny random models and generated data, minutes on 2 CPU cores). The arithmetic behind each number is in the
+comments next to it; `helpers.memory` checks the T4 memory claims against the real architectures.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from .runtime import PROFILES
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str  # key in PRESETS
+    profile: str  # "t4" (real models, CUDA) or "tiny" (tiny models, CPU)
+    family: str  # "sd15" or "sdxl": which pipeline and which UNet conditioning
+    model: str  # Hub id of the base pipeline, or "tiny/<name>" (helpers.tiny builds it)
+    dataset: str  # source kind: "cifar10", "naruto" or "folder" (helpers.data)
+    dataset_ref: str  # Hub dataset id or a local image folder ("tiny/<name>" for generated data)
+    method: str  # what trains: "crossattn" (UNet attn2 only), "lora" (peft LoRA), "prior" (later issue)
+    resolution: int  # square training size in pixels; latents are resolution / 8
+    batch_size: int  # images per forward pass
+    grad_accum: int  # forward passes per optimizer step; images/step = batch_size × grad_accum
+    max_steps: int  # optimizer steps
+    learning_rate: float  # peak learning rate after warmup
+    vae: str | None = None  # separate VAE (SDXL: the fp16-fix VAE); None = the pipeline's own vae/
+    vae_fp32: bool = False  # keep the VAE in fp32 (needed for the stock SDXL VAE, which overflows in fp16)
+    lr_schedule: str = "constant"  # "constant" or "cosine" (both after linear warmup)
+    warmup_steps: int = 0  # linear warmup steps
+    lora_rank: int = 16  # LoRA r
+    lora_alpha: int = 16  # LoRA alpha; the update is scaled by alpha / r
+    lora_dropout: float = 0.0  # dropout on the LoRA input
+    lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")  # UNet attention projections to adapt
+    train_text_encoder: bool = False  # also put LoRA on the text encoder(s) (disables the text-embedding cache)
+    optimizer: str = "adamw8bit"  # "adamw8bit" (bitsandbytes, CUDA only; falls back to "adamw" with a note)
+    mixed_precision: str = "fp16"  # "fp16" on CUDA (a T4 has no fast bf16); CPU always runs fp32
+    gradient_checkpointing: bool = False  # recompute activations in backward: ~30% slower, much less memory
+    max_grad_norm: float = 1.0  # gradient-norm clipping
+    snr_gamma: float | None = None  # Min-SNR weighting γ (5.0 is the paper's value); None = plain MSE
+    noise_offset: float = 0.0  # offset noise strength (0.05 helps very dark/bright images); 0 = off
+    cache_latents: bool = True  # encode images once with the VAE and train from cached latents
+    cache_text: bool = True  # encode captions once and train from cached text embeddings
+    center_crop: bool = True  # center crop (else random crop) after resizing the short side
+    random_flip: bool = False  # horizontal flip with p = 0.5
+    max_train_images: int | None = None  # use only the first N images of the source (None = all)
+    checkpoint_every: int = 50  # optimizer steps between checkpoints in the run folder (Drive on Colab)
+    keep_checkpoints: int = 2  # newest checkpoints kept
+    sample_every: int = 100  # optimizer steps between sample grids
+    sample_prompts: tuple[str, ...] = ()  # fixed prompts for the sample grids
+    sample_steps: int = 25  # inference steps per sample image
+    seed: int = 42  # one seed for data order, noise and samples
+    clip_model: str | None = None  # CLIP vision+text model (the prior's embedding space)
+    min_vram_gb: float = 0.0  # estimated peak VRAM on a T4, GiB (see the arithmetic in PRESETS)
+
+    @property
+    def images_per_step(self) -> int:
+        return self.batch_size * self.grad_accum
+
+    @property
+    def latent_size(self) -> int:
+        return self.resolution // 8
+
+
+CIFAR_PROMPTS = ("a photo of a cat", "a photo of a ship", "a photo of an airplane", "a photo of a frog")
+NARUTO_PROMPTS = ("a cartoon of a ninja with orange hair", "an anime character with pink hair and a red robe",
+                  "a man with glasses in a suit", "a green frog")
+
+SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+SDXL = "stabilityai/stable-diffusion-xl-base-1.0"
+SDXL_VAE_FIX = "madebyollin/sdxl-vae-fp16-fix"
+CLIP_L14 = "openai/clip-vit-large-patch14"
+
+PRESETS: dict[str, dict[str, Preset]] = {
+    "sd15_xattn_cifar10": {
+        # 32 px CIFAR images upscaled to 256 px: latents 32×32, 4× cheaper than SD1.5's native 512 and the
+        # smallest size SD1.5 still draws well at; upscaling further only adds blur.
+        # 8 × 2 accumulation = 16 images/step; 400 steps = 6,400 images (all 50,000 are available).
+        # Memory: UNet fp16 860M × 2 B = 1.7 GB, text encoder and VAE cached away; attn2 trains in fp32:
+        # 44M × (4 weight + 4 grad + 8 Adam) B = 0.7 GB; activations at 256 px × 8 with SDPA ≈ 4 GB → ≈ 7 GB.
+        "t4": Preset("sd15_xattn_cifar10", "t4", "sd15", SD15, "cifar10", "uoft-cs/cifar10", "crossattn",
+                     resolution=256, batch_size=8, grad_accum=2, max_steps=400, learning_rate=1e-5,
+                     lr_schedule="constant", warmup_steps=20, optimizer="adamw8bit", random_flip=True,
+                     checkpoint_every=50, sample_every=100, sample_prompts=CIFAR_PROMPTS, min_vram_gb=7.0),
+        # 240 generated images at 64 px (latents 8×8); 4 × 1 = 4 images/step; 150 steps ≈ 2.5 epochs.
+        "tiny": Preset("sd15_xattn_cifar10", "tiny", "sd15", "tiny/sd15", "cifar10", "tiny/cifar10", "crossattn",
+                       resolution=64, batch_size=4, grad_accum=1, max_steps=150, learning_rate=2e-3,
+                       warmup_steps=5, optimizer="adamw", mixed_precision="no", random_flip=True,
+                       checkpoint_every=50, sample_every=75, sample_prompts=CIFAR_PROMPTS, sample_steps=4),
+    },
+    "sdxl_lora_naruto_256": {
+        # 12 × 8 accumulation = 96 images/step; 200 steps = 19,200 images ≈ 15.7 epochs of 1,221.
+        # Memory: UNet fp16 2.6B × 2 B = 5.1 GB; LoRA r16 on to_q/k/v/out ≈ 23M in fp32 with 8-bit Adam
+        # ≈ 23M × (4 + 4 + 2) B = 0.23 GB; text encoders (1.6 GB fp16) only while caching; activations at
+        # 256 px (32×32 latents) × 12 with checkpointing ≈ 4 GB → ≈ 10 GB.
+        "t4": Preset("sdxl_lora_naruto_256", "t4", "sdxl", SDXL, "naruto", "lambdalabs/naruto-blip-captions", "lora",
+                     vae=SDXL_VAE_FIX, resolution=256, batch_size=12, grad_accum=8, max_steps=200,
+                     learning_rate=1e-4, lora_rank=16, lora_alpha=16, optimizer="adamw8bit",
+                     gradient_checkpointing=True, random_flip=True, checkpoint_every=25, sample_every=50,
+                     sample_prompts=NARUTO_PROMPTS, min_vram_gb=10.0),
+        # 120 generated images at 64 px; 4 × 2 = 8 images/step; 60 steps = 4 epochs.
+        "tiny": Preset("sdxl_lora_naruto_256", "tiny", "sdxl", "tiny/sdxl", "naruto", "tiny/naruto", "lora",
+                       vae="tiny/sdxl-vae-fp16-fix", resolution=64, batch_size=4, grad_accum=2, max_steps=60,
+                       learning_rate=1e-3, lora_rank=4, lora_alpha=4, optimizer="adamw", mixed_precision="no",
+                       checkpoint_every=20, sample_every=30, sample_prompts=NARUTO_PROMPTS, sample_steps=4),
+    },
+    "sdxl_lora_naruto_1024": {
+        # 1 × 8 accumulation = 8 images/step; 1,221 images → 152.6 steps/epoch; 5 epochs ≈ 763 → 765 steps.
+        # Memory: UNet fp16 5.1 GB + LoRA/Adam 0.23 GB + activations at 1024 px (128×128 latents) × 1 with
+        # checkpointing ≈ 5 GB → ≈ 11 GB; without checkpointing it does not fit 15 GB.
+        # A T4 does ≈ 1 image/4 s at 1024 px with checkpointing: 765 × 8 × 4 s ≈ 6.8 h, longer than one
+        # free session, so checkpoints every 30 steps (≈ 16 min) and resume.
+        "t4": Preset("sdxl_lora_naruto_1024", "t4", "sdxl", SDXL, "naruto", "lambdalabs/naruto-blip-captions",
+                     "lora", vae=SDXL_VAE_FIX, resolution=1024, batch_size=1, grad_accum=8, max_steps=765,
+                     learning_rate=1e-4, lr_schedule="cosine", warmup_steps=0, lora_rank=16, lora_alpha=16,
+                     optimizer="adamw8bit", gradient_checkpointing=True, random_flip=True, checkpoint_every=30,
+                     sample_every=150, sample_prompts=NARUTO_PROMPTS, min_vram_gb=11.0),
+        # 128 px on the tiny model (16×16 latents), 1 × 8 = 8 images/step, 30 steps = 2 epochs.
+        "tiny": Preset("sdxl_lora_naruto_1024", "tiny", "sdxl", "tiny/sdxl", "naruto", "tiny/naruto", "lora",
+                       vae="tiny/sdxl-vae-fp16-fix", resolution=128, batch_size=1, grad_accum=8, max_steps=30,
+                       learning_rate=1e-3, lr_schedule="cosine", lora_rank=4, lora_alpha=4, optimizer="adamw",
+                       mixed_precision="no", gradient_checkpointing=True, checkpoint_every=10, sample_every=30,
+                       sample_prompts=NARUTO_PROMPTS, sample_steps=4),
+    },
+    "prior_sd15": {
+        # SD1.5 with LoRA r8 α16 (update scale 2) dropout 0.1 on to_q/to_k/to_v, conditioned through CLIP ViT-L/14
+        # image embeddings from the prior. 8 × 2 = 16 images/step at 256 px; memory as sd15_xattn_cifar10 plus
+        # CLIP ViT-L/14 fp16 (0.9 GB) ≈ 8 GB. Fields are refined with the prior's own issue.
+        "t4": Preset("prior_sd15", "t4", "sd15", SD15, "cifar10", "uoft-cs/cifar10", "prior", clip_model=CLIP_L14,
+                     resolution=256, batch_size=8, grad_accum=2, max_steps=400, learning_rate=1e-4,
+                     lora_rank=8, lora_alpha=16, lora_dropout=0.1, lora_targets=("to_q", "to_k", "to_v"),
+                     optimizer="adamw8bit", checkpoint_every=50, sample_prompts=CIFAR_PROMPTS, min_vram_gb=8.0),
+        "tiny": Preset("prior_sd15", "tiny", "sd15", "tiny/sd15", "cifar10", "tiny/cifar10", "prior",
+                       clip_model="tiny/clip", resolution=64, batch_size=4, grad_accum=1, max_steps=60,
+                       learning_rate=1e-3, lora_rank=8, lora_alpha=16, lora_dropout=0.1,
+                       lora_targets=("to_q", "to_k", "to_v"), optimizer="adamw", mixed_precision="no",
+                       checkpoint_every=20, sample_prompts=CIFAR_PROMPTS, sample_steps=4),
+    },
+}
+
+
+def get_preset(name: str, profile: str, **overrides) -> Preset:
+    """The preset `name` in `profile`, with optional field overrides (e.g. method="lora", max_steps=10)."""
+    if name not in PRESETS:
+        raise KeyError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    if profile not in PROFILES:
+        raise KeyError(f"unknown profile {profile!r}; choose one of {PROFILES}")
+    unknown = set(overrides) - set(Preset.__dataclass_fields__)
+    if unknown:
+        raise TypeError(f"unknown preset fields {sorted(unknown)}")
+    return replace(PRESETS[name][profile], **overrides)
+
+
+def runtime_verdict(preset: Preset, vram_gb: float, has_cuda: bool) -> str:
+    """One line: can this runtime run the preset?"""
+    if preset.profile == "tiny":
+        return f"{preset.name} [tiny]: runs anywhere (CPU, minutes)"
+    if not has_cuda:
+        return f"{preset.name} [t4]: needs a CUDA GPU with ≥ {preset.min_vram_gb:.0f} GiB; none here"
+    ok = vram_gb >= preset.min_vram_gb + 1.0  # 1 GiB for the CUDA context and fragmentation
+    need = f"needs ≈ {preset.min_vram_gb:.0f} GiB of {vram_gb:.1f} GiB"
+    return f"{preset.name} [t4]: {'OK' if ok else 'too little GPU memory'} ({need})"
+
+
+__all__ = ["Preset", "PRESETS", "get_preset", "runtime_verdict"]
