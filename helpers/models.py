@@ -39,11 +39,11 @@ def load_components(preset: Preset, device: torch.device | str = "cpu", with_tex
     device = torch.device(device)
     dtype = weight_dtype_for(preset, device)
     model = resolve(preset.model)
-    vae_ref = resolve(preset.vae) if preset.vae else model
-    vae = (AutoencoderKL.from_pretrained(vae_ref) if preset.vae else
-           AutoencoderKL.from_pretrained(model, subfolder="vae"))
+    vae_ref, vae_sub = (resolve(preset.vae), None) if preset.vae else (model, "vae")
     # The stock SDXL VAE overflows to NaN in fp16 (its config says force_upcast); the fp16-fix VAE does not.
-    vae_dtype = torch.float32 if (preset.vae_fp32 or getattr(vae.config, "force_upcast", False)) else dtype
+    force_upcast = AutoencoderKL.load_config(vae_ref, subfolder=vae_sub).get("force_upcast", False)
+    vae_dtype = torch.float32 if (preset.vae_fp32 or force_upcast) else dtype
+    vae = AutoencoderKL.from_pretrained(vae_ref, subfolder=vae_sub, torch_dtype=vae_dtype)
     unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", torch_dtype=dtype)
     tokenizers, encoders = [CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")], []
     if preset.family == "sdxl":
@@ -57,7 +57,7 @@ def load_components(preset: Preset, device: torch.device | str = "cpu", with_tex
         module.requires_grad_(False)
         module.eval()
     unet.to(device)
-    vae.to(device, dtype=vae_dtype)
+    vae.to(device)
     for enc in encoders:
         enc.to(device)
     scheduler = DDPMScheduler.from_pretrained(model, subfolder="scheduler")
@@ -117,3 +117,23 @@ def sample_latents(vae_config, latent_params: torch.Tensor, generator: torch.Gen
 def time_ids(original_size, crop_top_left, target_size) -> torch.Tensor:
     """SDXL micro-conditioning per sample: (orig_h, orig_w, crop_top, crop_left, target_h, target_w)."""
     return torch.tensor([*original_size, *crop_top_left, *target_size], dtype=torch.float32)
+
+
+def pipeline_from_components(c: Components, unet=None):
+    """A stock diffusers pipeline around already-loaded components (no second copy of the weights), for samples
+    during training. The scheduler is the base model's own (from its scheduler/ folder)."""
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+    if not c.text_encoders:
+        raise ValueError("sampling needs the text encoders loaded (load_components(..., with_text_encoders=True))")
+    scheduler = DPMSolverMultistepScheduler.from_config(c.noise_scheduler.config)
+    unet = unet if unet is not None else c.unet
+    if c.family == "sdxl":
+        pipe = StableDiffusionXLPipeline(vae=c.vae, text_encoder=c.text_encoders[0], text_encoder_2=c.text_encoders[1],
+                                         tokenizer=c.tokenizers[0], tokenizer_2=c.tokenizers[1], unet=unet,
+                                         scheduler=scheduler)
+    else:
+        pipe = StableDiffusionPipeline(vae=c.vae, text_encoder=c.text_encoders[0], tokenizer=c.tokenizers[0],
+                                       unet=unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
