@@ -1,0 +1,130 @@
+"""helpers.evaluate: CLIP score against a hand computation on the tiny open_clip model, input formats, bootstrap
+CIs, paired differences and the result tables."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from helpers import evaluate, tiny
+
+
+@pytest.fixture(scope="module")
+def scorer():
+    return evaluate.ClipScorer.from_profile("tiny", device="cpu")
+
+
+def _images(n, size=40, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(n)]
+
+
+PROMPTS = ["a photo of a cat", "a green frog", "a ship on the sea", "a photo of a cat"]
+
+
+def test_score_equals_hand_computed_cosine(scorer):
+    import open_clip
+    spec = "local-dir:" + tiny.resolve("tiny/open_clip")  # an independent load of the same model
+    model, _, preprocess = open_clip.create_model_and_transforms(spec)
+    model.eval()
+    tokenizer = open_clip.get_tokenizer(spec)
+    images = [Image.fromarray(a) for a in _images(4)]
+    with torch.no_grad():
+        expected = [100 * torch.nn.functional.cosine_similarity(
+            model.encode_image(preprocess(img)[None]), model.encode_text(tokenizer([p])))[0].item()
+            for img, p in zip(images, PROMPTS)]
+    got = scorer.score(images, PROMPTS, batch_size=3)  # batches of 3 + 1, a repeated prompt
+    assert scorer.name == "open_clip tiny (random)"
+    assert got.shape == (4,) and got.dtype == np.float64
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+    assert got.min() < 0  # raw 100·cos, not clamped at 0 as torchmetrics does (this random model gives negatives)
+
+
+def test_uint8_float_pil_and_path_inputs_score_the_same(scorer, tmp_path):
+    arrays = _images(3)
+    floats = [a.astype(np.float32) / 255 for a in arrays]
+    paths = []
+    for k, a in enumerate(arrays):
+        paths.append(tmp_path / f"{k}.png")
+        Image.fromarray(a).save(paths[-1])
+    prompts = PROMPTS[:3]
+    reference = scorer.score(arrays, prompts)
+    np.testing.assert_array_equal(scorer.score(floats, prompts), reference)
+    np.testing.assert_array_equal(scorer.score(torch.from_numpy(np.stack(floats)), prompts), reference)
+    np.testing.assert_array_equal(scorer.score([Image.fromarray(a) for a in arrays], prompts), reference)
+    np.testing.assert_array_equal(scorer.score(paths, prompts), reference)
+
+
+def test_bad_inputs_raise_clear_errors(scorer):
+    with pytest.raises(ValueError, match="one prompt per image"):
+        scorer.score(_images(2), PROMPTS[:1])
+    with pytest.raises(ValueError, match="one prompt per image"):
+        scorer.score([], [])
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        scorer.score([np.full((8, 8, 3), -0.5, np.float32)], ["x"])
+    with pytest.raises(ValueError, match="permute"):
+        scorer.score([torch.zeros(3, 16, 16)], ["x"])
+    with pytest.raises(ValueError, match="non-empty"):
+        evaluate.bootstrap_ci([])
+    with pytest.raises(ValueError, match="align"):
+        evaluate.paired_difference([1.0, 2.0], [1.0])
+    with pytest.raises(ValueError, match="profile"):
+        evaluate.ClipScorer.from_profile("colab")
+
+
+def test_bootstrap_ci_contains_the_mean_and_narrows_with_more_samples():
+    rng = np.random.default_rng(1)
+    few, many = rng.normal(25, 3, 20), rng.normal(25, 3, 2000)
+    widths = []
+    for values in (few, many):
+        mean, low, high = evaluate.bootstrap_ci(values)
+        assert mean == pytest.approx(values.mean())
+        assert low < mean < high
+        widths.append(high - low)
+    assert widths[1] < widths[0] / 5  # width ∝ 1/√n: √100 = 10× narrower in expectation
+    assert widths[1] == pytest.approx(2 * 1.96 * 3 / np.sqrt(2000), rel=0.15)  # the normal-theory width
+    assert evaluate.bootstrap_ci(few) == evaluate.bootstrap_ci(few)  # seeded
+
+
+def test_paired_difference_zero_for_identical_and_excludes_zero_for_a_shift(scorer):
+    same = scorer.score(_images(6), PROMPTS[:3] * 2)
+    d = evaluate.paired_difference(same, same.copy())
+    assert (d["mean_diff"], d["low"], d["high"], d["n"], d["wins"]) == (0.0, 0.0, 0.0, 6, 0)
+    rng = np.random.default_rng(2)
+    baseline = rng.normal(20, 4, 40)
+    shifted = evaluate.paired_difference(baseline + 2 + rng.normal(0, 1, 40), baseline)
+    assert shifted["low"] > 0 and shifted["mean_diff"] == pytest.approx(2, abs=0.5) and shifted["wins"] >= 35
+
+
+def test_results_csv_and_summary_table(scorer, tmp_path):
+    prompts, seeds = PROMPTS[:3] * 2, [1, 1, 1, 2, 2, 2]
+    base, tuned = scorer.score(_images(6, seed=3), prompts), scorer.score(_images(6, seed=4), prompts)
+    rows = [dict(image_path=f"{v}/{k}.png", prompt=p, seed=s, variant=v, clip_model=scorer.name, score=x)
+            for v, scores in (("baseline", base), ("finetuned", tuned))
+            for k, (p, s, x) in enumerate(zip(prompts, seeds, scores))]
+    frame = evaluate.results_frame(rows, csv_path=tmp_path / "scores.csv")
+    assert (tmp_path / "scores.csv").read_text().splitlines()[0] == ",".join(evaluate.RESULT_COLUMNS)
+    table = evaluate.score_table(frame)
+    by_variant = {r["variant"]: r for r in table.rows}
+    assert by_variant["baseline"]["mean"] == pytest.approx(base.mean())
+    paired = by_variant["finetuned − baseline"]
+    expected = evaluate.paired_difference(tuned, base)
+    assert (paired["mean"], paired["low"], paired["high"], paired["n"]) == pytest.approx(
+        (expected["mean_diff"], expected["low"], expected["high"], 6))
+    text = str(table)
+    print(text)
+    assert "95% CI" in text and scorer.name in text
+    assert "<table>" in table._repr_html_() and table.to_markdown().startswith("| variant")
+    with pytest.raises(ValueError, match="columns"):
+        evaluate.results_frame([{"prompt": "x"}])
+
+
+def test_score_manifest_reads_sampling_output(scorer, tmp_path):
+    from helpers import sampling
+    images = [Image.fromarray(a) for a in _images(2)]
+    for k, img in enumerate(images):
+        img.save(tmp_path / f"{k:03d}_seed{k}.png")
+    (tmp_path / "manifest.csv").write_text("file,prompt,seed\n000_seed0.png,a cat,0\n001_seed1.png,a dog,1\n")
+    assert sampling.MANIFEST_FIELDS == ("file", "prompt", "seed")
+    frame = evaluate.score_manifest(scorer, tmp_path / "manifest.csv", "baseline")
+    assert list(frame.columns) == list(evaluate.RESULT_COLUMNS)
+    np.testing.assert_array_equal(frame["score"].to_numpy(), scorer.score(images, ["a cat", "a dog"]))
