@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from .runtime import versions
+
 PREFIX = "step-"
 FILES = ("trainable.safetensors", "optimizer.pt", "state.pt", "meta.json")
 
@@ -75,15 +77,6 @@ def set_rng_states(states: dict) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def library_versions() -> dict[str, str]:
-    import accelerate
-    import diffusers
-    import peft
-    import transformers
-    return {"torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__,
-            "peft": peft.__version__, "accelerate": accelerate.__version__}
-
-
 # ---------------------------------------------------------------- save
 
 def checkpoint_dirs(run_dir: Path) -> list[Path]:
@@ -119,7 +112,7 @@ def save_checkpoint(run_dir: Path, step: int, trainable: dict[str, torch.Tensor]
                  "lr_scheduler": lr_scheduler.state_dict(),
                  "scaler": scaler.state_dict() if scaler is not None else None}
         write_file(tmp / "state.pt", lambda p: torch.save(state, p))
-        meta = {"step": step, "position": dict(position), "preset": asdict(preset), "versions": library_versions(),
+        meta = {"step": step, "position": dict(position), "preset": asdict(preset), "versions": versions(),
                 "time": time.strftime("%Y-%m-%d %H:%M:%S")}
         write_file(tmp / "meta.json", lambda p: p.write_text(json.dumps(meta, indent=2, default=str)))
         manifest = {name: {"sha256": _sha256(tmp / name), "bytes": (tmp / name).stat().st_size} for name in FILES}

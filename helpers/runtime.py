@@ -121,5 +121,18 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
+def versions() -> dict[str, str]:
+    """Versions of the libraries a run depends on (recorded in checkpoints and shown by 00_setup)."""
+    from importlib.metadata import PackageNotFoundError, version
+    out = {"python": sys.version.split()[0]}
+    for name in ("torch", "diffusers", "transformers", "peft", "accelerate", "bitsandbytes", "datasets",
+                 "open_clip_torch"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
 def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")

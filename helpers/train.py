@@ -25,6 +25,7 @@ from . import checkpoint as ckpt
 from .adapters import Method, make_method
 from .models import Components, encode_images, sample_latents
 from .presets import Preset
+from .runtime import seed_everything
 
 
 class TrainingStopped(RuntimeError):
@@ -135,6 +136,7 @@ class Trainer:
     # ---- setup
     def _setup(self) -> None:
         acc, c, p = self.accelerator, self.c, self.preset
+        seed_everything(p.seed)  # adapter init (LoRA A), noise and timesteps all start from the preset seed
         self.method.setup(c)
         if p.gradient_checkpointing:
             c.unet.enable_gradient_checkpointing()
@@ -155,8 +157,6 @@ class Trainer:
             self.state.resumed_from = found.name
             print(f"resuming from {found.name}: step {self.state.step}, epoch {self.state.epoch}, "
                   f"batch {self.state.batch_in_epoch}")
-        else:
-            torch.manual_seed(p.seed)  # a fresh run: noise and timesteps start from the preset seed
 
     @property
     def position(self) -> dict:
@@ -178,6 +178,21 @@ class Trainer:
         latents = sample_latents(c.vae.config, params).to(device)
         cond = self.method.conditioning(c, batch, device, self.weight_dtype)
         return diffusion_loss(self.unet, c.noise_scheduler, latents, cond, self.preset)
+
+    @torch.no_grad()
+    def fixed_noise_loss(self, batch: dict, seeds: tuple[int, ...] = (0, 1, 2, 3)) -> float:
+        """Loss on one fixed batch with fixed noise and timesteps (a forked, seeded RNG): unlike the training loss
+        it has no sampling noise, so before/after values show real progress. Training randomness is untouched."""
+        was_training = self.unet.training
+        self.unet.eval()
+        devices = [self.accelerator.device.index] if self.accelerator.device.type == "cuda" else []
+        losses = []
+        with torch.random.fork_rng(devices=devices), self.accelerator.autocast():
+            for seed in seeds:
+                torch.manual_seed(seed)
+                losses.append(float(self._loss(batch)))
+        self.unet.train(was_training)
+        return sum(losses) / len(losses)
 
     def _batches(self):
         """Yield (epoch, batch index, collated batch) from the saved position on; this process's share only."""

@@ -1,0 +1,275 @@
+"""The training engine on tiny models: learning, what trains, exact resume after SIGKILL, damaged checkpoints,
+NaN stops, and exports that load in stock diffusers."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch.utils.data import default_collate
+
+from helpers import adapters, checkpoint, data, presets, tiny
+from helpers.models import load_components
+from helpers.train import CheckpointHook, ExportHook, Hook, LogHook, Trainer, TrainingStopped, read_log
+
+DRIVER = Path(__file__).with_name("train_driver.py")
+
+
+@pytest.fixture
+def storage(tmp_path, monkeypatch):
+    monkeypatch.setenv("LAB_STORAGE", str(tmp_path / "storage"))
+    return tmp_path / "storage"
+
+
+class LossProbe(Hook):
+    """Fixed-noise loss on a fixed batch before and after training."""
+
+    def __init__(self, batch):
+        self.batch = batch
+
+    def on_start(self, t):
+        self.before = t.fixed_noise_loss(self.batch)
+
+    def on_end(self, t):
+        self.after = t.fixed_noise_loss(self.batch)
+
+
+def fixed_batch(dataset, n=16):
+    step = max(1, len(dataset) // n)
+    return default_collate([dataset[i] for i in range(0, len(dataset), step)][:n])
+
+
+def snapshot(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+# ---------------------------------------------------------------- learning and what trains
+
+@pytest.mark.parametrize("name, method, steps, overrides, max_ratio", [
+    # cross-attention only, SD1.5-like, the 02 preset's tiny form
+    ("sd15_xattn_cifar10", "crossattn", 120, {}, 0.80),
+    # LoRA on the SDXL-like model: a random base leaves LoRA little to hold on to, so a smaller drop is expected
+    ("sdxl_lora_naruto_256", "lora", 80, dict(lora_rank=16, lora_alpha=16, learning_rate=5e-3), 0.93),
+])
+def test_loss_drops_and_only_the_method_parameters_change(storage, tmp_path, name, method, steps, overrides,
+                                                          max_ratio):
+    preset = presets.get_preset(name, "tiny", method=method, max_steps=steps, sample_every=0, **overrides)
+    c = load_components(preset)
+    ds = data.prepare_dataset(preset, c)
+    before = snapshot(c.unet)
+    probe = LossProbe(fixed_batch(ds))
+    state = Trainer(preset, c, ds, tmp_path / "run", hooks=[LogHook(), probe]).run()
+    assert state.step == steps
+    print(f"{name}/{method}: fixed-noise loss {probe.before:.4f} → {probe.after:.4f}")
+    assert probe.after < max_ratio * probe.before
+
+    after = snapshot(c.unet)
+    if method == "crossattn":
+        changed = {k for k in before if not torch.equal(before[k], after[k].to(before[k].dtype))}
+        attn2 = {k for k in before if ".attn2." in k}
+        assert changed and changed <= attn2, sorted(changed - attn2)[:5]
+        assert len(changed) == len(attn2)  # every attn2 tensor learned (biases of to_q/k/v are absent)
+    else:
+        base_keys = {k.replace(".base_layer", "") for k in after if "lora_" not in k}
+        assert base_keys == set(before)  # LoRA wraps, never replaces
+        for k, v in after.items():
+            if "lora_" in k:
+                continue
+            assert torch.equal(v, before[k.replace(".base_layer", "")]), k
+        assert any("lora_B" in k and v.abs().sum() > 0 for k, v in after.items())
+    assert (tmp_path / "run" / "loss_curve.png").is_file()
+
+
+# ---------------------------------------------------------------- kill and resume
+
+def run_driver(run_dir, storage, *flags):
+    proc = subprocess.run([sys.executable, str(DRIVER), str(run_dir), str(storage), *flags],
+                          capture_output=True, text=True, timeout=600)
+    return proc.returncode
+
+
+def final_state(run_dir):
+    newest = checkpoint.checkpoint_dirs(run_dir)[-1]
+    return (newest.name, load_file(str(newest / "trainable.safetensors")),
+            torch.load(newest / "optimizer.pt", weights_only=False))
+
+
+def assert_optimizer_equal(a, b):
+    assert a["param_groups"] == b["param_groups"]
+    assert a["state"].keys() == b["state"].keys()
+    for k in a["state"]:
+        for name, value in a["state"][k].items():
+            assert torch.equal(value, b["state"][k][name]), (k, name)
+
+
+def test_sigkill_between_steps_and_mid_checkpoint_resumes_exactly(tmp_path):
+    storage = tmp_path / "storage"
+    reference, resumed = tmp_path / "uninterrupted", tmp_path / "killed"
+    assert run_driver(reference, storage) == 0
+
+    assert run_driver(resumed, storage, "--kill-after-step", "6") == -9  # last checkpoint: step 4
+    assert [p.name for p in checkpoint.checkpoint_dirs(resumed)] == ["step-000004"]
+    assert run_driver(resumed, storage, "--kill-in-save-of-step", "8") == -9  # dies writing step 8
+    assert [p.name for p in checkpoint.checkpoint_dirs(resumed)] == ["step-000004"]  # no half checkpoint listed
+    assert any(p.name.startswith(".tmp-step-000008") for p in (resumed / "checkpoints").iterdir())
+    assert run_driver(resumed, storage, "--kill-after-step", "10") == -9  # resumes at 4, saves 8, dies at 10
+    assert [p.name for p in checkpoint.checkpoint_dirs(resumed)] == ["step-000004", "step-000008"]
+    assert run_driver(resumed, storage) == 0
+
+    name_a, weights_a, opt_a = final_state(reference)
+    name_b, weights_b, opt_b = final_state(resumed)
+    assert name_a == name_b == "step-000012"
+    assert weights_a.keys() == weights_b.keys()
+    for k in weights_a:
+        assert torch.equal(weights_a[k], weights_b[k]), k
+    assert_optimizer_equal(opt_a, opt_b)
+
+    steps = [r["step"] for r in read_log(resumed) if "loss" in r]
+    assert steps == list(range(1, 13))  # every step once, none twice
+    losses_a = [r["loss"] for r in read_log(reference) if "loss" in r]
+    losses_b = [r["loss"] for r in read_log(resumed) if "loss" in r]
+    assert losses_a == losses_b  # the same loss curve as if never interrupted
+
+
+# ---------------------------------------------------------------- damaged checkpoints, NaN, OOM advice
+
+def small_preset(**kw):
+    base = dict(method="lora", lora_rank=4, lora_alpha=4, max_train_images=16, batch_size=4, grad_accum=1,
+                max_steps=10, checkpoint_every=5, keep_checkpoints=3, sample_every=0)
+    return presets.get_preset("sd15_xattn_cifar10", "tiny", **{**base, **kw})
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_previous(storage, tmp_path):
+    preset = small_preset()
+    c = load_components(preset)
+    ds = data.prepare_dataset(preset, c)
+    run = tmp_path / "run"
+    Trainer(preset, c, ds, run, hooks=[CheckpointHook()]).run()
+    newest = run / "checkpoints" / "step-000010" / "trainable.safetensors"
+    newest.write_bytes(newest.read_bytes()[:100])  # truncated, as by a full Drive
+
+    c2 = load_components(preset)
+    trainer = Trainer(preset, c2, ds, run, hooks=[CheckpointHook()])
+    with pytest.warns(UserWarning, match="step-000010.*checksum"):
+        trainer.run()
+    assert trainer.state.resumed_from == "step-000005"
+    checkpoint.verify(run / "checkpoints" / "step-000010")  # rewritten whole
+
+
+class Poisoned(torch.utils.data.Dataset):
+    """The real dataset, with NaN latents once `armed` (a corrupt cache entry or an fp16 VAE overflow)."""
+
+    def __init__(self, base):
+        self.base, self.armed = base, False
+
+    def __len__(self):
+        return len(self.base)
+
+    def set_epoch(self, epoch):
+        self.base.set_epoch(epoch)
+
+    def __getitem__(self, i):
+        item = dict(self.base[i])
+        if self.armed:
+            item["latent_params"] = torch.full_like(item["latent_params"], float("nan"))
+        return item
+
+
+def test_nan_loss_stops_cleanly_and_keeps_last_good_checkpoint(storage, tmp_path):
+    preset = small_preset(max_steps=20)
+    c = load_components(preset)
+    ds = Poisoned(data.prepare_dataset(preset, c))
+
+    class ArmAfter7(Hook):
+        def on_step(self, t):
+            ds.armed = t.state.step >= 7
+
+    run = tmp_path / "run"
+    with pytest.raises(TrainingStopped, match=r"NaN/inf at optimizer step 8.*fp16.*learning rate"):
+        Trainer(preset, c, ds, run, hooks=[LogHook(), CheckpointHook(), ArmAfter7()]).run()
+    assert [p.name for p in checkpoint.checkpoint_dirs(run)] == ["step-000005"]
+    weights = load_file(str(run / "checkpoints" / "step-000005" / "trainable.safetensors"))
+    assert all(torch.isfinite(v).all() for v in weights.values())
+    assert read_log(run)[-1]["event"] == "stopped"
+
+
+def test_checkpoint_refuses_non_finite_weights(tmp_path):
+    with pytest.raises(checkpoint.CheckpointError, match="non-finite"):
+        checkpoint.save_checkpoint(tmp_path, 1, {"w": torch.tensor([1.0, float("nan")])}, None, None, None,
+                                   {}, small_preset())
+    assert checkpoint.checkpoint_dirs(tmp_path) == []
+
+
+def test_oom_advice_names_the_memory_fields():
+    from helpers.train import oom_message
+    msg = oom_message(presets.get_preset("sdxl_lora_naruto_1024", "t4"))
+    for field in ("batch_size=1", "grad_accum=8", "resolution=1024", "gradient_checkpointing", "cache_latents"):
+        assert field in msg
+
+
+# ---------------------------------------------------------------- exports load in stock diffusers
+
+def unet_inputs(c, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    cfg = c.unet.config
+    x = torch.randn(2, cfg.in_channels, 8, 8, generator=g)
+    t = torch.tensor([10, 500])
+    hidden = torch.randn(2, 77, cfg.cross_attention_dim, generator=g)
+    kwargs = {"encoder_hidden_states": hidden}
+    if cfg.addition_embed_type == "text_time":
+        pooled = torch.randn(2, c.text_encoders[1].config.projection_dim, generator=g)
+        kwargs["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": torch.tensor([[64., 64, 0, 0, 64, 64]] * 2)}
+    return x, t, kwargs
+
+
+def test_exported_lora_loads_in_stock_pipeline_and_kohya_roundtrips(storage, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+    preset = presets.get_preset("sdxl_lora_naruto_256", "tiny", max_steps=6, sample_every=0, max_train_images=16,
+                                lora_alpha=8)  # alpha ≠ rank: the scale must survive export
+    c = load_components(preset)
+    ds = data.prepare_dataset(preset, c)
+    export = ExportHook()
+    Trainer(preset, c, ds, tmp_path / "run", hooks=[export]).run()
+    final = tmp_path / "run" / "final"
+    x, t, kw = unet_inputs(c)
+    with torch.no_grad():
+        c.unet.eval()
+        trained = c.unet(x, t, **kw).sample
+        pipe = StableDiffusionXLPipeline.from_pretrained(tiny.resolve(preset.model))
+        base = pipe.unet(x, t, **kw).sample
+        pipe.load_lora_weights(final)
+        loaded = pipe.unet(x, t, **kw).sample
+        assert not torch.allclose(base, trained, atol=1e-4)  # training did something
+        torch.testing.assert_close(loaded, trained, atol=1e-5, rtol=1e-4)
+
+        pipe.unload_lora_weights()
+        torch.testing.assert_close(pipe.unet(x, t, **kw).sample, base)
+        pipe.load_lora_weights(final, weight_name=adapters.KOHYA_FILE)
+        torch.testing.assert_close(pipe.unet(x, t, **kw).sample, trained, atol=1e-5, rtol=1e-4)
+
+    kohya = load_file(str(final / adapters.KOHYA_FILE))
+    assert all(k.startswith("lora_unet_") for k in kohya)
+    assert {float(v) for k, v in kohya.items() if k.endswith(".alpha")} == {8.0}
+
+
+def test_exported_crossattn_weights_load_into_stock_unet(storage, tmp_path):
+    from diffusers import UNet2DConditionModel
+    preset = presets.get_preset("sd15_xattn_cifar10", "tiny", max_steps=5, sample_every=0, max_train_images=16)
+    c = load_components(preset)
+    ds = data.prepare_dataset(preset, c)
+    Trainer(preset, c, ds, tmp_path / "run", hooks=[ExportHook()]).run()
+    path = tmp_path / "run" / "final" / adapters.CROSSATTN_FILE
+    stock = UNet2DConditionModel.from_pretrained(tiny.resolve(preset.model), subfolder="unet")
+    x, t, kw = unet_inputs(c)
+    with torch.no_grad():
+        c.unet.eval()
+        base = stock(x, t, **kw).sample
+        adapters.load_crossattn_weights(stock, path)
+        torch.testing.assert_close(stock(x, t, **kw).sample, c.unet(x, t, **kw).sample)
+        assert not torch.allclose(base, c.unet(x, t, **kw).sample, atol=1e-4)
+    with pytest.raises(KeyError, match="missing"):
+        adapters.load_crossattn_weights(UNet2DConditionModel.from_pretrained(tiny.resolve("tiny/sdxl"),
+                                                                             subfolder="unet"), path)
