@@ -247,3 +247,17 @@ def score_table(results, level: float = 0.95, n_boot: int = 2000, seed: int = 0)
             rows.append(dict(variant=f"{variant} − {BASELINE}", n=d["n"], mean=d["mean_diff"], low=d["low"],
                              high=d["high"], wins=d["wins"], paired=True, clip_model=model))
     return ScoreTable(rows, level)
+
+
+def record_run_summary(csv_path: str | Path, row: dict, key: str = "method"):
+    """Add (or replace, by `key`) one run's summary row in a CSV shared by runs, e.g. crossattn vs LoRA on the same
+    data, and return the whole table as a DataFrame."""
+    import pandas as pd
+    path = Path(csv_path)
+    frame = pd.read_csv(path) if path.is_file() else pd.DataFrame()
+    if not frame.empty and key in frame.columns:
+        frame = frame[frame[key] != row[key]]
+    frame = pd.concat([frame, pd.DataFrame([row])], ignore_index=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(path, index=False)
+    return frame

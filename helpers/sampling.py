@@ -166,3 +166,37 @@ def side_by_side(left_images: list[Image.Image], right_images: list[Image.Image]
         if labels is not None:
             parts.append(_text_strip(_wrap(measure, labels[k], font, 2 * w - 4), 2 * w, font))
     return _stack(parts, horizontal=False)
+
+
+# ---------------------------------------------------------------- base vs tuned on the same prompts and seeds
+
+def template_prompts(labels: list[str], templates: dict[str, tuple[str, ...]], seeds: list[int]) -> list[dict]:
+    """Evaluation rows {prompt, seed, label, split}: every label × template × seed. `templates` maps a split name
+    ("train", "held-out") to caption templates with a `{label}` slot."""
+    from .data import fill_template
+    return [{"prompt": fill_template(t, label), "seed": s, "label": label, "split": split}
+            for split, ts in templates.items() for t in ts for label in labels for s in seeds]
+
+
+def generate_rows(pipe, rows: list[dict], out_dir: str | Path, steps: int, size: int,
+                  guidance: float = 7.5) -> list[Image.Image]:
+    """`generate` for evaluation rows, under fp16 autocast on CUDA (trained fp32 layers inside an fp16 UNet)."""
+    device = pipe.unet.device
+    with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
+        return generate(pipe, [r["prompt"] for r in rows], [r["seed"] for r in rows], steps, guidance,
+                        height=size, width=size, out_dir=out_dir)
+
+
+def comparison_grids(baseline: list[Image.Image], tuned: list[Image.Image], rows: list[dict],
+                     out_dir: str | Path, cols: int = 10) -> dict[str, Path]:
+    """baseline_grid.png, finetuned_grid.png (labelled tiles) and comparison_grid.png (pairs side by side)."""
+    out_dir = Path(out_dir)
+    labels = [f"{r['label']} ({r['split']}, seed {r['seed']})" for r in rows]
+    cols = min(cols, len(rows))
+    rows_n = -(-len(rows) // cols)
+    paths = {"baseline": out_dir / "baseline_grid.png", "finetuned": out_dir / "finetuned_grid.png",
+             "comparison": out_dir / "comparison_grid.png"}
+    image_grid(baseline, rows_n, cols, labels, title="baseline").save(paths["baseline"])
+    image_grid(tuned, rows_n, cols, labels, title="fine-tuned").save(paths["finetuned"])
+    side_by_side(baseline, tuned, labels).save(paths["comparison"])
+    return paths

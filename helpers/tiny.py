@@ -23,7 +23,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from .runtime import REPO_ROOT
 
 TOKENIZER_DIR = Path(__file__).resolve().parent / "assets" / "tiny_clip_tokenizer"
-BUILD_VERSION = "1"  # bump when a builder changes so stale folders are rebuilt
+BUILD_VERSION = "2"  # bump when a builder changes so stale folders are rebuilt
 SEED = 0
 
 # The real SD1.5 / SDXL scheduler configs (scheduler/scheduler_config.json on the Hub), so tiny runs exercise the
@@ -253,6 +253,9 @@ def _draw_naruto(rng: random.Random, size: int) -> tuple[Image.Image, str]:
               "a stone wall": (140, 140, 140), "a sunset": (250, 120, 80)}[bg]
     img = Image.new("RGB", (size, size), bg_rgb)
     d = ImageDraw.Draw(img)
+    for _ in range(3):  # background texture (leaves, bricks, clouds) at random places: no two images alike
+        x, y, r = rng.uniform(0, size), rng.uniform(0, size * 0.6), rng.uniform(size / 20, size / 8)
+        d.ellipse([x - r, y - r, x + r, y + r], fill=tuple(min(255, c + 30) for c in bg_rgb))
     u = size / 64
     w = max(1, int(2 * u))
     outfit_rgb = colors[outfit.split()[1]]

@@ -42,6 +42,7 @@ class TrainState:
     last_loss: float = float("nan")
     last_lr: float = 0.0
     last_grad_norm: float = float("nan")
+    seconds_per_step: float = float("nan")  # wall time per optimizer step in this session (hooks included)
 
 
 # ---------------------------------------------------------------- pieces
@@ -217,6 +218,7 @@ class Trainer:
             hook.on_start(self)
         micro_losses: list[float] = []
         batches = self._batches()
+        t0, first_step = time.perf_counter(), st.step
         try:
             while st.step < p.max_steps:
                 i, batch = next(batches)
@@ -247,6 +249,8 @@ class Trainer:
         except TrainingStopped as e:
             self._log_event("stopped", reason=str(e))
             raise
+        if st.step > first_step:
+            st.seconds_per_step = (time.perf_counter() - t0) / (st.step - first_step)
         for hook in self.hooks:
             hook.on_end(self)
         return st
@@ -290,7 +294,7 @@ class LogHook(Hook):
         tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
         tmp.replace(path)
         self.bar = tqdm(total=t.preset.max_steps, initial=t.state.step, desc=t.preset.name, unit="step")
-        self.t0, self.steps0 = time.perf_counter(), t.state.step
+        self.t0 = time.perf_counter()
 
     def on_step(self, t: Trainer) -> None:
         st = t.state
@@ -303,8 +307,6 @@ class LogHook(Hook):
 
     def on_end(self, t: Trainer) -> None:
         self.bar.close()
-        done = t.state.step - self.steps0
-        self.seconds_per_step = (time.perf_counter() - self.t0) / done if done else float("nan")
         plot_loss(t.run_dir)
 
 
