@@ -38,7 +38,7 @@ class CheckpointError(RuntimeError):
 
 # ---------------------------------------------------------------- small file helpers
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -115,7 +115,7 @@ def save_checkpoint(run_dir: Path, step: int, trainable: dict[str, torch.Tensor]
         meta = {"step": step, "position": dict(position), "preset": asdict(preset), "versions": versions(),
                 "time": time.strftime("%Y-%m-%d %H:%M:%S")}
         write_file(tmp / "meta.json", lambda p: p.write_text(json.dumps(meta, indent=2, default=str)))
-        manifest = {name: {"sha256": _sha256(tmp / name), "bytes": (tmp / name).stat().st_size} for name in FILES}
+        manifest = {name: {"sha256": sha256_file(tmp / name), "bytes": (tmp / name).stat().st_size} for name in FILES}
         write_file(tmp / "manifest.json", lambda p: p.write_text(json.dumps(manifest, indent=2)))
         _fsync(tmp)
         if final.exists():  # a re-save of the same step (after resuming before it): replace as a whole
@@ -145,7 +145,7 @@ def verify(ckpt: Path) -> None:
         path = ckpt / name
         if name not in manifest or not path.is_file():
             raise CheckpointError(f"{ckpt.name}: {name} is missing")
-        if path.stat().st_size != manifest[name]["bytes"] or _sha256(path) != manifest[name]["sha256"]:
+        if path.stat().st_size != manifest[name]["bytes"] or sha256_file(path) != manifest[name]["sha256"]:
             raise CheckpointError(f"{ckpt.name}: {name} does not match its checksum (truncated or corrupt)")
 
 

@@ -24,6 +24,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from . import runtime, tiny
+from .checkpoint import sha256_file
 from .presets import Preset
 from .validation import (DatasetError, Issue, Record, ValidationReport, caption_length_figure,  # noqa: F401
                          caption_token_lengths, open_rgb, preview_grid, validate)
@@ -57,14 +58,6 @@ def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
     """A generator that depends only on (seed, epoch, index), decorrelated between neighbours."""
     digest = hashlib.sha256(f"{seed}/{epoch}/{index}".encode()).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------- sources
@@ -329,7 +322,7 @@ def _verify(folder: Path, count: int) -> dict[str, torch.Tensor]:
         raise ValueError("manifest does not match (version or record count)")
     tensors = {}
     for name, digest in manifest["files"].items():
-        if _sha256_file(folder / name) != digest:
+        if sha256_file(folder / name) != digest:
             raise ValueError(f"{name}: checksum mismatch")
         tensors.update(load_file(folder / name))
     return tensors
@@ -358,7 +351,7 @@ def cached(name: str, fields: dict, count: int, build, root: Path) -> tuple[dict
     tmp.mkdir(parents=True)
     save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / f"{name}.safetensors")
     manifest = {"version": CACHE_VERSION, "name": name, "count": count, "fields": fields,
-                "files": {f"{name}.safetensors": _sha256_file(tmp / f"{name}.safetensors")}}
+                "files": {f"{name}.safetensors": sha256_file(tmp / f"{name}.safetensors")}}
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, default=str))
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)

@@ -191,7 +191,7 @@ def comparison_grids(baseline: list[Image.Image], tuned: list[Image.Image], rows
                      out_dir: str | Path, cols: int = 10) -> dict[str, Path]:
     """baseline_grid.png, finetuned_grid.png (labelled tiles) and comparison_grid.png (pairs side by side)."""
     out_dir = Path(out_dir)
-    labels = [f"{r['label']} ({r['split']}, seed {r['seed']})" for r in rows]
+    labels = [f"{r['prompt']} ({r['split']}, seed {r['seed']})" for r in rows]
     cols = min(cols, len(rows))
     rows_n = -(-len(rows) // cols)
     paths = {"baseline": out_dir / "baseline_grid.png", "finetuned": out_dir / "finetuned_grid.png",
