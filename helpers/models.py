@@ -43,16 +43,16 @@ def load_components(preset: Preset, device: torch.device | str = "cpu", with_tex
     # The stock SDXL VAE overflows to NaN in fp16 (its config says force_upcast); the fp16-fix VAE does not.
     force_upcast = AutoencoderKL.load_config(vae_ref, subfolder=vae_sub).get("force_upcast", False)
     vae_dtype = torch.float32 if (preset.vae_fp32 or force_upcast) else dtype
-    vae = AutoencoderKL.from_pretrained(vae_ref, subfolder=vae_sub, torch_dtype=vae_dtype)
-    unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", torch_dtype=dtype)
+    vae = AutoencoderKL.from_pretrained(vae_ref, subfolder=vae_sub, dtype=vae_dtype)
+    unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", dtype=dtype)
     tokenizers, encoders = [CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")], []
     if preset.family == "sdxl":
         tokenizers.append(CLIPTokenizer.from_pretrained(model, subfolder="tokenizer_2"))
     if with_text_encoders:
-        encoders.append(CLIPTextModel.from_pretrained(model, subfolder="text_encoder", torch_dtype=dtype))
+        encoders.append(CLIPTextModel.from_pretrained(model, subfolder="text_encoder", dtype=dtype))
         if preset.family == "sdxl":
             encoders.append(CLIPTextModelWithProjection.from_pretrained(model, subfolder="text_encoder_2",
-                                                                        torch_dtype=dtype))
+                                                                        dtype=dtype))
     for module in [unet, vae, *encoders]:
         module.requires_grad_(False)
         module.eval()

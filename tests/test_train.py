@@ -273,3 +273,36 @@ def test_exported_crossattn_weights_load_into_stock_unet(storage, tmp_path):
     with pytest.raises(KeyError, match="missing"):
         adapters.load_crossattn_weights(UNet2DConditionModel.from_pretrained(tiny.resolve("tiny/sdxl"),
                                                                              subfolder="unet"), path)
+
+
+def test_gradient_checkpointing_gives_the_same_update(storage, tmp_path):
+    """The 1024 px preset relies on checkpointing: it must change memory, not the maths (LoRA grads included)."""
+    results = []
+    for checkpointing in (False, True):
+        preset = presets.get_preset("sdxl_lora_naruto_1024", "tiny", max_steps=2, grad_accum=2, resolution=64,
+                                    sample_every=0, max_train_images=8, gradient_checkpointing=checkpointing)
+        c = load_components(preset)
+        trainer = Trainer(preset, c, data.prepare_dataset(preset, c), tmp_path / f"run-{checkpointing}", hooks=[])
+        trainer.run()
+        results.append({k: v.detach().clone() for k, v in trainer.trainable.items()})
+    plain, checkpointed = results
+    assert plain.keys() == checkpointed.keys()
+    assert any(v.abs().sum() > 0 for k, v in plain.items() if "lora_B" in k)
+    for k in plain:
+        torch.testing.assert_close(checkpointed[k], plain[k], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["crossattn", "lora"])
+def test_fp16_base_trains_fp32_weights(method):
+    """On a T4 the frozen UNet is fp16; what trains must be fp32 (GradScaler cannot unscale fp16 gradients)."""
+    from diffusers import UNet2DConditionModel
+    from helpers.models import Components
+    preset = presets.get_preset("sd15_xattn_cifar10", "tiny", method=method)
+    unet = UNet2DConditionModel.from_pretrained(tiny.resolve(preset.model), subfolder="unet", dtype=torch.float16)
+    c = Components("sd15", unet, vae=None)
+    m = adapters.make_method(preset)
+    m.setup(c)
+    trainable = m.trainable_parameters(c)
+    assert trainable and all(p.dtype == torch.float32 for p in trainable.values())
+    frozen = [p for p in unet.parameters() if not p.requires_grad]
+    assert frozen and all(p.dtype == torch.float16 for p in frozen)
