@@ -33,6 +33,7 @@ from .vae import VAE, VAEConfig
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer.text_model."
+SD15_REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # the Hub copy of runwayml's SD1.5 (diffusers layout)
 # LDM training buffers and EMA bookkeeping stored beside the weights in original checkpoints
 IGNORED_ORIGINAL = re.compile(r"^(betas|alphas_cumprod(_prev)?|sqrt_(one_minus_|recip_|recipm1_)?alphas_cumprod|"
                               r"log_one_minus_alphas_cumprod|posterior_(variance|log_variance_clipped|mean_coef[12])|"
@@ -92,8 +93,8 @@ def unet_blocks(cfg: UNetConfig) -> list[tuple[str, str, dict]]:
             blocks.append((f"up_blocks.{i}.resnets.{j}.", f"output_blocks.{block}.0.", RESNET))
             blocks.append((f"up_blocks.{i}.attentions.{j}.", f"output_blocks.{block}.1.", {}))
             if j == n and i < levels - 1:
-                blocks.append((f"up_blocks.{i}.upsamplers.0.conv.", f"output_blocks.{block}.{2 if attention else 1}.conv.",
-                               {}))
+                slot = 2 if attention else 1  # the upsampler comes after the ResBlock and the attention, if any
+                blocks.append((f"up_blocks.{i}.upsamplers.0.conv.", f"output_blocks.{block}.{slot}.conv.", {}))
             block += 1
     return blocks
 
@@ -213,9 +214,13 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     return state.get("state_dict", state)
 
 
+def config_of(sd: StableDiffusion) -> SDConfig:
+    return SDConfig(sd.text_encoder.config, sd.vae.config, sd.unet.config, sd.schedule, sd.default_size)
+
+
 def save_single_file(sd: StableDiffusion, path: str | Path) -> Path:
     """Write a StableDiffusion's weights as one original-layout safetensors file (what A1111/ComfyUI load)."""
-    cfg = SDConfig(sd.text_encoder.config, sd.vae.config, sd.unet.config, sd.schedule, sd.default_size)
+    cfg = config_of(sd)
     state = diffusers_to_original(sd.unet.state_dict(), sd.vae.state_dict(), sd.text_encoder.state_dict(), cfg)
     save_file({k: v.contiguous() for k, v in state.items()}, str(path))
     return Path(path)
@@ -256,10 +261,29 @@ def _check_supported(part: str, config: dict) -> None:
                          f"(supported: { {k: UNSUPPORTED[part][k] for k in wrong} })")
 
 
+# fields older configs may omit, with the value diffusers / transformers assume (SD1.5's vae/config.json, written by
+# diffusers 0.6, has no scaling_factor)
+OMITTED = {"unet": {"in_channels": 4, "out_channels": 4, "layers_per_block": 2, "norm_num_groups": 32,
+                    "norm_eps": 1e-5, "transformer_layers_per_block": 1, "num_attention_heads": None},
+           "vae": {"in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 1,
+                   "norm_num_groups": 32, "scaling_factor": 0.18215},
+           "text_encoder": {"layer_norm_eps": 1e-5}, "scheduler": {"steps_offset": 0}}
+
+
 def config_from_diffusers(unet: dict, vae: dict, text_encoder: dict, scheduler: dict) -> SDConfig:
     """The four config.json dicts of a diffusers SD folder → SDConfig, refusing anything not SD1.5-like."""
-    for part, config in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder), ("scheduler", scheduler)):
+    given = {"unet": unet, "vae": vae, "text_encoder": text_encoder, "scheduler": scheduler}
+    for part, config in given.items():
         _check_supported(part, config)
+    unet, vae, text, sched = ({**OMITTED[part], **config} for part, config in given.items())
+    required = {"unet": ("block_out_channels", "down_block_types", "up_block_types", "cross_attention_dim",
+                         "attention_head_dim", "sample_size"), "vae": ("block_out_channels",),
+                "text_encoder": ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                                 "intermediate_size", "max_position_embeddings"),
+                "scheduler": ("num_train_timesteps", "beta_start", "beta_end")}
+    lacking = {part: [k for k in keys if k not in given[part]] for part, keys in required.items()}
+    if any(lacking.values()):
+        raise ValueError(f"config fields missing: { {p: k for p, k in lacking.items() if k} }")
     down, up = list(unet["down_block_types"]), list(unet["up_block_types"])
     attention = [kind == "CrossAttnDownBlock2D" for kind in down]
     expected_up = ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)]
@@ -267,22 +291,19 @@ def config_from_diffusers(unet: dict, vae: dict, text_encoder: dict, scheduler: 
         raise ValueError(f"unsupported UNet blocks {down} / {up}: expected CrossAttnDownBlock2D/DownBlock2D down and "
                          f"their mirror {expected_up} up")
     # diffusers' SD1.5 config calls the number of heads `attention_head_dim` (a historical misnomer)
-    heads = unet.get("num_attention_heads") or unet["attention_head_dim"]
+    heads, depth = unet["num_attention_heads"] or unet["attention_head_dim"], unet["transformer_layers_per_block"]
     if isinstance(heads, (list, tuple)) and len(set(heads)) == 1:
         heads = heads[0]
-    depth = unet.get("transformer_layers_per_block", 1)
     if not isinstance(heads, int) or not isinstance(depth, int):
         raise ValueError(f"per-level heads {heads} / transformer depth {depth} are not supported")
-    if vae.get("in_channels", 3) != vae.get("out_channels", 3):
+    if vae["in_channels"] != vae["out_channels"]:
         raise ValueError("VAE in_channels and out_channels differ")
     return SDConfig(
-        text_encoder=CLIPTextConfig(vocab_size=text_encoder["vocab_size"], width=text_encoder["hidden_size"],
-                                    layers=text_encoder["num_hidden_layers"],
-                                    heads=text_encoder["num_attention_heads"],
-                                    mlp_width=text_encoder["intermediate_size"],
-                                    max_tokens=text_encoder["max_position_embeddings"],
-                                    eps=text_encoder.get("layer_norm_eps", 1e-5)),
-        vae=VAEConfig(image_channels=vae.get("in_channels", 3), latent_channels=vae["latent_channels"],
+        text_encoder=CLIPTextConfig(vocab_size=text["vocab_size"], width=text["hidden_size"],
+                                    layers=text["num_hidden_layers"], heads=text["num_attention_heads"],
+                                    mlp_width=text["intermediate_size"], max_tokens=text["max_position_embeddings"],
+                                    eps=text["layer_norm_eps"]),
+        vae=VAEConfig(image_channels=vae["in_channels"], latent_channels=vae["latent_channels"],
                       channels=tuple(vae["block_out_channels"]), layers_per_block=vae["layers_per_block"],
                       groups=vae["norm_num_groups"], scaling_factor=vae["scaling_factor"]),
         unet=UNetConfig(in_channels=unet["in_channels"], out_channels=unet["out_channels"],
@@ -290,9 +311,8 @@ def config_from_diffusers(unet: dict, vae: dict, text_encoder: dict, scheduler: 
                         layers_per_block=unet["layers_per_block"], heads=heads,
                         context_dim=unet["cross_attention_dim"], transformer_depth=depth,
                         groups=unet["norm_num_groups"], eps=unet["norm_eps"]),
-        schedule=ScheduleConfig(num_train_timesteps=scheduler["num_train_timesteps"],
-                                beta_start=scheduler["beta_start"], beta_end=scheduler["beta_end"],
-                                steps_offset=scheduler.get("steps_offset", 0)),
+        schedule=ScheduleConfig(num_train_timesteps=sched["num_train_timesteps"], beta_start=sched["beta_start"],
+                                beta_end=sched["beta_end"], steps_offset=sched["steps_offset"]),
         default_size=unet["sample_size"] * 2 ** (len(vae["block_out_channels"]) - 1))
 
 
@@ -333,8 +353,7 @@ def load_diffusers_folder(folder: str | Path, device: torch.device | str = "cpu"
     return build(cfg, states, load_tokenizer(folder / "tokenizer"), device, dtype)
 
 
-def fetch_diffusers_folder(repo_id: str = "stable-diffusion-v1-5/stable-diffusion-v1-5", variant: str = "fp16"
-                           ) -> Path:
+def fetch_diffusers_folder(repo_id: str = SD15_REPO, variant: str = "fp16") -> Path:
     """Download only what load_diffusers_folder reads (configs, tokenizer, one weight file per component: the
     `variant` file where the repo has one, else the full-precision one) and return the local folder."""
     from huggingface_hub import snapshot_download
@@ -347,3 +366,14 @@ def fetch_diffusers_folder(repo_id: str = "stable-diffusion-v1-5/stable-diffusio
     if missing:
         snapshot_download(repo_id, allow_patterns=missing)
     return folder
+
+
+def load_for_profile(profile: str, repo_id: str = SD15_REPO) -> tuple[StableDiffusion, Path]:
+    """`tiny`: the repo's tiny SD1.5 on the CPU in fp32. `t4`: the real weights from the Hub (fp16 files) on CUDA
+    in fp16. Both through load_diffusers_folder; returns the model and the folder it came from."""
+    if profile == "t4":
+        folder = fetch_diffusers_folder(repo_id)
+        return load_diffusers_folder(folder, "cuda", torch.float16, variant="fp16"), folder
+    from ..tiny import resolve
+    folder = Path(resolve("tiny/sd15"))
+    return load_diffusers_folder(folder), folder

@@ -36,7 +36,8 @@ def reference_vae(cfg: VAEConfig):
     levels = len(cfg.channels)
     return AutoencoderKL(in_channels=cfg.image_channels, out_channels=cfg.image_channels,
                          latent_channels=cfg.latent_channels, block_out_channels=cfg.channels,
-                         down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels,
+                         down_block_types=("DownEncoderBlock2D",) * levels,
+                         up_block_types=("UpDecoderBlock2D",) * levels,
                          layers_per_block=cfg.layers_per_block, norm_num_groups=cfg.groups,
                          scaling_factor=cfg.scaling_factor)
 
@@ -68,10 +69,14 @@ def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def load_reference(folder: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                    variant: str | None = None):
-    """StableDiffusionPipeline from the same folder with its scheduler swapped for DDIM (same config)."""
+    """StableDiffusionPipeline from the same folder with its scheduler swapped for DDIM (same config). Without a
+    `variant`, the fp16 files are used when the folder has them (as fetch_diffusers_folder downloads)."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
+    if variant is None and any((Path(folder) / "unet").glob("*.fp16.safetensors")):
+        variant = "fp16"
     pipe = StableDiffusionPipeline.from_pretrained(str(folder), dtype=dtype, variant=variant,
-                                                   safety_checker=None, requires_safety_checker=False)
+                                                   safety_checker=None, feature_extractor=None,
+                                                   requires_safety_checker=False)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)

@@ -13,6 +13,7 @@ StableDiffusionPipeline / StableDiffusionImg2ImgPipeline, so the same seed gives
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -49,6 +50,11 @@ def from_pil(images: Image.Image | list[Image.Image], multiple: int = 8) -> torc
         w, h = (s - s % multiple for s in img.size)
         arrays.append(np.asarray(img.convert("RGB").resize((w, h), Image.LANCZOS), dtype=np.float32) / 255.0)
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+
+
+def load_image(path: str | Path, size: int) -> Image.Image:
+    """An RGB image resized (Lanczos) to size × size, e.g. as an img2img input."""
+    return Image.open(path).convert("RGB").resize((size, size), Image.LANCZOS)
 
 
 # ---------------------------------------------------------------- pipeline

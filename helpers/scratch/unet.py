@@ -118,6 +118,10 @@ class Upsample(nn.Module):
 
 # ---------------------------------------------------------------- UNet levels
 
+def spatial_transformer(channels: int, cfg: UNetConfig) -> SpatialTransformer:
+    return SpatialTransformer(channels, cfg.heads, cfg.context_dim, cfg.groups, cfg.transformer_depth)
+
+
 class DownLevel(nn.Module):
     """ResBlocks (each followed by a SpatialTransformer if `attention`), then a stride-2 conv unless last.
     Returns every intermediate activation: the up path consumes them as skip connections."""
@@ -127,8 +131,7 @@ class DownLevel(nn.Module):
         n = cfg.layers_per_block
         self.resnets = nn.ModuleList([ResBlock(in_ch if i == 0 else out_ch, out_ch, cfg.time_dim, cfg.groups, cfg.eps)
                                       for i in range(n)])
-        self.attentions = nn.ModuleList([SpatialTransformer(out_ch, cfg.heads, cfg.context_dim, cfg.groups,
-                                                            cfg.transformer_depth) for _ in range(n)] if attention else [])
+        self.attentions = nn.ModuleList([spatial_transformer(out_ch, cfg) for _ in range(n)] if attention else [])
         self.downsamplers = nn.ModuleList([Downsample(out_ch)] if downsample else [])
 
     def forward(self, x, time, context) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -152,9 +155,7 @@ class UpLevel(nn.Module):
         super().__init__()
         self.resnets = nn.ModuleList([ResBlock((in_ch if i == 0 else out_ch) + skip, out_ch, cfg.time_dim, cfg.groups,
                                                cfg.eps) for i, skip in enumerate(skip_channels)])
-        self.attentions = nn.ModuleList([SpatialTransformer(out_ch, cfg.heads, cfg.context_dim, cfg.groups,
-                                                            cfg.transformer_depth) for _ in skip_channels]
-                                        if attention else [])
+        self.attentions = nn.ModuleList([spatial_transformer(out_ch, cfg) for _ in skip_channels] if attention else [])
         self.upsamplers = nn.ModuleList([Upsample(out_ch)] if upsample else [])
 
     def forward(self, x, skips: list[torch.Tensor], time, context) -> torch.Tensor:
@@ -171,8 +172,7 @@ class MidLevel(nn.Module):
     def __init__(self, ch: int, cfg: UNetConfig):
         super().__init__()
         self.resnets = nn.ModuleList([ResBlock(ch, ch, cfg.time_dim, cfg.groups, cfg.eps) for _ in range(2)])
-        self.attentions = nn.ModuleList([SpatialTransformer(ch, cfg.heads, cfg.context_dim, cfg.groups,
-                                                            cfg.transformer_depth)])
+        self.attentions = nn.ModuleList([spatial_transformer(ch, cfg)])
 
     def forward(self, x, time, context) -> torch.Tensor:
         x = self.resnets[0](x, time)
@@ -222,3 +222,25 @@ class UNet(nn.Module):
         for block in self.up_blocks:
             x = block(x, skips, time, context)
         return self.conv_out(F.silu(self.conv_norm_out(x)))
+
+
+def level_shapes(unet: UNet, latents: torch.Tensor, timesteps, context: torch.Tensor) -> list[tuple[str, tuple]]:
+    """Run the UNet once and return the output shape after conv_in, every level and conv_out, in order: the
+    resolution path down and back up, for reading along."""
+    shapes, parts = [], [("conv_in", unet.conv_in), *[(f"down_blocks.{i}", b) for i, b in enumerate(unet.down_blocks)],
+                         ("mid_block", unet.mid_block), *[(f"up_blocks.{i}", b) for i, b in enumerate(unet.up_blocks)],
+                         ("conv_out", unet.conv_out)]
+
+    def hook(name):
+        def record(module, inputs, out):  # a DownLevel returns (x, skips)
+            shapes.append((name, tuple((out[0] if isinstance(out, tuple) else out).shape)))
+        return record
+
+    handles = [module.register_forward_hook(hook(name)) for name, module in parts]
+    try:
+        with torch.no_grad():
+            unet(latents, timesteps, context)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return shapes
