@@ -1,0 +1,62 @@
+"""The preset table: every preset in both profiles, consistent with what the series promises."""
+import dataclasses
+
+import pytest
+
+from helpers import presets
+from helpers.presets import PRESETS, get_preset
+
+
+def test_every_preset_has_both_profiles_and_a_comment_per_field():
+    for name, forms in PRESETS.items():
+        assert set(forms) == {"t4", "tiny"}, name
+        for profile, p in forms.items():
+            assert p.name == name and p.profile == profile
+            assert p.model.startswith("tiny/") == (profile == "tiny")
+    source = open(presets.__file__).read()
+    for field in dataclasses.fields(presets.Preset):
+        line = next(line for line in source.splitlines() if line.strip().startswith(f"{field.name}:"))
+        assert "#" in line, f"field {field.name} has no comment"
+
+
+def test_issue_numbers_for_the_t4_presets():
+    x = get_preset("sd15_xattn_cifar10", "t4")
+    assert (x.model, x.dataset_ref, x.method) == ("stable-diffusion-v1-5/stable-diffusion-v1-5", "uoft-cs/cifar10",
+                                                  "crossattn")
+    assert x.max_steps == 400
+    s = get_preset("sdxl_lora_naruto_256", "t4")
+    assert (s.model, s.vae, s.dataset_ref) == ("stabilityai/stable-diffusion-xl-base-1.0",
+                                               "madebyollin/sdxl-vae-fp16-fix", "lambdalabs/naruto-blip-captions")
+    assert (s.resolution, s.batch_size, s.grad_accum, s.max_steps, s.learning_rate, s.lora_rank) == (
+        256, 12, 8, 200, 1e-4, 16)
+    assert (s.optimizer, s.mixed_precision) == ("adamw8bit", "fp16")
+    h = get_preset("sdxl_lora_naruto_1024", "t4")
+    assert (h.resolution, h.batch_size, h.grad_accum, h.lr_schedule, h.lora_rank, h.checkpoint_every) == (
+        1024, 1, 8, "cosine", 16, 30)
+    assert h.gradient_checkpointing and abs(h.max_steps - 5 * 1221 / 8) < 5  # ~5 epochs of 1221 images
+    p = get_preset("prior_sd15", "t4")
+    assert (p.clip_model, p.lora_rank, p.lora_alpha, p.lora_dropout, p.lora_targets) == (
+        "openai/clip-vit-large-patch14", 8, 16, 0.1, ("to_q", "to_k", "to_v"))
+
+
+def test_tiny_forms_run_on_cpu():
+    for forms in PRESETS.values():
+        t = forms["tiny"]
+        assert t.mixed_precision == "no" and t.optimizer == "adamw" and t.resolution <= 128
+
+
+def test_overrides_and_errors():
+    assert get_preset("sd15_xattn_cifar10", "tiny", method="lora").method == "lora"
+    with pytest.raises(KeyError, match="unknown preset"):
+        get_preset("nope", "tiny")
+    with pytest.raises(KeyError, match="unknown profile"):
+        get_preset("sd15_xattn_cifar10", "a100")
+    with pytest.raises(TypeError, match="unknown preset fields"):
+        get_preset("sd15_xattn_cifar10", "tiny", learning_rat=1)
+
+
+def test_verdicts():
+    t4 = get_preset("sdxl_lora_naruto_1024", "t4")
+    assert "OK" in presets.runtime_verdict(t4, 15.0, True)
+    assert "too little" in presets.runtime_verdict(t4, 8.0, True)
+    assert "none here" in presets.runtime_verdict(t4, 0.0, False)

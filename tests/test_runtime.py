@@ -1,0 +1,66 @@
+"""Profile choice, storage and run folders, seeding."""
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import runtime
+from helpers.runtime import Environment, ProfileError
+
+CPU = Environment(is_colab=False, cuda_name=None, vram_gb=0.0, ram_gb=24.0, drive_mounted=False)
+COLAB_CPU = Environment(is_colab=True, cuda_name=None, vram_gb=0.0, ram_gb=12.7, drive_mounted=True)
+COLAB_T4 = Environment(is_colab=True, cuda_name="Tesla T4", vram_gb=15.0, ram_gb=12.7, drive_mounted=True)
+
+
+def test_auto_follows_the_hardware(monkeypatch):
+    monkeypatch.delenv("LAB_PROFILE", raising=False)
+    assert runtime.choose_profile("auto", CPU) == "tiny"
+    assert runtime.choose_profile("auto", COLAB_T4) == "t4"
+
+
+def test_env_overrides_auto_and_parameter_overrides_env(monkeypatch):
+    monkeypatch.setenv("LAB_PROFILE", "tiny")
+    assert runtime.choose_profile("auto", COLAB_T4) == "tiny"
+    assert runtime.choose_profile("t4", COLAB_T4) == "t4"
+
+
+def test_real_profile_without_gpu_is_refused_clearly(monkeypatch, capsys):
+    monkeypatch.delenv("LAB_PROFILE", raising=False)
+    with pytest.raises(ProfileError, match="needs a CUDA GPU"):
+        runtime.choose_profile("t4", CPU)
+    with pytest.raises(ProfileError, match="Change runtime type"):
+        runtime.choose_profile("t4", COLAB_CPU)
+    assert runtime.choose_profile("auto", COLAB_CPU) == "tiny"
+    assert "T4 GPU" in capsys.readouterr().out  # auto on a GPU-less Colab says how to attach one
+    with pytest.raises(ProfileError, match="unknown profile"):
+        runtime.choose_profile("a100", CPU)
+
+
+def test_storage_and_run_dirs(tmp_path, monkeypatch):
+    monkeypatch.setenv("LAB_STORAGE", str(tmp_path))
+    assert runtime.storage_root(CPU) == tmp_path
+    run = runtime.run_dir("my-run")
+    assert run == tmp_path / "runs" / "my-run" and run.is_dir()
+    for bad in ("", "../escape", "a/b", ".hidden"):
+        with pytest.raises(ValueError):
+            runtime.run_dir(bad)
+    monkeypatch.delenv("LAB_STORAGE")
+    assert runtime.storage_root(CPU) == runtime.REPO_ROOT / "outputs"
+
+
+def test_seed_everything_repeats_every_generator():
+    def draw():
+        return random.random(), np.random.rand(), torch.rand(1).item()
+    runtime.seed_everything(7)
+    first = draw()
+    runtime.seed_everything(7)
+    assert draw() == first
+
+
+def test_environment_summary_and_versions():
+    env = runtime.detect()
+    assert env.cuda_name is None and env.ram_gb > 1  # this CPU machine
+    assert "GPU: none" in env.summary()
+    v = runtime.versions()
+    assert v["torch"] == torch.__version__.split("+")[0] or v["torch"].startswith(torch.__version__.split("+")[0])
