@@ -11,7 +11,6 @@ the RNG states, so a resumed run draws the same batches, noise and timesteps as 
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -343,11 +342,10 @@ class SampleHook(Hook):
 
     def sample(self, t: Trainer) -> Path | None:
         from .models import pipeline_from_components
-        from .sampling import generate, image_grid
+        from .sampling import cross, generate, image_grid
         if not t.preset.sample_prompts or not t.c.text_encoders:
             return None
-        prompts = [pr for pr in t.preset.sample_prompts for _ in self.seeds]
-        seeds = [s for _ in t.preset.sample_prompts for s in self.seeds]
+        prompts, seeds = cross(list(t.preset.sample_prompts), list(self.seeds))
         devices = [t.accelerator.device.index] if t.accelerator.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices), t.accelerator.autocast():
             t.unet.eval()
@@ -401,6 +399,3 @@ def plot_loss(run_dir: Path, smooth: int = 10) -> Path | None:
     plt.close(fig)
     return path
 
-
-def steps_per_epoch(n_images: int, preset: Preset) -> float:
-    return math.ceil(n_images / preset.batch_size) / preset.grad_accum
