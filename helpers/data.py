@@ -24,7 +24,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from . import runtime, tiny
-from .checkpoint import sha256_file
+from .checkpoint import sha256_file, write_file
 from .presets import Preset
 from .validation import (DatasetError, Issue, Record, ValidationReport, caption_length_figure,  # noqa: F401
                          caption_token_lengths, open_rgb, preview_grid, validate)
@@ -349,10 +349,11 @@ def cached(name: str, fields: dict, count: int, build, root: Path) -> tuple[dict
         shutil.rmtree(stale, ignore_errors=True)
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     tmp.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / f"{name}.safetensors")
+    weights = {k: v.contiguous() for k, v in tensors.items()}
+    write_file(tmp / f"{name}.safetensors", lambda path: save_file(weights, str(path)))
     manifest = {"version": CACHE_VERSION, "name": name, "count": count, "fields": fields,
                 "files": {f"{name}.safetensors": sha256_file(tmp / f"{name}.safetensors")}}
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, default=str))
+    write_file(tmp / "manifest.json", lambda path: path.write_text(json.dumps(manifest, indent=1, default=str)))
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)
     return tensors, status, folder

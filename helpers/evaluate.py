@@ -190,6 +190,14 @@ class ScoreTable:
     def __init__(self, rows: list[dict], level: float):
         self.rows, self.level = rows, level
 
+    def row(self, variant: str, paired: bool = False) -> dict:
+        """The summary row of `variant` (paired=True: its difference to the baseline)."""
+        name = f"{variant} − {BASELINE}" if paired else variant
+        for r in self.rows:
+            if r["variant"] == name and r["paired"] == paired:
+                return r
+        raise KeyError(f"no {'paired ' if paired else ''}row for variant {variant!r}")
+
     @property
     def frame(self):
         import pandas as pd

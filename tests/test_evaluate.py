@@ -110,6 +110,9 @@ def test_results_csv_and_summary_table(scorer, tmp_path):
     expected = evaluate.paired_difference(tuned, base)
     assert (paired["mean"], paired["low"], paired["high"], paired["n"]) == pytest.approx(
         (expected["mean_diff"], expected["low"], expected["high"], 6))
+    assert table.row("finetuned", paired=True) is paired and table.row("baseline") is by_variant["baseline"]
+    with pytest.raises(KeyError, match="no row for variant 'nope'"):
+        table.row("nope")
     text = str(table)
     print(text)
     assert "95% CI" in text and scorer.name in text

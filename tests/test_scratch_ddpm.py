@@ -44,32 +44,21 @@ def test_add_noise_matches():
     assert torch.allclose(NoiseSchedule().add_noise(x0, noise, t), theirs, atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("eta", [0.0, 1.0])
-def test_ddim_steps_match(eta):
-    steps, ours = 10, DDIM(eta=eta)
-    scheduler = DDIMScheduler.from_config(SD15_SCHEDULER)
+@pytest.mark.parametrize("make_ours, scheduler_cls, step_kwargs, seed", [
+    (lambda: DDIM(eta=0.0), DDIMScheduler, {"eta": 0.0}, 1),
+    (lambda: DDIM(eta=1.0), DDIMScheduler, {"eta": 1.0}, 1),
+    (lambda: DDPM(), DDPMScheduler, {}, 2),
+], ids=["ddim-eta0", "ddim-eta1", "ddpm"])
+def test_sampler_steps_match_with_same_noise(make_ours, scheduler_cls, step_kwargs, seed):
+    steps, ours = 10, make_ours()
+    scheduler = scheduler_cls.from_config(SD15_SCHEDULER)
     scheduler.set_timesteps(steps)
     timesteps = ours.timesteps(steps)
     x = torch.randn(2, 4, 8, 8)
-    g_ours, g_theirs = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    g_ours, g_theirs = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
     for t, t_prev in zip(timesteps.tolist(), previous_timesteps(timesteps)):
         eps = torch.randn(2, 4, 8, 8)
-        theirs = scheduler.step(eps, t, x, eta=eta, generator=g_theirs).prev_sample
-        mine = ours.step(eps, t, t_prev, x, generator=g_ours)
-        assert torch.allclose(mine, theirs, atol=1e-5, rtol=1e-6), (t, (mine - theirs).abs().max())
-        x = theirs
-
-
-def test_ddpm_steps_match_with_same_noise():
-    steps, ours = 10, DDPM()
-    scheduler = DDPMScheduler.from_config(SD15_SCHEDULER)
-    scheduler.set_timesteps(steps)
-    timesteps = ours.timesteps(steps)
-    x = torch.randn(2, 4, 8, 8)
-    g_ours, g_theirs = torch.Generator().manual_seed(2), torch.Generator().manual_seed(2)
-    for t, t_prev in zip(timesteps.tolist(), previous_timesteps(timesteps)):
-        eps = torch.randn(2, 4, 8, 8)
-        theirs = scheduler.step(eps, t, x, generator=g_theirs).prev_sample
+        theirs = scheduler.step(eps, t, x, generator=g_theirs, **step_kwargs).prev_sample
         mine = ours.step(eps, t, t_prev, x, generator=g_ours)
         assert torch.allclose(mine, theirs, atol=1e-5, rtol=1e-6), (t, (mine - theirs).abs().max())
         x = theirs
