@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .precision import Precision, precision_for
 from .runtime import device as default_device
 from .tiny import resolve
 
@@ -59,13 +60,31 @@ def to_pil(image) -> Image.Image:
 
 # ---------------------------------------------------------------- the scorer
 
+def pixel_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The dtype pixels must have to enter `model.visual`: that of its input layer.
+
+    Not `next(model.parameters()).dtype`: open_clip's precision="fp16" keeps the positional embeddings and the
+    LayerNorms in fp32, so the first parameter is fp32 while the patch embedding (`visual.conv1`) is fp16."""
+    visual = model.visual
+    first = getattr(visual, "conv1", None)
+    if not isinstance(first, (torch.nn.Conv2d, torch.nn.Linear)):
+        first = next((m for m in visual.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))), None)
+    if first is None:
+        raise ValueError(f"cannot tell the input dtype of {type(visual).__name__}: it has no Conv2d or Linear layer")
+    return first.weight.dtype
+
+
 class ClipScorer:
-    """An open_clip model loaded once (eval mode, no grad, fp16 on CUDA) that scores image–prompt pairs in batches."""
+    """An open_clip model loaded once (eval mode, no grad) that scores image–prompt pairs in batches. Its dtype comes
+    from helpers.precision: fp16 on a T4 (and in the CPU T4-dtype test mode), fp32 otherwise."""
 
     def __init__(self, model: str = "ViT-L-14", pretrained: str | None = "openai",
-                 device: torch.device | str | None = None):
+                 device: torch.device | str | None = None, precision: Precision | None = None):
         import open_clip
-        self.device = torch.device(device or default_device())
+        if device is None:
+            device = precision.device if precision is not None else default_device()
+        self.device = torch.device(device)
+        self.precision = precision if precision is not None else precision_for("fp16", self.device)
         local = resolve(model)
         if model.startswith("tiny/") or Path(local).is_dir():
             spec, pretrained = "local-dir:" + local, None  # open_clip's local folder layout; weights are in it
@@ -76,19 +95,20 @@ class ClipScorer:
         # OpenAI's CLIP was trained with QuickGELU; open_clip's plain "ViT-L-14" config uses GELU unless told.
         self.model, _, self.preprocess = open_clip.create_model_and_transforms(
             spec, pretrained=pretrained, device=self.device, force_quick_gelu=pretrained == "openai",
-            precision="fp16" if self.device.type == "cuda" else "fp32")
+            precision=self.precision.open_clip_precision)
         self.model.eval().requires_grad_(False)
         self.tokenizer = open_clip.get_tokenizer(spec)
-        self.dtype = next(self.model.parameters()).dtype
+        self.dtype = pixel_dtype(self.model)
 
     @classmethod
-    def from_profile(cls, profile: str, device: torch.device | str | None = None) -> "ClipScorer":
+    def from_profile(cls, profile: str, device: torch.device | str | None = None,
+                     precision: Precision | None = None) -> "ClipScorer":
         if profile not in CLIP_MODELS:
             raise ValueError(f"unknown profile {profile!r}; choose one of {sorted(CLIP_MODELS)}")
-        return cls(*CLIP_MODELS[profile], device=device)
+        return cls(*CLIP_MODELS[profile], device=device, precision=precision)
 
     def __repr__(self) -> str:
-        return f"ClipScorer({self.name} on {self.device})"
+        return f"ClipScorer({self.name} on {self.device}, {self.precision.open_clip_precision})"
 
     @torch.no_grad()
     def text_features(self, prompts: Sequence[str]) -> torch.Tensor:

@@ -6,11 +6,13 @@ import torch
 from PIL import Image
 
 from helpers import evaluate, tiny
+from helpers.precision import precision_for
 
 
 @pytest.fixture(scope="module")
 def scorer():
-    return evaluate.ClipScorer.from_profile("tiny", device="cpu")
+    # fp32 explicitly, so LAB_T4_DTYPES=1 in the environment cannot turn the hand-computation checks into fp16 ones
+    return evaluate.ClipScorer.from_profile("tiny", device="cpu", precision=precision_for("no", "cpu", t4_dtypes=False))
 
 
 def _images(n, size=40, seed=0):
@@ -37,6 +39,36 @@ def test_score_equals_hand_computed_cosine(scorer):
     assert got.shape == (4,) and got.dtype == np.float64
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
     assert got.min() < 0  # raw 100·cos, not clamped at 0 as torchmetrics does (this random model gives negatives)
+
+
+def test_fp16_scorer_runs_and_agrees_with_fp32(scorer):
+    # open_clip's precision="fp16" keeps positional embeddings and LayerNorms fp32 but makes visual.conv1 fp16: the
+    # pixels must take the input layer's dtype, not the first parameter's (which fed fp32 pixels to an fp16 conv).
+    t4 = precision_for("fp16", "cpu", t4_dtypes=True)
+    fp16 = evaluate.ClipScorer.from_profile("tiny", device="cpu", precision=t4)
+    images = _images(4)
+    got, reference = fp16.score(images, PROMPTS, batch_size=3), scorer.score(images, PROMPTS, batch_size=3)
+    assert fp16.model.visual.conv1.weight.dtype == torch.float16 and fp16.dtype == torch.float16
+    assert next(fp16.model.parameters()).dtype == torch.float32  # the trap: the first parameter stays fp32
+    assert scorer.dtype == torch.float32
+    assert got.dtype == np.float64 and np.isfinite(got).all()
+    assert not np.array_equal(got, reference)  # it really ran in fp16
+    np.testing.assert_allclose(got, reference, atol=0.5)  # fp16 rounding moves 100·cos by well under half a point
+
+
+def test_pixel_dtype_falls_back_to_the_first_conv_or_linear_of_the_visual_tower():
+    class Tower(torch.nn.Module):  # no conv1 (as in timm towers): the first Conv2d/Linear decides
+        def __init__(self):
+            super().__init__()
+            self.norm = torch.nn.LayerNorm(4)
+            self.stem = torch.nn.Sequential(torch.nn.Identity(), torch.nn.Linear(4, 4).half())
+
+    model = torch.nn.Module()
+    model.visual = Tower()
+    assert evaluate.pixel_dtype(model) == torch.float16
+    model.visual = torch.nn.Sequential(torch.nn.LayerNorm(4))
+    with pytest.raises(ValueError, match="input dtype"):
+        evaluate.pixel_dtype(model)
 
 
 def test_uint8_float_pil_and_path_inputs_score_the_same(scorer, tmp_path):
