@@ -1,336 +1,285 @@
-"""Predicted GPU memory of a preset on a T4, from the REAL full-size architectures built on the meta device.
+"""The T4 plan of a preset: GPU memory of every phase of a run, host RAM while loading, checkpoint MB on Drive.
 
-`torch.device("meta")` gives tensors with shapes and dtypes but no storage, so the full SD1.5 / SDXL UNets, VAEs
-and text encoders are built in a second without weights or a download. On them we count parameters exactly, apply
-the preset's real adapter (peft LoRA or the attn2 selection) and run one forward pass that records every tensor
-autograd saves for the backward pass: that is the activation memory of training, measured on the architecture.
-
-The estimate (GiB, 2**30 bytes) is a simple sum, documented term by term in `estimate_vram`:
-    frozen weights × 2 B (fp16)
-  + trainable params × (4 B fp32 weight + 4 B grad + optimizer: 8 B AdamW / 2 B 8-bit AdamW + 2 B fp16 autocast copy)
-  + ACTIVATION_SLACK × saved activations (measured)          # the one calibrated constant
-  + CUDA_OVERHEAD_GIB                                         # CUDA context, cuBLAS/cuDNN workspaces
-It is a rough estimate (± ~1.5 GiB), good for "fits / tight / does not fit" on a 15 GiB T4, not for the last MiB.
+Everything is computed from the REAL full-size architectures on the meta device (`helpers.memory_meta`: exact
+parameter counts, the preset's real adapter, measured activations) and modelled phase by phase exactly as the code
+runs on a T4 (GiB = 2**30 bytes; the peak is the largest phase):
+  caching   UNet + VAE + text encoders in fp16 (VAE fp32 if vae_fp32 / force_upcast) while the latent cache
+            (VAE batches of max(1, 32·256²/px²) images) and the text cache (batches of 32 captions) are built;
+            loading puts the same weights on the GPU one module at a time, so it never exceeds this phase;
+  training  cached encoders leave the GPU; UNet frozen fp16 + trainable fp32 + fp32 grads + optimizer state +
+            ACTIVATION_SLACK × measured saved activations. autocast's fp16 copies of trainable weights live in the
+            forward and are freed as the backward makes the grads (4 B > 2 B), so grads, not copies, set the peak;
+  sampling  grads freed, cache emptied, text encoders + VAE back on the GPU; CFG UNet batch = 2 × images per call
+            (1 from 768 px up, else up to 4), VAE slicing + tiling: INFERENCE_SLACK × the larger of the UNet pass
+            and one image's decode (measured live tensors under no_grad), on top of the training state.
+The plan's error band is the worst relative error of this model on published peak-memory reports
+(`calibration_table`); a preset fits when peak + band + 1 GiB ≤ T4_USABLE_GIB.
 """
 from __future__ import annotations
 
-import copy
-from functools import lru_cache
+from math import ceil
 
-import torch
+from .memory_meta import (GIB, crossattn_parameter_count, full_size_clip, full_size_text_encoders,  # noqa: F401
+                          full_size_unet, full_size_vae, lora_parameter_count, measure_training, parameter_counts,
+                          text_encode_bytes, text_lora_sizes, unet_inference_bytes, vae_decode_bytes,
+                          vae_encode_bytes)
+from .presets import SD15, SDXL, SDXL_VAE_FIX, Preset, get_preset
 
-from .presets import Preset
+T4_USABLE_GIB = 14.74  # what torch reports as a Colab T4's "total capacity" (16 GB board, ECC and reserve off)
+MARGIN_GIB = 1.0  # kept free beyond the error band: allocator fragmentation, a stray tensor
+COLAB_RAM_GIB = 12.7  # Colab's RAM gauge (MemTotal ≈ 13.3 M kB)
 
-GIB = 2**30
-T4_USABLE_GIB = 15.0  # a T4's 16 GB shows as 15360 MiB in nvidia-smi; the CUDA context is counted in the estimate
-
-# ---------------------------------------------------------------- the real configs
-# Copied from the Hub config.json files (we may not download them): stable-diffusion-v1-5/stable-diffusion-v1-5
-# unet/config.json, stabilityai/stable-diffusion-xl-base-1.0 unet/config.json, vae/config.json (identical layout in
-# both; SDXL only changes scaling_factor to 0.13025), text_encoder/config.json (openai/clip-vit-large-patch14's text
-# tower, in both pipelines) and SDXL's text_encoder_2/config.json (OpenCLIP ViT-bigG/14 text tower + projection).
-SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, act_fn="silu",
-                 block_out_channels=(320, 640, 1280, 1280), attention_head_dim=8, cross_attention_dim=768,
-                 down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, norm_num_groups=32, norm_eps=1e-5,
-                 center_input_sample=False, downsample_padding=1, flip_sin_to_cos=True, freq_shift=0,
-                 mid_block_scale_factor=1)
-SDXL_UNET = dict(sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, act_fn="silu",
-                 block_out_channels=(320, 640, 1280), transformer_layers_per_block=(1, 2, 10),
-                 attention_head_dim=(5, 10, 20), cross_attention_dim=2048, use_linear_projection=True,
-                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-                 addition_embed_type="text_time", addition_time_embed_dim=256,
-                 projection_class_embeddings_input_dim=2816, norm_num_groups=32, norm_eps=1e-5,
-                 flip_sin_to_cos=True, freq_shift=0, downsample_padding=1, mid_block_scale_factor=1)
-SD_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
-              layers_per_block=2, act_fn="silu", norm_num_groups=32, sample_size=512,
-              down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
-CLIP_L14_TEXT = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                     num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768)
-OPENCLIP_BIGG_TEXT = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
-                          num_attention_heads=20, max_position_embeddings=77, hidden_act="gelu", projection_dim=1280)
-CLIP_L14_VISION = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                       image_size=224, patch_size=14, hidden_act="quick_gelu", projection_dim=768)
-TEXT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")  # as the diffusers LoRA scripts adapt CLIP
-
-# ---------------------------------------------------------------- calibrated constants
-# Measured saved activations miss what autograd does not save: fp32 copies that autocast makes for group/layer
-# norms, the gradient buffers flowing backward, allocator rounding and fragmentation. One factor covers them,
-# chosen so the estimate lands on commonly reported totals (fp16, batch 1, gradient checkpointing):
-#  - SD1.5 full UNet fine-tune at 512 px with 8-bit Adam: "fits a 16 GB GPU", with xformers "a 12 GB GPU"
-#    (diffusers examples/dreambooth/README.md) -> this model says 10.8 GiB (11.2 GiB for the batch of 2 that
-#    DreamBooth's prior preservation makes);
-#  - SDXL LoRA at 1024 px, text-encoder outputs and latents cached, 8-bit optimizer: "can be done with 8GB GPU
-#    memory (10GB recommended)" (kohya-ss/sd-scripts README, SDXL tips); "< 16GB" with 8-bit Adam and fp16
-#    (diffusers examples/dreambooth/README_sdxl.md, PR huggingface/diffusers#4470) -> this model says 6.9 GiB
-#    (8.8 GiB with both text encoders and the fp32 VAE left on the GPU, as in many 10-12 GB reports).
-ACTIVATION_SLACK = 2.0
-CUDA_OVERHEAD_GIB = 0.75  # CUDA context (~0.4 GiB on a T4) + cuBLAS/cuDNN workspaces
-OPTIMIZER_BYTES = {"adamw": 8, "adamw8bit": 2}  # optimizer state per trainable parameter (two moments)
+# ---------------------------------------------------------------- constants and where they come from
+ACTIVATION_SLACK = 2.0  # peak / measured saved activations: fp32 norm copies under autocast, backward buffers,
+#                         allocator rounding. Fitted on the ShivamShrirao T4 DreamBooth table (calibration_table)
+INFERENCE_SLACK = 1.69 # peak / measured live tensors of a no_grad pass: autocast fp32 norm copies, cuDNN
+#                        workspaces. Fitted so the two SDXL inference reports err equally (see calibration_table)
+CUDA_CONTEXT_GIB = 0.4  # CUDA context + kernels on a T4, outside torch's allocator (absent from max_memory_allocated)
+CUDA_OVERHEAD_GIB = CUDA_CONTEXT_GIB + 0.35  # + cuBLAS/cuDNN handles and workspaces inside the allocator
+HOST_BASELINE_GIB = 2.0  # host RAM before any weight: 0.76 GiB RSS measured for python + torch + diffusers +
+#                          transformers + peft + helpers (scripts/memory_host_ram.py, CPU torch), ≈ 0.75 GiB assumed
+#                          for CUDA torch's libraries and context on the host, ≈ 0.5 GiB assumed for Colab's own
+#                          processes that its RAM gauge also counts
+EIGHT_BIT_MIN_SIZE, EIGHT_BIT_BLOCK = 4096, 256  # bitsandbytes AdamW8bit: smaller tensors keep fp32 state; one fp32
+#                                                  absmax per 256-element block and moment (optim/optimizer.py)
+SAFETENSORS_TENSOR_BYTES = 140  # header entry per tensor in trainable.safetensors
+TORCH_SAVE_ENTRY_BYTES = 800  # optimizer.pt: pickle + zip record per parameter's state (measured on tiny runs)
+SMALL_FILES_BYTES = 18_000  # state.pt (RNG states ≈ 12 KB, scheduler, scaler) + meta.json + manifest.json
+VAE_FORCE_UPCAST = {SD15: False, SDXL: True, SDXL_VAE_FIX: False}  # force_upcast in each VAE's config.json
+HAS_FP16_VARIANT = {SD15: True, SDXL: True, SDXL_VAE_FIX: False}  # *.fp16.safetensors in the Hub repo
+CACHE_ENCODE_PIXELS = 32 * 256**2  # helpers.data builds the latent cache in batches of max(1, this // px²) images
 
 
-# ---------------------------------------------------------------- full-size models on the meta device
-
-def _check_family(family: str) -> None:
-    if family not in ("sd15", "sdxl"):
-        raise ValueError(f"unknown model family {family!r}; choose 'sd15' or 'sdxl'")
+def _gib(n_bytes: float) -> float:
+    return n_bytes / GIB
 
 
-def full_size_unet(family: str):
-    """The real SD1.5 or SDXL-base UNet, weightless (meta device)."""
-    from diffusers import UNet2DConditionModel
-    _check_family(family)
-    with torch.device("meta"):
-        return UNet2DConditionModel(**(SD15_UNET if family == "sd15" else SDXL_UNET))
+def optimizer_state_bytes(sizes, optimizer: str) -> int:
+    """Bytes of optimizer state for trainable tensors of these sizes: torch AdamW keeps two fp32 moments (8 B);
+    bitsandbytes AdamW8bit keeps two uint8 moments + an fp32 absmax per block of 256, fp32 below 4096 elements."""
+    if optimizer == "adamw":
+        return sum(8 * n for n in sizes)
+    if optimizer == "adamw8bit":
+        return sum(8 * n if n < EIGHT_BIT_MIN_SIZE else 2 * n + 8 * ceil(n / EIGHT_BIT_BLOCK) for n in sizes)
+    raise ValueError(f"unknown optimizer {optimizer!r}; known: adamw, adamw8bit")
 
 
-def full_size_text_encoders(family: str) -> list:
-    """CLIP ViT-L/14 text encoder (both families) and, for SDXL, OpenCLIP bigG text encoder with projection."""
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-    _check_family(family)
-    with torch.device("meta"):
-        encoders = [CLIPTextModel(CLIPTextConfig(**CLIP_L14_TEXT))]
-        if family == "sdxl":
-            encoders.append(CLIPTextModelWithProjection(CLIPTextConfig(**OPENCLIP_BIGG_TEXT)))
-    return encoders
+def checkpoint_mb(sizes, optimizer: str) -> float:
+    """MB (10^6 B) of one checkpoint folder: trainable.safetensors (fp32) + optimizer.pt + the small files."""
+    sizes = list(sizes)
+    n_bytes = (4 * sum(sizes) + SAFETENSORS_TENSOR_BYTES * len(sizes) + optimizer_state_bytes(sizes, optimizer)
+               + TORCH_SAVE_ENTRY_BYTES * len(sizes) + SMALL_FILES_BYTES)
+    return n_bytes / 1e6
 
 
-def full_size_vae():
-    from diffusers import AutoencoderKL
-    with torch.device("meta"):
-        return AutoencoderKL(**SD_VAE)
+def host_ram_gib(preset: Preset, fp16_variant: bool = True) -> float:
+    """Peak host RAM while loading: baseline + the largest component as diffusers materialises it. A safetensors
+    file is memory-mapped: loaded in its own dtype its pages are only read while the module is copied to the GPU;
+    an fp32 file loaded with dtype=fp16 is read whole (file pages) AND converted into a new fp16 copy (anonymous
+    memory), both at once (modeling_utils → load_model_dict_into_meta: param.to(dtype)). Measured on SD1.5's UNet
+    by scripts/memory_host_ram.py: fp16 files +1.6 GiB, fp32 file → fp16 +4.8 GiB (3.2 file + 1.6 copy)."""
+    counts = parameter_counts(preset.family)
+    components = [(preset.model, counts["unet"]), (preset.vae or preset.model, counts["vae"]),
+                  *((preset.model, counts[k]) for k in counts if k.startswith("text_encoder"))]
+    worst = 0
+    for ref, n in components:
+        variant = fp16_variant and HAS_FP16_VARIANT.get(ref, False)
+        worst = max(worst, 2 * n if variant else 4 * n + 2 * n)
+    return HOST_BASELINE_GIB + _gib(worst)
 
 
-def full_size_clip():
-    """openai/clip-vit-large-patch14 (vision + text towers), the prior's embedding model."""
-    from transformers import CLIPConfig, CLIPModel
-    with torch.device("meta"):
-        return CLIPModel(CLIPConfig(text_config=CLIP_L14_TEXT, vision_config=CLIP_L14_VISION, projection_dim=768))
-
-
-def _count(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
-@lru_cache(maxsize=None)
-def _parameter_counts(family: str) -> tuple[tuple[str, int], ...]:
-    counts = [("unet", _count(full_size_unet(family))), ("vae", _count(full_size_vae()))]
-    for i, enc in enumerate(full_size_text_encoders(family)):
-        counts.append(("text_encoder" + (f"_{i + 1}" if i else ""), _count(enc)))
-    return tuple(counts)
-
-
-def parameter_counts(family: str) -> dict[str, int]:
-    """Exact parameter count of each component of the real pipeline: unet, vae, text_encoder(, text_encoder_2)."""
-    return dict(_parameter_counts(family))
-
-
-# ---------------------------------------------------------------- what trains
-
-def crossattn_parameter_count(unet: torch.nn.Module) -> int:
-    """Parameters of every cross-attention module (names ending in "attn2": to_q/k/v/out of text conditioning)."""
-    return sum(_count(module) for name, module in unet.named_modules() if name.endswith("attn2"))
-
-
-def _add_lora(model: torch.nn.Module, rank: int, targets, dropout: float = 0.0) -> torch.nn.Module:
-    from peft import LoraConfig, inject_adapter_in_model
-    config = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=dropout, target_modules=list(targets))
-    return inject_adapter_in_model(config, model)
-
-
-def _lora_count(model: torch.nn.Module) -> int:
-    return sum(p.numel() for name, p in model.named_parameters() if "lora_" in name)
-
-
-def lora_parameter_count(unet: torch.nn.Module, rank: int, targets) -> int:
-    """LoRA parameters peft adds for `LoraConfig(r=rank, target_modules=targets)`: peft is applied to a copy of the
-    model (meta or real), so `unet` itself is left untouched. Each adapted Linear(in, out) adds rank × (in + out)."""
-    if rank < 1 or not targets:
-        raise ValueError(f"LoRA needs rank >= 1 and at least one target module (got {rank}, {targets!r})")
-    return _lora_count(_add_lora(copy.deepcopy(unet), rank, targets))
-
-
-def _make_trainable(unet: torch.nn.Module, method: str, rank: int, targets, dropout: float) -> int:
-    """Freeze `unet` and unfreeze (adding LoRA if needed) what `method` trains; returns that parameter count."""
-    unet.requires_grad_(False)
-    if method == "crossattn":
-        for name, module in unet.named_modules():
-            if name.endswith("attn2"):
-                module.requires_grad_(True)
-    elif method in ("lora", "prior"):  # prior: its UNet side is a LoRA (the prior network itself is not counted)
-        _add_lora(unet, rank, targets, dropout)
-        for name, p in unet.named_parameters():
-            p.requires_grad_("lora_" in name)
-    elif method == "full":  # not a preset method; checks this model against full fine-tune reports
-        unet.requires_grad_(True)
-    else:
-        raise ValueError(f"unknown training method {method!r}; known: crossattn, lora, prior, full")
-    return sum(p.numel() for p in unet.parameters() if p.requires_grad)
-
-
-# ---------------------------------------------------------------- activations, measured on the meta device
-
-class _FusedAttentionCost(torch.autograd.Function):
-    """Attention that saves for backward exactly what PyTorch's memory-efficient SDPA kernel (the one a T4 uses)
-    saves: q, k, v, output and the log-sum-exp, not the N×N probabilities the math path would keep. Meta only."""
-
-    @staticmethod
-    def forward(ctx, q, k, v):
-        if q.device.type != "meta":
-            raise RuntimeError("_FusedAttentionCost only measures memory on the meta device")
-        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True)[:2]
-        ctx.save_for_backward(q, k, v, out, lse)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        raise RuntimeError("memory measurement only")
-
-
-class _FusedAttentionProcessor:
-    """diffusers attention processor for the UNet's transformer blocks (3-D hidden states, no masks)."""
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
-        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-        q, k, v = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
-        batch, inner = q.shape[0], q.shape[-1]
-
-        def heads(t):
-            return t.view(batch, -1, attn.heads, inner // attn.heads).transpose(1, 2)
-
-        out = _FusedAttentionCost.apply(heads(q), heads(k), heads(v)).transpose(1, 2).reshape(batch, -1, inner)
-        return attn.to_out[1](attn.to_out[0](out))
-
-
-@lru_cache(maxsize=None)
-def _measure(family: str, method: str, rank: int, targets: tuple, dropout: float, resolution: int, batch: int,
-             fp16: bool) -> tuple[int, int, int]:
-    """(trainable params, saved bytes without checkpointing, saved bytes with diffusers gradient checkpointing)."""
-    unet = full_size_unet(family)
-    trainable = _make_trainable(unet, method, rank, targets, dropout)
-    unet = unet.half() if fp16 else unet  # keeps requires_grad: frozen layers save less (no weight grads)
-    unet.train()  # dropout masks (LoRA dropout) are saved too
-    unet.set_attn_processor(_FusedAttentionProcessor())
-    weights = {id(p.untyped_storage()) for p in unet.parameters()}  # saved weights are not activations
-
-    # Saved tensors are keyed by storage (views share one), split by checkpoint unit. Diffusers calls the
-    # checkpoint function on every unit it checkpoints (each resnet and transformer block); ours runs it normally
-    # and notes which unit is active, so one pass yields both the plain and the checkpointed footprint.
-    outside, inputs, units, current = {}, {}, [], [None]
-
-    def keep(store, tensor):
-        storage = tensor.untyped_storage()
-        if id(storage) not in weights:
-            store[id(storage)] = storage  # holding it keeps id() unique
-
-    def pack(tensor):
-        keep(outside if current[0] is None else current[0], tensor)
-        return tensor
-
-    def checkpoint_unit(module, *args):
-        for a in args:
-            if isinstance(a, torch.Tensor):
-                keep(inputs, a)  # a checkpoint keeps its inputs alive to recompute from them
-        current[0] = {}
-        units.append(current[0])
-        try:
-            return module(*args)
-        finally:
-            current[0] = None
-
-    unet.enable_gradient_checkpointing(gradient_checkpointing_func=checkpoint_unit)
-    dtype = torch.float16 if fp16 else torch.float32
-    with torch.device("meta"):
-        latents = torch.randn(batch, 4, resolution // 8, resolution // 8, dtype=dtype)
-        context = torch.randn(batch, 77, unet.config.cross_attention_dim, dtype=dtype)
-        extra = {}
-        if family == "sdxl":
-            extra["added_cond_kwargs"] = {"text_embeds": torch.randn(batch, 1280, dtype=dtype),
-                                          "time_ids": torch.randn(batch, 6, dtype=dtype)}
-        timesteps = torch.full((batch,), 500)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        unet(latents, timesteps, context, **extra)
-
-    def nbytes(*stores):
-        merged = {k: v for store in stores for k, v in store.items()}
-        return sum(s.nbytes() for s in merged.values())
-
-    plain = nbytes(outside, *units)
-    # checkpointed: what runs outside the units + the units' inputs + one unit recomputed during backward
-    checkpointed = nbytes(outside, inputs) + max((nbytes(u) for u in units), default=0)
-    return trainable, plain, checkpointed
+def images_per_call(resolution: int, prompts: int) -> int:
+    """Images per sampling call, by helpers.sampling's own rule (1 from 768 px up, else up to 4) for `prompts`."""
+    from .sampling import images_per_call as rule
+    return max(1, min(prompts, rule(resolution, resolution)))
 
 
 def activation_gib(preset: Preset, gradient_checkpointing: bool | None = None) -> float:
     """Measured saved activations of one training forward pass of `preset` (GiB, before ACTIVATION_SLACK)."""
-    _, plain, checkpointed = _measure(preset.family, preset.method, preset.lora_rank, tuple(preset.lora_targets),
-                                      preset.lora_dropout, preset.resolution, preset.batch_size,
-                                      preset.mixed_precision == "fp16")
+    _, plain, checkpointed = measure_training(preset.family, preset.method, preset.lora_rank,
+                                              tuple(preset.lora_targets), preset.lora_dropout, preset.resolution,
+                                              preset.batch_size, preset.mixed_precision == "fp16")
     ckpt = preset.gradient_checkpointing if gradient_checkpointing is None else gradient_checkpointing
-    return (checkpointed if ckpt else plain) / GIB
+    return _gib(checkpointed if ckpt else plain)
 
 
-# ---------------------------------------------------------------- the estimate
+def inference_peak_gib(family: str, resolution: int, images: int, vae_fp32: bool, sliced: bool, tiled: bool) -> float:
+    """INFERENCE_SLACK × the larger of one CFG UNet step (batch 2 × images) and the VAE decode (1 image if sliced)."""
+    unet = unet_inference_bytes(family, resolution, 2 * images)
+    decode = vae_decode_bytes(resolution, 1 if sliced else images, vae_fp32, tiled and resolution >= 768)
+    return INFERENCE_SLACK * _gib(max(unet, decode))
 
-def estimate_vram(preset: Preset) -> dict:
-    """Predicted peak GPU memory (GiB) of training `preset` (its t4 form) on a T4, term by term, with a verdict.
 
-    Terms: frozen weights in fp16 (2 B; the UNet minus what trains, + text encoders unless their outputs are cached
-    or they train, + the VAE unless latents are cached (fp32 if vae_fp32), + the CLIP model of a prior); trainable
-    params × (4 B fp32 weight + 4 B grad + optimizer state + 2 B fp16 copy autocast keeps for the backward);
-    ACTIVATION_SLACK × measured saved activations; CUDA_OVERHEAD_GIB. The one-off caching pass (VAE/text encoders
-    on small batches) and the prior network itself are not included."""
+# ---------------------------------------------------------------- the plan of one preset
+
+def estimate_vram(preset: Preset, encode_pixels: int = CACHE_ENCODE_PIXELS) -> dict:
+    """Every term of the T4 plan of `preset` (its t4 form): GiB by part and by phase, peak, band, verdict, host RAM
+    while loading and checkpoint MB. See the module docstring for what each phase holds. `encode_pixels` sets the
+    latent-cache batch (images × px² per VAE call) to try another caching rule."""
     if preset.profile != "t4":
         raise ValueError(f"memory estimates describe the real models; pass the t4 form of {preset.name!r} "
                          f"(get_preset({preset.name!r}, 't4')), not its {preset.profile!r} form")
-    if preset.optimizer not in OPTIMIZER_BYTES:
-        raise ValueError(f"unknown optimizer {preset.optimizer!r}; known: {sorted(OPTIMIZER_BYTES)}")
+    if preset.optimizer not in ("adamw", "adamw8bit"):
+        raise ValueError(f"unknown optimizer {preset.optimizer!r}; known: ['adamw', 'adamw8bit']")
     fp16 = preset.mixed_precision == "fp16"
-    weight_bytes = 2 if fp16 else 4
-    per_trainable = 4 + 4 + OPTIMIZER_BYTES[preset.optimizer] + (2 if fp16 else 0)
+    frozen_bytes = 2 if fp16 else 4
     counts = parameter_counts(preset.family)
-    trainable, _, _ = _measure(preset.family, preset.method, preset.lora_rank, tuple(preset.lora_targets),
-                               preset.lora_dropout, preset.resolution, preset.batch_size, fp16)
-    frozen = counts["unet"] - (0 if preset.method in ("lora", "prior") else trainable)
-    if preset.train_text_encoder or not preset.cache_text:
-        encoders = full_size_text_encoders(preset.family)
-        frozen += sum(_count(e) for e in encoders)
-        if preset.train_text_encoder:
-            trainable += sum(_lora_count(_add_lora(e, preset.lora_rank, TEXT_LORA_TARGETS)) for e in encoders)
-    frozen_gib = frozen * weight_bytes / GIB
-    if not preset.cache_latents:
-        frozen_gib += counts["vae"] * (4 if preset.vae_fp32 else weight_bytes) / GIB
-    if preset.clip_model:
-        frozen_gib += _count(full_size_clip()) * weight_bytes / GIB
-    activations = ACTIVATION_SLACK * activation_gib(preset)
-    total = frozen_gib + trainable * per_trainable / GIB + activations + CUDA_OVERHEAD_GIB
-    margin = T4_USABLE_GIB - total
-    verdict = ("fits" if margin >= 1.5 else "tight (may run out on fragmentation)" if margin >= 0 else
-               "does not fit")
-    return {"preset": preset.name, "frozen_gib": frozen_gib, "trainable_params": trainable,
-            "trainable_gib": trainable * per_trainable / GIB, "activation_gib": activations,
-            "overhead_gib": CUDA_OVERHEAD_GIB, "total_gib": total, "usable_gib": T4_USABLE_GIB, "verdict": verdict}
+    sizes, plain, checkpointed = measure_training(preset.family, preset.method, preset.lora_rank,
+                                                  tuple(preset.lora_targets), preset.lora_dropout,
+                                                  preset.resolution, preset.batch_size, fp16)
+    sizes = list(sizes)
+    in_unet = sum(sizes) if preset.method in ("crossattn", "full") else 0  # LoRA adds parameters, attn2 converts
+    if preset.train_text_encoder:
+        sizes += text_lora_sizes(preset.family, preset.lora_rank)
+    trainable = sum(sizes)
+    vae_fp32 = preset.vae_fp32 or VAE_FORCE_UPCAST.get(preset.vae or preset.model, False) or not fp16
+    text_count = sum(n for k, n in counts.items() if k.startswith("text_encoder"))
+    part = {"unet": _gib(frozen_bytes * (counts["unet"] - in_unet)),
+            "text_encoders": _gib(frozen_bytes * text_count),
+            "vae": _gib((4 if vae_fp32 else 2) * counts["vae"]),
+            "clip": _gib(frozen_bytes * parameter_counts_clip()) if preset.clip_model else 0.0}
+    trainable_gib, grads_gib = _gib(4 * trainable), _gib(4 * trainable)
+    optimizer_gib = _gib(optimizer_state_bytes(sizes, preset.optimizer))
+    autocast_gib = _gib(2 * trainable) if fp16 else 0.0
+    activations = ACTIVATION_SLACK * _gib(checkpointed if preset.gradient_checkpointing else plain)
+    text_stays = preset.train_text_encoder or not preset.cache_text
+    encoders = part["text_encoders"] * text_stays + part["vae"] * (not preset.cache_latents)
+
+    # caching: every module in fp16 (attn2 not yet fp32), encoders busy on batches
+    encode = 0.0
+    if preset.cache_latents:
+        batch = max(1, encode_pixels // preset.resolution**2)
+        encode = _gib(vae_encode_bytes(preset.resolution, batch, vae_fp32))
+    if preset.cache_text and not preset.train_text_encoder:
+        encode = max(encode, _gib(text_encode_bytes(preset.family, 32)))
+    all_weights = _gib(frozen_bytes * counts["unet"]) + part["text_encoders"] + part["vae"] + part["clip"]
+    caching = all_weights + INFERENCE_SLACK * encode + CUDA_OVERHEAD_GIB
+    resident = part["unet"] + part["clip"] + trainable_gib + optimizer_gib + CUDA_OVERHEAD_GIB
+    training = resident + encoders + grads_gib + activations
+    per_call = images_per_call(preset.resolution, len(preset.sample_prompts) or 1)
+    sample = inference_peak_gib(preset.family, preset.resolution, per_call, vae_fp32, True, True)
+    sampling = resident + part["text_encoders"] + part["vae"] + autocast_gib + sample
+    phases = {"caching": caching, "training": training, "sampling": sampling}
+    peak_phase = max(phases, key=phases.get)
+    total = phases[peak_phase]
+    band = error_band() * total
+    spare = T4_USABLE_GIB - total - band
+    writes = preset.max_steps // preset.checkpoint_every + (preset.max_steps % preset.checkpoint_every > 0)
+    ckpt = checkpoint_mb(sizes, preset.optimizer)
+    return {"preset": preset.name, "encode_batch": max(1, encode_pixels // preset.resolution**2), "parts_gib": part,
+            "trainable_params": trainable, "trainable_gib": trainable_gib,
+            "grads_gib": grads_gib, "optimizer_gib": optimizer_gib, "autocast_copy_gib": autocast_gib,
+            "activation_gib": activations, "sampling_activation_gib": sample, "images_per_call": per_call,
+            "overhead_gib": CUDA_OVERHEAD_GIB, "phases_gib": phases, "peak_phase": peak_phase, "total_gib": total,
+            "band_gib": band, "spare_gib": spare, "usable_gib": T4_USABLE_GIB,
+            "verdict": "fits" if spare >= MARGIN_GIB else "does not fit",
+            "host_ram_gib": host_ram_gib(preset), "host_ram_no_variant_gib": host_ram_gib(preset, False),
+            "checkpoint_mb": ckpt, "checkpoints_written": writes, "drive_mb": ckpt * min(writes, preset.keep_checkpoints)}
 
 
-def memory_plan_table(presets) -> str:
-    """A fixed-width table (for notebook 00) of the estimate of each t4 preset next to its own claim."""
-    header = ("preset", "model", "method", "px×batch", "ckpt", "trainable", "frozen", "train", "activ",
-              "total GiB", "preset says", "verdict")
+def parameter_counts_clip() -> int:
+    return sum(p.numel() for p in full_size_clip().parameters())
+
+
+# ---------------------------------------------------------------- calibration against published peaks
+
+def _sd15_dreambooth(batch: int, checkpointing: bool, optimizer: str) -> float:
+    # Full UNet fine-tune, 512 px, fp16 autocast, VAE and text encoder outputs cached and freed
+    p = get_preset("sd15_xattn_cifar10", "t4", method="full", resolution=512, batch_size=batch,
+                   gradient_checkpointing=checkpointing, optimizer=optimizer)
+    return estimate_vram(p)["phases_gib"]["training"]
+
+
+def _sdxl_blog(sliced: bool) -> float:
+    # SDXL base fp16 + SDPA, 4 images/prompt at 1024², stock VAE upcast to fp32 for the decode;
+    # max_memory_allocated excludes the CUDA context
+    counts = parameter_counts("sdxl")
+    weights = _gib(2 * (counts["unet"] + counts["text_encoder"] + counts["text_encoder_2"]) + 4 * counts["vae"])
+    return weights + inference_peak_gib("sdxl", 1024, 4, True, sliced, False) + CUDA_OVERHEAD_GIB - CUDA_CONTEXT_GIB
+
+
+def _sdxl_lora(**fields) -> float:
+    return estimate_vram(get_preset("sdxl_lora_naruto_1024", "t4", **fields))["phases_gib"]["training"]
+
+
+GB = 1e9 / GIB  # reports in GB (10^9 B) → GiB
+# (family, source, setting, reported GiB, "peak" (a measurement: in the band) or "max" (an upper bound), model)
+REPORTS = (
+    ("sd15", "ShivamShrirao/diffusers examples/dreambooth/README.md (Tesla T4)",
+     "full UNet 512px bs1 grad-ckpt 8-bit Adam: 9.92 GB", 9.92 * GB, "peak", lambda: _sd15_dreambooth(1, True,
+                                                                                                        "adamw8bit")),
+    ("sd15", "same table", "bs2 no grad-ckpt 8-bit Adam: 13.67 GB", 13.67 * GB, "peak",
+     lambda: _sd15_dreambooth(2, False, "adamw8bit")),
+    ("sd15", "same table", "bs1 grad-ckpt AdamW (no 8-bit): 15.79 GB", 15.79 * GB, "peak",
+     lambda: _sd15_dreambooth(1, True, "adamw")),
+    ("sdxl", "huggingface/blog simple_sdxl_optimizations.md (A100)", "fp16+SDPA, 4 × 1024² per call: 21.72 GB(iB)",
+     21.72, "peak", lambda: _sdxl_blog(False)),
+    ("sdxl", "same blog", "+ VAE slicing: 15.40 GB(iB)", 15.40, "peak", lambda: _sdxl_blog(True)),
+    ("sdxl", "kohya-ss/sd-scripts README, SDXL training", "LoRA 1024px, cached latents + text outputs, "
+     "grad-ckpt: 8 GB possible, 10 GB recommended", 10 * GB, "max", lambda: _sdxl_lora()),
+    ("sdxl", "diffusers examples/dreambooth/README_sdxl.md (PR #4470)", "LoRA 1024px bs1 grad-ckpt 8-bit Adam fp16, "
+     "VAE on GPU: < 16 GB", 16 * GB, "max", lambda: _sdxl_lora(cache_latents=False)),
+)
+
+
+def calibration_table() -> list[dict]:
+    """Each published report next to this model's prediction for the same setting (GiB) and the relative error."""
     rows = []
-    for p in presets:
-        e = estimate_vram(p)
-        rows.append((p.name, p.family, p.method, f"{p.resolution}×{p.batch_size}",
-                     "yes" if p.gradient_checkpointing else "no", f"{e['trainable_params'] / 1e6:.1f}M",
-                     f"{e['frozen_gib']:.1f}", f"{e['trainable_gib']:.2f}", f"{e['activation_gib']:.1f}",
-                     f"{e['total_gib']:.1f}", f"{p.min_vram_gb:.0f}", e["verdict"]))
+    for family, source, setting, reported, kind, model in REPORTS:
+        predicted = model()
+        rows.append({"family": family, "source": source, "setting": setting, "reported_gib": reported,
+                     "kind": kind, "predicted_gib": predicted, "error": predicted / reported - 1})
+    return rows
+
+
+_BAND: list[float] = []
+
+
+def error_band() -> float:
+    """The worst relative error of the model on the measured ("peak") reports; bounds are only checked."""
+    if not _BAND:
+        _BAND.append(0.0)  # the reports' own estimates do not use the band
+        _BAND[0] = max(abs(r["error"]) for r in calibration_table() if r["kind"] == "peak")
+    return _BAND[0]
+
+
+# ---------------------------------------------------------------- tables for notebook 00
+
+def _table(header, rows) -> str:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)) for r in [header, *rows]]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    lines.append(f"GiB on a T4 with {T4_USABLE_GIB:.0f} GiB usable; rough estimates (± ~1.5 GiB): helpers/memory.py")
     return "\n".join(lines)
 
 
+def calibration_text() -> str:
+    rows = [(r["family"], r["setting"], f"{r['reported_gib']:.2f}" + (" max" if r["kind"] == "max" else ""),
+             f"{r['predicted_gib']:.2f}", f"{100 * r['error']:+.0f}%", r["source"]) for r in calibration_table()]
+    return (_table(("model", "setting", "reported", "predicted", "error", "source"), rows)
+            + f"\nerror band = ±{100 * error_band():.0f}% (worst measured report; 'max' rows are upper bounds)")
+
+
+def memory_plan_table(presets, encode_pixels: int = CACHE_ENCODE_PIXELS) -> str:
+    """A fixed-width plan (for notebook 00): GiB by part and by phase, peak vs T4_USABLE_GIB with band and spare,
+    host RAM while loading, MB per checkpoint (× kept on Drive)."""
+    header = ("preset", "unet", "text", "vae", "clip", "train+opt", "activ", "caching", "training", "sampling",
+              "peak", "band", "spare", "RAM load", "ckpt MB", "verdict")
+    rows = []
+    for p in presets:
+        e = estimate_vram(p, encode_pixels)
+        part, ph = e["parts_gib"], e["phases_gib"]
+        rows.append((p.name, f"{part['unet']:.2f}", f"{part['text_encoders']:.2f}", f"{part['vae']:.2f}",
+                     f"{part['clip']:.2f}", f"{e['trainable_gib'] + e['grads_gib'] + e['optimizer_gib']:.2f}",
+                     f"{e['activation_gib']:.2f}", f"{ph['caching']:.1f}", f"{ph['training']:.1f}",
+                     f"{ph['sampling']:.1f}", f"{e['total_gib']:.1f} ({e['peak_phase']})", f"{e['band_gib']:.1f}",
+                     f"{e['spare_gib']:.1f}", f"{e['host_ram_gib']:.1f} ({e['host_ram_no_variant_gib']:.1f})",
+                     f"{e['checkpoint_mb']:.0f} × {p.keep_checkpoints}", e["verdict"]))
+    return (_table(header, rows) + f"\nGiB on a T4 ({T4_USABLE_GIB} GiB usable); fits when peak + band + "
+            f"{MARGIN_GIB:.0f} GiB ≤ {T4_USABLE_GIB}. RAM load: peak host GiB with the fp16 variant files (without "
+            f"them) vs Colab's {COLAB_RAM_GIB} GiB. train+opt: fp32 trainable + grads + optimizer state.")
+
+
 __all__ = ["full_size_unet", "full_size_text_encoders", "full_size_vae", "full_size_clip", "parameter_counts",
-           "crossattn_parameter_count", "lora_parameter_count", "activation_gib", "estimate_vram",
-           "memory_plan_table", "T4_USABLE_GIB"]
+           "crossattn_parameter_count", "lora_parameter_count", "optimizer_state_bytes", "checkpoint_mb",
+           "host_ram_gib", "images_per_call", "activation_gib", "inference_peak_gib", "estimate_vram", "calibration_table",
+           "error_band", "calibration_text", "memory_plan_table", "T4_USABLE_GIB", "COLAB_RAM_GIB", "MARGIN_GIB"]

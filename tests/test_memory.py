@@ -1,5 +1,5 @@
 """helpers.memory: parameter counts of the real architectures (meta device), adapter sizes checked against peft,
-and the VRAM estimate's calibration and ordering."""
+the phases of the T4 plan, its calibration against published reports, host RAM and checkpoint sizes."""
 import pytest
 import torch
 
@@ -67,16 +67,100 @@ def test_lora_count_on_full_sdxl_matches_rank_times_in_plus_out():
     assert count == analytic
 
 
-def test_t4_presets_fit_a_t4():
+def test_plan_has_every_term_and_the_band_decides_the_verdict():
     presets = [get_preset(name, "t4") for name in PRESETS]
     for preset in presets:
-        estimate = memory.estimate_vram(preset)
-        print(preset.name, {k: round(v, 2) if isinstance(v, float) else v for k, v in estimate.items()})
-        assert 0 < estimate["total_gib"] < memory.T4_USABLE_GIB
-        assert estimate["verdict"] == "fits"
+        e = memory.estimate_vram(preset)
+        print(preset.name, {k: round(v, 2) if isinstance(v, float) else v for k, v in e.items()})
+        assert e["total_gib"] == max(e["phases_gib"].values()) > 0
+        assert e["band_gib"] == pytest.approx(memory.error_band() * e["total_gib"])
+        assert e["spare_gib"] == pytest.approx(memory.T4_USABLE_GIB - e["total_gib"] - e["band_gib"])
+        assert e["verdict"] == ("fits" if e["spare_gib"] >= memory.MARGIN_GIB else "does not fit")
     table = memory.memory_plan_table(presets)
     print(table)
     assert all(name in table for name in PRESETS)
+
+
+def test_every_t4_preset_fits_with_a_gib_beyond_the_band_when_caching_encodes_16_images_at_256px():
+    # Peak = the caching phase for SDXL (UNet + both text encoders + VAE resident while the VAE encodes batches).
+    # With helpers.data's current batch of 32·256²/px² images the SDXL presets miss the 1 GiB margin (see the
+    # plan table); half of it fits every preset.
+    for name in PRESETS:
+        e = memory.estimate_vram(get_preset(name, "t4"), encode_pixels=16 * 256**2)
+        print(name, f"peak {e['total_gib']:.2f} ({e['peak_phase']}) band {e['band_gib']:.2f} spare {e['spare_gib']:.2f}")
+        assert e["total_gib"] + e["band_gib"] + 1.0 <= 14.74
+        assert e["verdict"] == "fits"
+
+
+def test_sampling_phase_is_modelled_on_top_of_the_training_state():
+    for name in PRESETS:
+        e = memory.estimate_vram(get_preset(name, "t4"))
+        resident = (e["parts_gib"]["unet"] + e["parts_gib"]["clip"] + e["trainable_gib"] + e["optimizer_gib"]
+                    + e["overhead_gib"])
+        assert e["phases_gib"]["sampling"] > resident + e["parts_gib"]["text_encoders"] + e["parts_gib"]["vae"]
+    assert memory.estimate_vram(get_preset("sdxl_lora_naruto_1024", "t4"))["images_per_call"] == 1
+    assert memory.estimate_vram(get_preset("sdxl_lora_naruto_256", "t4"))["images_per_call"] == 4
+
+
+def test_one_tiled_image_per_call_is_far_below_four_unsliced_at_1024px():
+    one_tiled = memory.inference_peak_gib("sdxl", 1024, 1, False, sliced=True, tiled=True)
+    four_whole = memory.inference_peak_gib("sdxl", 1024, 4, False, sliced=False, tiled=False)
+    untiled = memory.inference_peak_gib("sdxl", 1024, 1, False, sliced=True, tiled=False)
+    print(f"SDXL 1024 px sampling activations: 1/call tiled {one_tiled:.2f} GiB, 1/call untiled {untiled:.2f}, "
+          f"4/call unsliced {four_whole:.2f}")
+    assert one_tiled < untiled < four_whole
+    assert one_tiled < 0.25 * four_whole
+
+
+def test_calibration_reproduces_each_published_report_within_the_band():
+    rows = memory.calibration_table()
+    print(memory.calibration_text())
+    band = memory.error_band()
+    assert 0 < band < 0.3
+    for family in ("sd15", "sdxl"):
+        assert sum(r["family"] == family and r["kind"] == "peak" for r in rows) >= 2
+    for r in rows:
+        if r["kind"] == "peak":
+            assert abs(r["error"]) <= band + 1e-9, r
+        else:  # an upper bound ("fits 16 GB"): the model must not exceed it
+            assert r["predicted_gib"] <= r["reported_gib"], r
+
+
+def test_host_ram_with_the_fp16_variant_fits_colab_and_without_it_sdxl_does_not():
+    sdxl, sd15 = get_preset("sdxl_lora_naruto_1024", "t4"), get_preset("sd15_xattn_cifar10", "t4")
+    unet = memory.parameter_counts("sdxl")["unet"]
+    with_variant, without = memory.host_ram_gib(sdxl), memory.host_ram_gib(sdxl, fp16_variant=False)
+    print(f"SDXL loading: {with_variant:.1f} GiB with fp16 files, {without:.1f} GiB from the fp32 files")
+    assert with_variant == pytest.approx(memory.HOST_BASELINE_GIB + 2 * unet / 2**30)
+    assert without == pytest.approx(memory.HOST_BASELINE_GIB + 6 * unet / 2**30)  # fp32 file pages + fp16 copy
+    assert with_variant < memory.COLAB_RAM_GIB < without
+    assert memory.host_ram_gib(sd15) < memory.host_ram_gib(sd15, fp16_variant=False) < memory.COLAB_RAM_GIB
+
+
+def test_optimizer_state_follows_the_bitsandbytes_layout():
+    assert memory.optimizer_state_bytes([1000], "adamw8bit") == 8000  # < 4096 elements: fp32 moments
+    assert memory.optimizer_state_bytes([4096], "adamw8bit") == 2 * 4096 + 8 * 16  # uint8 moments + absmax/256
+    assert memory.optimizer_state_bytes([4096], "adamw") == 8 * 4096
+    with pytest.raises(ValueError, match="optimizer"):
+        memory.optimizer_state_bytes([1], "lion")
+
+
+def test_checkpoint_size_formula_matches_a_real_tiny_checkpoint(tmp_path, monkeypatch):
+    from helpers import data
+    from helpers.models import load_components
+    from helpers.train import CheckpointHook, Trainer
+    monkeypatch.setenv("LAB_STORAGE", str(tmp_path / "storage"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    preset = get_preset("sd15_xattn_cifar10", "tiny", max_steps=2, checkpoint_every=2, sample_every=0)
+    c = load_components(preset)
+    trainer = Trainer(preset, c, data.prepare_dataset(preset, c), tmp_path / "run", hooks=[CheckpointHook()])
+    trainer.run()
+    folder = tmp_path / "run" / "checkpoints" / "step-000002"
+    real_mb = sum(f.stat().st_size for f in folder.iterdir()) / 1e6
+    sizes = [p.numel() for p in trainer.trainable.values()]
+    predicted = memory.checkpoint_mb(sizes, "adamw")
+    print(f"tiny checkpoint: {real_mb:.3f} MB written, formula {predicted:.3f} MB ({sum(sizes):,} params)")
+    assert predicted == pytest.approx(real_mb, rel=0.10)
 
 
 def test_activations_grow_with_resolution_batch_and_shrink_with_checkpointing():
@@ -90,14 +174,14 @@ def test_activations_grow_with_resolution_batch_and_shrink_with_checkpointing():
 
 
 def test_estimate_matches_reported_totals():
-    # SD1.5 full UNet fine-tune, 512 px, batch 1, 8-bit Adam, checkpointing: reported to need ~10-12 GB.
+    # SD1.5 full UNet fine-tune, 512 px, batch 1, 8-bit Adam, checkpointing: 9.92 GB on a T4 (calibration table).
     full = memory.estimate_vram(get_preset("sd15_xattn_cifar10", "t4", method="full", resolution=512, batch_size=1,
                                            gradient_checkpointing=True))
     assert full["trainable_params"] == 859_520_964
-    assert 10.0 <= full["total_gib"] <= 12.0
+    assert 8.5 <= full["phases_gib"]["training"] <= 10.0
     # SDXL LoRA at 1024 px, batch 1, checkpointing, caches: "8 GB possible, 10 GB recommended" (kohya).
     sdxl = memory.estimate_vram(get_preset("sdxl_lora_naruto_1024", "t4"))
-    assert 6.0 <= sdxl["total_gib"] <= 10.0
+    assert 6.0 <= sdxl["phases_gib"]["training"] <= 9.31
     no_ckpt = memory.estimate_vram(get_preset("sdxl_lora_naruto_1024", "t4", gradient_checkpointing=False))
     assert no_ckpt["verdict"] == "does not fit"
 

@@ -1,0 +1,367 @@
+"""The REAL full-size SD1.5 / SDXL architectures on the meta device, and what they hold in memory.
+
+`torch.device("meta")` gives tensors with shapes and dtypes but no storage, so the full UNets, VAEs and text encoders
+are built in a second without weights or a download. On them we count parameters exactly, apply the preset's real
+adapter (peft LoRA or the attn2 selection) and run forward passes that record memory:
+  - training: every tensor autograd saves for the backward pass (split by gradient-checkpoint unit);
+  - inference (sampling, caching): the peak of live tensors while the pass runs under `torch.no_grad()`, tracked by
+    a TorchDispatchMode that sees every allocation and, through weak references, every free.
+Attention runs as PyTorch's memory-efficient SDPA kernel (what a T4 uses): q, k, v, output and log-sum-exp, never
+the N×N probabilities. `helpers.memory` turns these measurements into the T4 plan.
+"""
+from __future__ import annotations
+
+import copy
+import weakref
+from contextlib import contextmanager
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+GIB = 2**30
+
+# ---------------------------------------------------------------- the real configs
+# Copied from the Hub config.json files (we may not download them): stable-diffusion-v1-5/stable-diffusion-v1-5
+# unet/config.json, stabilityai/stable-diffusion-xl-base-1.0 unet/config.json, vae/config.json (identical layout in
+# both and in madebyollin/sdxl-vae-fp16-fix, whose sample_size 512 sets diffusers' VAE tile to 512 px),
+# text_encoder/config.json (openai/clip-vit-large-patch14's text tower, in both pipelines) and SDXL's
+# text_encoder_2/config.json (OpenCLIP ViT-bigG/14 text tower + projection).
+SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, act_fn="silu",
+                 block_out_channels=(320, 640, 1280, 1280), attention_head_dim=8, cross_attention_dim=768,
+                 down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, norm_num_groups=32, norm_eps=1e-5,
+                 center_input_sample=False, downsample_padding=1, flip_sin_to_cos=True, freq_shift=0,
+                 mid_block_scale_factor=1)
+SDXL_UNET = dict(sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, act_fn="silu",
+                 block_out_channels=(320, 640, 1280), transformer_layers_per_block=(1, 2, 10),
+                 attention_head_dim=(5, 10, 20), cross_attention_dim=2048, use_linear_projection=True,
+                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                 addition_embed_type="text_time", addition_time_embed_dim=256,
+                 projection_class_embeddings_input_dim=2816, norm_num_groups=32, norm_eps=1e-5,
+                 flip_sin_to_cos=True, freq_shift=0, downsample_padding=1, mid_block_scale_factor=1)
+SD_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
+              layers_per_block=2, act_fn="silu", norm_num_groups=32, sample_size=512,
+              down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+CLIP_L14_TEXT = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                     num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768)
+OPENCLIP_BIGG_TEXT = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                          num_attention_heads=20, max_position_embeddings=77, hidden_act="gelu", projection_dim=1280)
+CLIP_L14_VISION = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                       image_size=224, patch_size=14, hidden_act="quick_gelu", projection_dim=768)
+TEXT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")  # as the diffusers LoRA scripts adapt CLIP
+TOKENS = 77  # CLIP context length: every caption is padded to it
+
+
+def _check_family(family: str) -> None:
+    if family not in ("sd15", "sdxl"):
+        raise ValueError(f"unknown model family {family!r}; choose 'sd15' or 'sdxl'")
+
+
+def full_size_unet(family: str):
+    """The real SD1.5 or SDXL-base UNet, weightless (meta device)."""
+    from diffusers import UNet2DConditionModel
+    _check_family(family)
+    with torch.device("meta"):
+        return UNet2DConditionModel(**(SD15_UNET if family == "sd15" else SDXL_UNET))
+
+
+def full_size_text_encoders(family: str) -> list:
+    """CLIP ViT-L/14 text encoder (both families) and, for SDXL, OpenCLIP bigG text encoder with projection."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    _check_family(family)
+    with torch.device("meta"):
+        encoders = [CLIPTextModel(CLIPTextConfig(**CLIP_L14_TEXT))]
+        if family == "sdxl":
+            encoders.append(CLIPTextModelWithProjection(CLIPTextConfig(**OPENCLIP_BIGG_TEXT)))
+    return encoders
+
+
+def full_size_vae():
+    from diffusers import AutoencoderKL
+    with torch.device("meta"):
+        return AutoencoderKL(**SD_VAE)
+
+
+def full_size_clip():
+    """openai/clip-vit-large-patch14 (vision + text towers), the prior's embedding model."""
+    from transformers import CLIPConfig, CLIPModel
+    with torch.device("meta"):
+        return CLIPModel(CLIPConfig(text_config=CLIP_L14_TEXT, vision_config=CLIP_L14_VISION, projection_dim=768))
+
+
+def latent_factor() -> int:
+    """Pixels per latent pixel of the SD VAE, by the one rule of `helpers.models` (no hard-coded 8)."""
+    from .models import vae_scale_factor
+    return vae_scale_factor(full_size_vae().config)
+
+
+def _count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+@lru_cache(maxsize=None)
+def _parameter_counts(family: str) -> tuple[tuple[str, int], ...]:
+    counts = [("unet", _count(full_size_unet(family))), ("vae", _count(full_size_vae()))]
+    for i, enc in enumerate(full_size_text_encoders(family)):
+        counts.append(("text_encoder" + (f"_{i + 1}" if i else ""), _count(enc)))
+    return tuple(counts)
+
+
+def parameter_counts(family: str) -> dict[str, int]:
+    """Exact parameter count of each component of the real pipeline: unet, vae, text_encoder(, text_encoder_2)."""
+    return dict(_parameter_counts(family))
+
+
+# ---------------------------------------------------------------- what trains
+
+def crossattn_parameter_count(unet: torch.nn.Module) -> int:
+    """Parameters of every cross-attention module (names ending in "attn2": to_q/k/v/out of text conditioning)."""
+    return sum(_count(module) for name, module in unet.named_modules() if name.endswith("attn2"))
+
+
+def _add_lora(model: torch.nn.Module, rank: int, targets, dropout: float = 0.0) -> torch.nn.Module:
+    from peft import LoraConfig, inject_adapter_in_model
+    config = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=dropout, target_modules=list(targets))
+    return inject_adapter_in_model(config, model)
+
+
+def lora_tensor_sizes(model: torch.nn.Module) -> list[int]:
+    return [p.numel() for name, p in model.named_parameters() if "lora_" in name]
+
+
+def lora_parameter_count(unet: torch.nn.Module, rank: int, targets) -> int:
+    """LoRA parameters peft adds for `LoraConfig(r=rank, target_modules=targets)`: peft is applied to a copy of the
+    model (meta or real), so `unet` itself is left untouched. Each adapted Linear(in, out) adds rank × (in + out)."""
+    if rank < 1 or not targets:
+        raise ValueError(f"LoRA needs rank >= 1 and at least one target module (got {rank}, {targets!r})")
+    return sum(lora_tensor_sizes(_add_lora(copy.deepcopy(unet), rank, targets)))
+
+
+def make_trainable(unet: torch.nn.Module, method: str, rank: int, targets, dropout: float) -> list[int]:
+    """Freeze `unet` and unfreeze (adding LoRA if needed) what `method` trains; returns each trainable tensor's size."""
+    unet.requires_grad_(False)
+    if method == "crossattn":
+        for name, module in unet.named_modules():
+            if name.endswith("attn2"):
+                module.requires_grad_(True)
+    elif method in ("lora", "prior"):  # prior: its UNet side is a LoRA (the prior network itself is not counted)
+        _add_lora(unet, rank, targets, dropout)
+        for name, p in unet.named_parameters():
+            p.requires_grad_("lora_" in name)
+    elif method == "full":  # not a preset method; checks the model against full fine-tune reports
+        unet.requires_grad_(True)
+    else:
+        raise ValueError(f"unknown training method {method!r}; known: crossattn, lora, prior, full")
+    return [p.numel() for p in unet.parameters() if p.requires_grad]
+
+
+@lru_cache(maxsize=None)
+def text_lora_sizes(family: str, rank: int) -> tuple[int, ...]:
+    """Sizes of the LoRA tensors on the text encoder(s) when `train_text_encoder` is on."""
+    return tuple(n for e in full_size_text_encoders(family) for n in lora_tensor_sizes(_add_lora(e, rank,
+                                                                                                 TEXT_LORA_TARGETS)))
+
+
+# ---------------------------------------------------------------- attention as the T4 runs it
+
+class _FusedAttentionCost(torch.autograd.Function):
+    """Saves for backward exactly what the memory-efficient SDPA kernel saves: q, k, v, output, log-sum-exp."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True)[:2]
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError("memory measurement only")
+
+
+@contextmanager
+def _efficient_attention():
+    """Route diffusers' `F.scaled_dot_product_attention` (UNet and VAE) to the memory-efficient kernel. Meta only."""
+    original = F.scaled_dot_product_attention
+
+    def sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, **kwargs):
+        if q.device.type != "meta":
+            raise RuntimeError("memory measurement runs on the meta device only")
+        if attn_mask is not None or is_causal:  # CLIP's causal 77-token attention: tiny either way
+            return original(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, **kwargs)
+        if torch.is_grad_enabled():
+            return _FusedAttentionCost.apply(q, k, v)
+        return torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, False)[0]
+
+    F.scaled_dot_product_attention = sdpa
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = original
+
+
+def _storages(module: torch.nn.Module) -> set[int]:
+    return {t.untyped_storage()._cdata for t in [*module.parameters(), *module.buffers()]}
+
+
+# ---------------------------------------------------------------- training: saved activations
+
+def _unet_inputs(unet, family: str, resolution: int, batch: int, dtype: torch.dtype):
+    size = resolution // latent_factor()
+    with torch.device("meta"):
+        latents = torch.randn(batch, unet.config.in_channels, size, size, dtype=dtype)
+        context = torch.randn(batch, TOKENS, unet.config.cross_attention_dim, dtype=dtype)
+        extra = {}
+        if family == "sdxl":
+            extra["added_cond_kwargs"] = {"text_embeds": torch.randn(batch, 1280, dtype=dtype),
+                                          "time_ids": torch.randn(batch, 6, dtype=dtype)}
+        timesteps = torch.full((batch,), 500)
+    return (latents, timesteps, context), extra
+
+
+@lru_cache(maxsize=None)
+def measure_training(family: str, method: str, rank: int, targets: tuple, dropout: float, resolution: int,
+                     batch: int, fp16: bool) -> tuple[tuple[int, ...], int, int]:
+    """(trainable tensor sizes, saved bytes without checkpointing, saved bytes with diffusers' checkpointing)."""
+    unet = full_size_unet(family)
+    sizes = make_trainable(unet, method, rank, targets, dropout)
+    unet = unet.half() if fp16 else unet  # keeps requires_grad: frozen layers save less (no weight grads)
+    unet.train()  # dropout masks (LoRA dropout) are saved too
+    weights = _storages(unet)  # saved weights are not activations
+
+    # Saved tensors are keyed by storage (views share one), split by checkpoint unit. Diffusers calls the
+    # checkpoint function on every unit it checkpoints (each resnet and transformer block); ours runs it normally
+    # and notes which unit is active, so one pass yields both the plain and the checkpointed footprint.
+    outside, inputs, units, current = {}, {}, [], [None]
+
+    def keep(store, tensor):
+        storage = tensor.untyped_storage()
+        if storage._cdata not in weights:
+            store[storage._cdata] = storage  # holding it keeps the key unique
+
+    def pack(tensor):
+        keep(outside if current[0] is None else current[0], tensor)
+        return tensor
+
+    def checkpoint_unit(module, *args):
+        for a in args:
+            if isinstance(a, torch.Tensor):
+                keep(inputs, a)  # a checkpoint keeps its inputs alive to recompute from them
+        current[0] = {}
+        units.append(current[0])
+        try:
+            return module(*args)
+        finally:
+            current[0] = None
+
+    unet.enable_gradient_checkpointing(gradient_checkpointing_func=checkpoint_unit)
+    args, extra = _unet_inputs(unet, family, resolution, batch, torch.float16 if fp16 else torch.float32)
+    with _efficient_attention(), torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        unet(*args, **extra)
+
+    def nbytes(*stores):
+        merged = {k: v for store in stores for k, v in store.items()}
+        return sum(s.nbytes() for s in merged.values())
+
+    plain = nbytes(outside, *units)
+    # checkpointed: what runs outside the units + the units' inputs + one unit recomputed during backward
+    checkpointed = nbytes(outside, inputs) + max((nbytes(u) for u in units), default=0)
+    return tuple(sizes), plain, checkpointed
+
+
+# ---------------------------------------------------------------- inference: peak of live tensors
+
+class _LiveBytes(TorchDispatchMode):
+    """Tracks the bytes of every storage an op creates until its last tensor is freed; `peak` is the high mark.
+    Storages of `exclude` (the weights) are not counted."""
+
+    def __init__(self, exclude: set[int]):
+        super().__init__()
+        self.exclude, self.live, self.now, self.peak = exclude, {}, 0, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self._track(t)
+        return out
+
+    def _track(self, t: torch.Tensor) -> None:
+        storage = t.untyped_storage()
+        key = storage._cdata
+        if key in self.exclude:
+            return
+        if key in self.live:
+            self.live[key][1] += 1
+        else:
+            self.live[key] = [storage.nbytes(), 1]
+            self.now += storage.nbytes()
+            self.peak = max(self.peak, self.now)
+        weakref.finalize(t, self._release, key)
+
+    def _release(self, key: int) -> None:
+        entry = self.live.get(key)
+        if entry is not None:
+            entry[1] -= 1
+            if entry[1] == 0:
+                self.now -= entry[0]
+                del self.live[key]
+
+
+def _peak_live(module: torch.nn.Module, run) -> int:
+    tracker = _LiveBytes(_storages(module))
+    with torch.no_grad(), _efficient_attention(), tracker:
+        run()
+    return tracker.peak
+
+
+@lru_cache(maxsize=None)
+def unet_inference_bytes(family: str, resolution: int, batch: int) -> int:
+    """Peak live bytes of one fp16 UNet forward under no_grad (a sampling step: batch = 2 × images for CFG)."""
+    unet = full_size_unet(family).half()
+    args, extra = _unet_inputs(unet, family, resolution, batch, torch.float16)
+    return _peak_live(unet, lambda: unet(*args, **extra))
+
+
+@lru_cache(maxsize=None)
+def vae_decode_bytes(resolution: int, images: int, fp32: bool, tiling: bool) -> int:
+    """Peak live bytes of `vae.decode` of `images` latents (one call: with slicing diffusers passes 1 at a time);
+    with `tiling`, diffusers' own tiled_decode decides whether and how to tile (tiles of config.sample_size px)."""
+    vae = full_size_vae()
+    vae = vae if fp32 else vae.half()
+    if tiling:
+        vae.enable_tiling()
+    size = resolution // latent_factor()
+    z = torch.randn(images, vae.config.latent_channels, size, size, device="meta",
+                    dtype=torch.float32 if fp32 else torch.float16)
+    return _peak_live(vae, lambda: vae.decode(z))
+
+
+@lru_cache(maxsize=None)
+def vae_encode_bytes(resolution: int, images: int, fp32: bool) -> int:
+    """Peak live bytes of `vae.encode` of a batch of images (the latent cache is built in such batches)."""
+    vae = full_size_vae()
+    vae = vae if fp32 else vae.half()
+    x = torch.randn(images, vae.config.in_channels, resolution, resolution, device="meta",
+                    dtype=torch.float32 if fp32 else torch.float16)
+    return _peak_live(vae, lambda: vae.encode(x))
+
+
+@lru_cache(maxsize=None)
+def text_encode_bytes(family: str, captions: int) -> int:
+    """Peak live bytes of encoding `captions` prompts with every text encoder (hidden states kept, as SDXL needs)."""
+    peak = 0
+    for encoder in full_size_text_encoders(family):
+        encoder = encoder.half()
+        ids = torch.zeros(captions, TOKENS, dtype=torch.long, device="meta")
+        peak = max(peak, _peak_live(encoder, lambda: encoder(ids, output_hidden_states=True)))
+    return peak
+
+
+__all__ = ["full_size_unet", "full_size_text_encoders", "full_size_vae", "full_size_clip", "parameter_counts",
+           "crossattn_parameter_count", "lora_parameter_count", "make_trainable", "text_lora_sizes",
+           "measure_training", "unet_inference_bytes", "vae_decode_bytes", "vae_encode_bytes", "text_encode_bytes",
+           "latent_factor", "GIB"]
