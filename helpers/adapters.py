@@ -81,6 +81,13 @@ class CrossAttention(Method):
     name = "crossattn"
 
     def setup(self, c: Components) -> None:
+        # A second Trainer on the same components (re-running a notebook cell after a stop) starts from the base
+        # attn2 weights again, not from what the stopped run left in place: resume then loads the checkpoint.
+        attn2 = {n: p for n, p in c.unet.named_parameters() if ".attn2." in n}
+        base = c.pristine.setdefault(self.name, {n: p.detach().to("cpu", copy=True) for n, p in attn2.items()})
+        with torch.no_grad():
+            for name, p in attn2.items():
+                p.data = base[name].to(p.device, copy=True)  # never share storage with the snapshot
         c.unet.requires_grad_(False)
         for name, module in c.unet.named_modules():
             if name.endswith("attn2"):
@@ -111,6 +118,19 @@ def load_crossattn_weights(unet: torch.nn.Module, path: str | Path) -> None:
             params[name].copy_(tensor.to(params[name].dtype))
 
 
+def _remove_adapter(module: torch.nn.Module, name: str = "default") -> None:
+    if name in (getattr(module, "peft_config", None) or {}):
+        delete = getattr(module, "delete_adapters", None) or module.delete_adapter  # diffusers / transformers
+        delete(name)
+
+
+def _fresh_adapter(module: torch.nn.Module, config) -> None:
+    """Add the LoRA adapter, replacing one a stopped run left behind (re-running a cell in the same kernel would
+    otherwise fail with "Adapter with name default already exists")."""
+    _remove_adapter(module)
+    module.add_adapter(config)
+
+
 class Lora(Method):
     """peft LoRA on the UNet attention projections; text-encoder LoRA when preset.train_text_encoder."""
     name = "lora"
@@ -128,13 +148,16 @@ class Lora(Method):
 
     def setup(self, c: Components) -> None:
         c.unet.requires_grad_(False)
-        c.unet.add_adapter(self._config(self.preset.lora_targets))
+        _fresh_adapter(c.unet, self._config(self.preset.lora_targets))
         modules = [c.unet]
+        for enc in c.text_encoders:  # an adapter a stopped run left on a text encoder goes either way
+            _remove_adapter(enc)
         if self.trains_text_encoder:
             if not c.text_encoders:
                 raise ValueError("train_text_encoder needs the text encoders loaded")
             for enc in c.text_encoders:
-                enc.add_adapter(self._config(("q_proj", "k_proj", "v_proj", "out_proj")))
+                enc.requires_grad_(False)
+                _fresh_adapter(enc, self._config(("q_proj", "k_proj", "v_proj", "out_proj")))
             modules += c.text_encoders
         _cast_trainable_fp32(modules)
 

@@ -37,6 +37,10 @@ HELD_OUT_TEMPLATES = ("a painting of a {label}", "a pixelated photo of the {labe
 CIFAR10_CLASSES = tiny.CIFAR10_CLASSES
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 CACHE_VERSION = 1  # bump when the cache layout or its contents change
+# The latent cache is built in batches of max(1, CACHE_ENCODE_PIXELS // px²) images (256 px: 16, 1024 px: 1):
+# UNet and text encoders are resident while caching, and 32 images at 256 px would not leave SDXL 1 GiB to spare
+# on a T4 (helpers.memory models this phase with the same constant).
+CACHE_ENCODE_PIXELS = 16 * 256**2
 
 
 # ---------------------------------------------------------------- small helpers
@@ -363,8 +367,8 @@ def cached(name: str, fields: dict, count: int, build, root: Path) -> tuple[dict
 def encode_latents(records: list[Record], transform: TrainTransform, vae, batch_size: int = 8) -> dict:
     """VAE distribution parameters (fp16 on disk) of every centre-cropped image, and of its mirror image when
     the transform flips, plus the size/crop conditioning of each."""
-    from .models import encode_images
-    n, r = len(records), transform.resolution // 8
+    from .models import encode_images, vae_scale_factor
+    n, r = len(records), transform.resolution // vae_scale_factor(vae.config)
     out = {"latent_params": torch.empty(n, 8, r, r, dtype=torch.float16),
            "original_size": torch.empty(n, 2, dtype=torch.long), "crop_top_left": torch.empty(n, 2, dtype=torch.long)}
     if transform.random_flip:
@@ -492,7 +496,7 @@ def prepare_dataset(preset: Preset, components, report: ValidationReport | None 
         vae = components.vae
         fields = dict(identity, vae=_ref_fingerprint(components.vae_ref), vae_dtype=str(vae.dtype),
                       transform=transform.params())
-        batch = encode_batch_size or max(1, 32 * 256 ** 2 // preset.resolution ** 2)  # 256 px: 32, 1024 px: 2
+        batch = encode_batch_size or max(1, CACHE_ENCODE_PIXELS // preset.resolution ** 2)
         latents, status["latents"], dirs["latents"] = cached(
             "latents", fields, len(records), lambda: encode_latents(records, transform, vae, batch), root)
     if preset.cache_text and not preset.train_text_encoder:  # a trained text encoder changes the embeddings

@@ -23,6 +23,7 @@ from .memory_meta import (GIB, crossattn_parameter_count, full_size_clip, full_s
                           full_size_unet, full_size_vae, lora_parameter_count, measure_training, parameter_counts,
                           text_encode_bytes, text_lora_sizes, unet_inference_bytes, vae_decode_bytes,
                           vae_encode_bytes)
+from .data import CACHE_ENCODE_PIXELS
 from .presets import SD15, SDXL, SDXL_VAE_FIX, Preset, get_preset
 
 T4_USABLE_GIB = 14.74  # what torch reports as a Colab T4's "total capacity" (16 GB board, ECC and reserve off)
@@ -47,7 +48,6 @@ TORCH_SAVE_ENTRY_BYTES = 800  # optimizer.pt: pickle + zip record per parameter'
 SMALL_FILES_BYTES = 18_000  # state.pt (RNG states ≈ 12 KB, scheduler, scaler) + meta.json + manifest.json
 VAE_FORCE_UPCAST = {SD15: False, SDXL: True, SDXL_VAE_FIX: False}  # force_upcast in each VAE's config.json
 HAS_FP16_VARIANT = {SD15: True, SDXL: True, SDXL_VAE_FIX: False}  # *.fp16.safetensors in the Hub repo
-CACHE_ENCODE_PIXELS = 32 * 256**2  # helpers.data builds the latent cache in batches of max(1, this // px²) images
 
 
 def _gib(n_bytes: float) -> float:

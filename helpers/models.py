@@ -4,10 +4,12 @@ caches (helpers.train) call the same functions, so cached and uncached runs cond
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 
+from .precision import Precision, precision_for
 from .presets import Preset
 from .tiny import resolve
 
@@ -23,46 +25,90 @@ class Components:
     noise_scheduler: object = None  # DDPMScheduler with the base model's training config
     model_ref: str = ""  # what was loaded (Hub id or folder), for cache keys and manifests
     vae_ref: str = ""
+    pristine: dict = field(default_factory=dict)  # original weights a method overwrites in place (CPU copies)
 
 
 def weight_dtype_for(preset: Preset, device: torch.device) -> torch.dtype:
-    """fp16 for frozen weights on CUDA (a T4 has no fast bf16); fp32 on CPU, where fp16 is slow and inexact."""
-    return torch.float16 if (device.type == "cuda" and preset.mixed_precision == "fp16") else torch.float32
+    """dtype of the frozen weights: the one fp16 rule of `helpers.precision` (fp16 on CUDA, fp32 on CPU unless
+    the T4-dtype test mode is on)."""
+    return precision_for(preset.mixed_precision, device).weight_dtype
 
 
-def load_components(preset: Preset, device: torch.device | str = "cpu", with_text_encoders: bool = True
-                    ) -> Components:
-    """Load the UNet, VAE, tokenizers, text encoders and training scheduler of `preset.model` (+ `preset.vae`)."""
+def vae_scale_factor(vae_config) -> int:
+    """Pixels per latent pixel: 2 per down-sampling level of the VAE (8 for SD1.5/SDXL's four-level VAE)."""
+    return 2 ** (len(vae_config.block_out_channels) - 1)
+
+
+def from_pretrained(cls, ref: str, subfolder: str | None, dtype: torch.dtype):
+    """`cls.from_pretrained` in `dtype`; for fp16 the repository's fp16 variant files when it has them (SDXL's UNet
+    is 5.1 GB as fp16 files instead of 10.3 GB in fp32, on a machine with 12.7 GB of RAM), else its plain files."""
+    kwargs = {"subfolder": subfolder} if subfolder else {}
+    if dtype == torch.float16:
+        try:
+            return cls.from_pretrained(ref, variant="fp16", dtype=dtype, **kwargs)
+        except OSError:  # no fp16 variant in this repository/folder (e.g. the fp16-fix VAE): the plain files
+            pass
+    return cls.from_pretrained(ref, dtype=dtype, **kwargs)
+
+
+def _frozen_on(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    module.requires_grad_(False)
+    module.eval()
+    return module.to(device)
+
+
+def load_components(preset: Preset, device: torch.device | str = "cpu", with_text_encoders: bool = True,
+                    precision: Precision | None = None) -> Components:
+    """Load the UNet, VAE, tokenizers, text encoders and training scheduler of `preset.model` (+ `preset.vae`).
+
+    Each module goes to `device` as soon as it is loaded, so host RAM holds one component at a time (Colab has
+    12.7 GB of RAM for a 6.9 GB SDXL pipeline in fp16)."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     device = torch.device(device)
-    dtype = weight_dtype_for(preset, device)
+    precision = precision or precision_for(preset.mixed_precision, device)
+    dtype = precision.weight_dtype
     model = resolve(preset.model)
     vae_ref, vae_sub = (resolve(preset.vae), None) if preset.vae else (model, "vae")
-    # The stock SDXL VAE overflows to NaN in fp16 (its config says force_upcast); the fp16-fix VAE does not.
     force_upcast = AutoencoderKL.load_config(vae_ref, subfolder=vae_sub).get("force_upcast", False)
-    vae_dtype = torch.float32 if (preset.vae_fp32 or force_upcast) else dtype
-    vae = AutoencoderKL.from_pretrained(vae_ref, subfolder=vae_sub, dtype=vae_dtype)
-    unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", dtype=dtype)
+    vae_dtype = precision.vae_dtype(force_upcast, preset.vae_fp32)
+    unet = _frozen_on(from_pretrained(UNet2DConditionModel, model, "unet", dtype), device)
+    vae = _frozen_on(from_pretrained(AutoencoderKL, vae_ref, vae_sub, vae_dtype), device)
     tokenizers, encoders = [CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")], []
     if preset.family == "sdxl":
         tokenizers.append(CLIPTokenizer.from_pretrained(model, subfolder="tokenizer_2"))
     if with_text_encoders:
-        encoders.append(CLIPTextModel.from_pretrained(model, subfolder="text_encoder", dtype=dtype))
+        encoders.append(_frozen_on(from_pretrained(CLIPTextModel, model, "text_encoder", dtype), device))
         if preset.family == "sdxl":
-            encoders.append(CLIPTextModelWithProjection.from_pretrained(model, subfolder="text_encoder_2",
-                                                                        dtype=dtype))
-    for module in [unet, vae, *encoders]:
-        module.requires_grad_(False)
-        module.eval()
-    unet.to(device)
-    vae.to(device)
-    for enc in encoders:
-        enc.to(device)
+            encoders.append(_frozen_on(from_pretrained(CLIPTextModelWithProjection, model, "text_encoder_2", dtype),
+                                       device))
     scheduler = DDPMScheduler.from_pretrained(model, subfolder="scheduler")
     return Components(preset.family, unet, vae, tokenizers, encoders, scheduler, preset.model,
                       preset.vae or preset.model)
+
+
+@contextmanager
+def on_device(modules: list, device: torch.device):
+    """Move `modules` to `device` for the duration (e.g. the VAE and text encoders for sampling), then back to
+    where each one was; on CUDA the freed blocks are released, so training gets its memory back."""
+    homes = [(m, next(m.parameters()).device) for m in modules if m is not None]
+    try:
+        for module, _ in homes:
+            module.to(device)
+        yield
+    finally:
+        for module, home in homes:
+            module.to(home)
+        release_cuda_cache()
+
+
+def release_cuda_cache() -> None:
+    """Return cached, unused CUDA blocks (after sampling or a stopped run), so the next phase can use them."""
+    import gc
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:

@@ -71,6 +71,15 @@ def precision_for(mixed_precision: str = "fp16", device: torch.device | str | No
     return Precision(device, fp16)
 
 
+def autocast_for(module: torch.nn.Module):
+    """fp16 autocast on the module's device when it holds fp16 weights (fp32 trained layers inside an fp16 UNet
+    need it at inference too); a no-op context for an fp32 module."""
+    params = list(module.parameters())
+    fp16 = any(p.dtype == torch.float16 for p in params)
+    device = params[0].device if params else torch.device("cpu")
+    return torch.autocast(device.type, dtype=torch.float16, enabled=fp16)
+
+
 def cuda_fork_devices(device: torch.device) -> list[int]:
     """The CUDA device indices `torch.random.fork_rng(devices=...)` must fork for `device`.
 
@@ -89,4 +98,5 @@ def forked_rng(device: torch.device):
     return torch.random.fork_rng(devices=cuda_fork_devices(device))
 
 
-__all__ = ["Precision", "precision_for", "t4_dtypes_requested", "cuda_fork_devices", "forked_rng", "T4_DTYPES_ENV"]
+__all__ = ["Precision", "precision_for", "t4_dtypes_requested", "cuda_fork_devices", "forked_rng", "autocast_for",
+           "T4_DTYPES_ENV"]

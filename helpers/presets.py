@@ -18,7 +18,7 @@ class Preset:
     dataset: str  # source kind: "cifar10", "naruto" or "folder" (helpers.data)
     dataset_ref: str  # Hub dataset id or a local image folder ("tiny/<name>" for generated data)
     method: str  # what trains: "crossattn" (UNet attn2 only), "lora" (peft LoRA), "prior" (later issue)
-    resolution: int  # square training size in pixels; latents are resolution / 8
+    resolution: int  # square training size in pixels; latents are resolution / the VAE's factor (8 for SD)
     batch_size: int  # images per forward pass
     grad_accum: int  # forward passes per optimizer step; images/step = batch_size × grad_accum
     max_steps: int  # optimizer steps
@@ -55,10 +55,6 @@ class Preset:
     @property
     def images_per_step(self) -> int:
         return self.batch_size * self.grad_accum
-
-    @property
-    def latent_size(self) -> int:
-        return self.resolution // 8
 
 
 CIFAR_PROMPTS = ("a photo of a cat", "a photo of a ship", "a photo of an airplane", "a photo of a frog")
@@ -139,9 +135,22 @@ PRESETS: dict[str, dict[str, Preset]] = {
     },
 }
 
+# Values a preset needs when trained with another method than its own (notebook 02's METHOD switch). A LoRA update
+# starts at zero and has rank-limited reach, so it needs ~10× the learning rate of training the full attn2 weights:
+# diffusers' train_text_to_image_lora.py uses 1e-4 where full-weight fine-tunes use 1e-5.
+METHOD_VALUES: dict[str, dict[str, dict[str, dict]]] = {
+    "sd15_xattn_cifar10": {
+        "lora": {"t4": dict(learning_rate=1e-4, lora_rank=16, lora_alpha=16),
+                 "tiny": dict(learning_rate=5e-3, lora_rank=8, lora_alpha=8)},
+    },
+}
+
 
 def get_preset(name: str, profile: str, **overrides) -> Preset:
-    """The preset `name` in `profile`, with optional field overrides (e.g. method="lora", max_steps=10)."""
+    """The preset `name` in `profile`, with optional field overrides (e.g. method="lora", max_steps=10).
+
+    A `method` other than the preset's own brings that method's values from METHOD_VALUES (learning rate, rank);
+    explicit overrides win over both."""
     if name not in PRESETS:
         raise KeyError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
     if profile not in PROFILES:
@@ -149,7 +158,10 @@ def get_preset(name: str, profile: str, **overrides) -> Preset:
     unknown = set(overrides) - set(Preset.__dataclass_fields__)
     if unknown:
         raise TypeError(f"unknown preset fields {sorted(unknown)}")
-    return replace(PRESETS[name][profile], **overrides)
+    base = PRESETS[name][profile]
+    method = overrides.get("method", base.method)
+    method_values = METHOD_VALUES.get(name, {}).get(method, {}).get(profile, {}) if method != base.method else {}
+    return replace(base, **{**method_values, **overrides})
 
 
 def runtime_verdict(preset: Preset, vram_gb: float, has_cuda: bool) -> str:

@@ -13,11 +13,17 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
+from .precision import autocast_for
 from .presets import Preset
 from .runtime import device as default_device
 from .tiny import resolve
 
 MANIFEST_FIELDS = ("file", "prompt", "seed")
+ONE_AT_A_TIME_PX = 768  # from this size up, one image per pipeline call: 4 × 1024² SDXL images in one fp16 call
+#                         peak ≈ 21.7 GB (≈ 15.4 GB with VAE slicing), more than a T4's 14.74 GiB
+MAX_IMAGES_PER_CALL = 4  # below it, up to 4 prompts per call (classifier-free guidance doubles the UNet batch)
+VAE_TILE_PX = 512  # tiled decode in 512 px tiles (the SD/fp16-fix VAE configs' size; the stock SDXL VAE's says 1024,
+#                    which would leave a 1024 px image untiled): helpers.memory models this tile
 
 
 def load_pipeline(preset: Preset, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
@@ -37,29 +43,56 @@ def load_pipeline(preset: Preset, device: torch.device | str | None = None, dtyp
     return pipe.to(device)
 
 
-def cross(prompts: list[str], seeds: list[int]) -> tuple[list[str], list[int]]:
+def images_per_call(height: int, width: int) -> int:
+    """How many images one pipeline call may draw at this size (the memory rule of every generation path)."""
+    return 1 if max(height, width) >= ONE_AT_A_TIME_PX else MAX_IMAGES_PER_CALL
+
+
+def set_vae_memory(pipe, height: int, width: int) -> None:
+    """VAE slicing always (one image decoded at a time: same pixels, lower peak); tiling from ONE_AT_A_TIME_PX up,
+    where a whole-image decode is the largest single allocation of a sampling step."""
+    from .models import vae_scale_factor
+    vae = pipe.vae
+    vae.enable_slicing()
+    if max(height, width) >= ONE_AT_A_TIME_PX:
+        vae.enable_tiling()
+        vae.tile_sample_min_size = VAE_TILE_PX
+        vae.tile_latent_min_size = VAE_TILE_PX // vae_scale_factor(vae.config)
+    else:
+        vae.disable_tiling()
+
+
+def prompt_seed_pairs(prompts: list[str], seeds: list[int]) -> tuple[list[str], list[int]]:
     """Every prompt with every seed, as the aligned lists `generate` takes (prompt-major order)."""
     return [p for p in prompts for _ in seeds], [s for _ in prompts for s in seeds]
 
 
 def generate(pipe, prompts: list[str], seeds: list[int], steps: int, guidance: float = 7.5,
              height: int | None = None, width: int | None = None, out_dir: str | Path | None = None,
-             prefix: str = "", batch_size: int = 4) -> list[Image.Image]:
+             prefix: str = "", batch_size: int = MAX_IMAGES_PER_CALL) -> list[Image.Image]:
     """One image per aligned (prompt, seed) pair. With `out_dir`, saves `{prefix}{i:03d}_seed{seed}.png` and
-    `{prefix}manifest.csv` (file, prompt, seed) there."""
+    `{prefix}manifest.csv` (file, prompt, seed) there.
+
+    At most `images_per_call(height, width)` images per pipeline call, VAE slicing/tiling as `set_vae_memory`
+    says, and fp16 autocast when the UNet holds fp16 weights (trained fp32 layers inside an fp16 UNet)."""
     prompts, seeds = list(prompts), [int(s) for s in seeds]
     if not prompts or len(prompts) != len(seeds):
         raise ValueError(f"need one seed per prompt (got {len(prompts)} prompts, {len(seeds)} seeds); "
-                         "use cross(prompts, seeds) for every combination")
+                         "use prompt_seed_pairs(prompts, seeds) for every combination")
     if batch_size < 1 or steps < 1:
         raise ValueError("batch_size and steps must be >= 1")
+    default = pipe.unet.config.sample_size * pipe.vae_scale_factor  # the pipeline's own default size
+    height, width = height or default, width or default
+    batch_size = min(batch_size, images_per_call(height, width))
+    set_vae_memory(pipe, height, width)
     images: list[Image.Image] = []
     starts = range(0, len(prompts), batch_size)
-    for start in tqdm(starts, desc="generating", disable=len(starts) < 2):
-        chunk = slice(start, start + batch_size)
-        generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds[chunk]]
-        images += pipe(prompt=prompts[chunk], generator=generators, num_inference_steps=steps,
-                       guidance_scale=guidance, height=height, width=width).images
+    with autocast_for(pipe.unet):
+        for start in tqdm(starts, desc="generating", disable=len(starts) < 2):
+            chunk = slice(start, start + batch_size)
+            generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds[chunk]]
+            images += pipe(prompt=prompts[chunk], generator=generators, num_inference_steps=steps,
+                           guidance_scale=guidance, height=height, width=width).images
     if out_dir is not None:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -180,11 +213,9 @@ def template_prompts(labels: list[str], templates: dict[str, tuple[str, ...]], s
 
 def generate_rows(pipe, rows: list[dict], out_dir: str | Path, steps: int, size: int,
                   guidance: float = 7.5) -> list[Image.Image]:
-    """`generate` for evaluation rows, under fp16 autocast on CUDA (trained fp32 layers inside an fp16 UNet)."""
-    device = pipe.unet.device
-    with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
-        return generate(pipe, [r["prompt"] for r in rows], [r["seed"] for r in rows], steps, guidance,
-                        height=size, width=size, out_dir=out_dir)
+    """`generate` for evaluation rows."""
+    return generate(pipe, [r["prompt"] for r in rows], [r["seed"] for r in rows], steps, guidance,
+                    height=size, width=size, out_dir=out_dir)
 
 
 def comparison_grids(baseline: list[Image.Image], tuned: list[Image.Image], rows: list[dict],

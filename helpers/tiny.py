@@ -23,7 +23,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from .runtime import REPO_ROOT
 
 TOKENIZER_DIR = Path(__file__).resolve().parent / "assets" / "tiny_clip_tokenizer"
-BUILD_VERSION = "2"  # bump when a builder changes so stale folders are rebuilt
+BUILD_VERSION = "4"  # bump when a builder changes so stale folders are rebuilt
 SEED = 0
 
 # The real SD1.5 / SDXL scheduler configs (scheduler/scheduler_config.json on the Hub), so tiny runs exercise the
@@ -122,6 +122,12 @@ def build_sdxl(path: Path) -> None:
         text_encoder_2=CLIPTextModelWithProjection(_text_config()), tokenizer_2=_tokenizer(), unet=unet,
         scheduler=EulerDiscreteScheduler.from_config(SDXL_SCHEDULER), force_zeros_for_empty_prompt=True)
     pipe.save_pretrained(path)
+    # The real SDXL repository also ships fp16 copies (`variant="fp16"`), which fp16 loading prefers. Only their
+    # weight files are copied: the configs stay those of the fp32 save (transformers reads its dtype from them).
+    with tempfile.TemporaryDirectory(dir=path) as tmp:
+        pipe.to(torch.float16).save_pretrained(tmp, variant="fp16")
+        for weights in Path(tmp).rglob("*.fp16.safetensors"):
+            shutil.copy(weights, path / weights.relative_to(tmp))
 
 
 def build_sdxl_vae_fp16_fix(path: Path) -> None:

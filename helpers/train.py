@@ -22,9 +22,12 @@ from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
 from .adapters import Method, make_method
-from .models import Components, encode_images, sample_latents
+from .models import Components, encode_images, on_device, release_cuda_cache, sample_latents
+from .precision import Precision, forked_rng, precision_for
 from .presets import Preset
 from .runtime import seed_everything
+
+MAX_CONSECUTIVE_SKIPS = 25  # fp16 overflow skips in a row before we call the gradients broken, not just large
 
 
 class TrainingStopped(RuntimeError):
@@ -42,6 +45,7 @@ class TrainState:
     last_lr: float = 0.0
     last_grad_norm: float = float("nan")
     seconds_per_step: float = float("nan")  # wall time per optimizer step in this session (hooks included)
+    skipped_steps: int = 0  # optimizer steps the fp16 GradScaler skipped (inf/NaN gradients); not counted in `step`
 
 
 # ---------------------------------------------------------------- pieces
@@ -108,12 +112,31 @@ def nan_message(step: int, preset: Preset) -> str:
 
 
 def oom_message(preset: Preset) -> str:
-    return (f"CUDA out of memory; training stopped and the last checkpoint is kept. Lower memory with these preset "
-            f"fields: batch_size={preset.batch_size} (halve it and double grad_accum={preset.grad_accum} to keep "
-            f"{preset.images_per_step} images/step), resolution={preset.resolution}, gradient_checkpointing="
-            f"{preset.gradient_checkpointing} (turn on), cache_latents={preset.cache_latents} and cache_text="
-            f"{preset.cache_text} (turn on, so the VAE and text encoders can leave the GPU). Then run again: "
-            f"training resumes from the last checkpoint.")
+    offload = []
+    if not preset.cache_latents:
+        offload.append(f"cache_latents={preset.cache_latents} (turn on: the VAE then leaves the GPU)")
+    if not preset.cache_text or preset.train_text_encoder:
+        offload.append(f"cache_text={preset.cache_text}, train_text_encoder={preset.train_text_encoder} (cached "
+                       f"text without a trained text encoder lets the text encoders leave the GPU)")
+    return (f"CUDA out of memory in a training step; training stopped and the last checkpoint is kept. Lower memory "
+            f"with these preset fields: batch_size={preset.batch_size} (halve it and double grad_accum="
+            f"{preset.grad_accum} to keep {preset.images_per_step} images/step), resolution={preset.resolution}"
+            + ("" if preset.gradient_checkpointing else ", gradient_checkpointing=False (turn on)")
+            + "".join(", " + o for o in offload) + ". Then run again: training resumes from the last checkpoint.")
+
+
+def sampling_oom_message(preset: Preset, step: int) -> str:
+    return (f"CUDA out of memory while drawing the sample images of step {step}, not in training: the checkpoint of "
+            f"this step is already safe. Sampling at {preset.resolution} px needs the VAE and text encoders back on "
+            f"the GPU next to the training state. Set sample_every=0 (no samples during training; generate after it "
+            f"in the evaluation cells) or fewer sample_prompts, then run again: training resumes from the checkpoint.")
+
+
+def skipped_message(preset: Preset, step: int, scale: float) -> str:
+    return (f"the fp16 gradients were inf/NaN in {MAX_CONSECUTIVE_SKIPS} optimizer steps in a row after step {step} "
+            f"(loss scale now {scale:g}): not an fp16 overflow but broken gradients. Likely causes: a learning rate "
+            f"too high (now {preset.learning_rate:g}), the VAE overflowing in fp16 (use the fp16-fix VAE or "
+            f"vae_fp32=True), or broken data. Training stopped; the last good checkpoint is kept.")
 
 
 # ---------------------------------------------------------------- the loop
@@ -122,14 +145,18 @@ class Trainer:
     """Train `components` on `dataset` as `preset` says, into `run_dir`, resuming if it has a checkpoint."""
 
     def __init__(self, preset: Preset, components: Components, dataset, run_dir: Path,
-                 method: Method | None = None, hooks: list | None = None, accelerator=None):
+                 method: Method | None = None, hooks: list | None = None, accelerator=None,
+                 precision: Precision | None = None, loss_scale: float = 2.0**16):
         from accelerate import Accelerator
         self.preset, self.c, self.dataset, self.run_dir = preset, components, dataset, Path(run_dir)
         self.method = method or make_method(preset)
         self.hooks = list(hooks) if hooks is not None else default_hooks(preset)
-        mixed = preset.mixed_precision if torch.cuda.is_available() else "no"
-        self.accelerator = accelerator or Accelerator(mixed_precision=mixed,
+        # Mixed precision is ours, not accelerate's: accelerate silently turns fp16 off on a CPU, and the T4-dtype
+        # test mode must run the very autocast + GradScaler code a T4 runs (helpers.precision).
+        self.accelerator = accelerator or Accelerator(mixed_precision="no",
                                                       gradient_accumulation_steps=preset.grad_accum)
+        self.precision = precision or precision_for(preset.mixed_precision, self.accelerator.device)
+        self.loss_scale = loss_scale  # GradScaler's initial scale (fp16 only)
         self.state = TrainState()
         self.run_dir.mkdir(parents=True, exist_ok=True)
 
@@ -143,28 +170,50 @@ class Trainer:
         self.trainable = self.method.trainable_parameters(c)
         if not self.trainable:
             raise ValueError(f"method {self.method.name!r} left no parameter trainable")
-        optimizer = make_optimizer(list(self.trainable.values()), p, acc.device)
-        self.lr_scheduler = make_lr_scheduler(optimizer, p)
-        self.unet, self.optimizer = acc.prepare(c.unet, optimizer)
+        self.optimizer = make_optimizer(list(self.trainable.values()), p, acc.device)
+        self.lr_scheduler = make_lr_scheduler(self.optimizer, p)
+        self.scaler = self.precision.grad_scaler(self.loss_scale)
+        self.unet = acc.prepare(c.unet)
         self.weight_dtype = next(p_ for p_ in c.unet.parameters() if not p_.requires_grad).dtype
+        self._offload_cached_encoders()
         found = ckpt.latest_good(self.run_dir)
         if found is not None:
-            info = ckpt.load_checkpoint(found, self.trainable, self.optimizer.optimizer, self.lr_scheduler,
-                                        acc.scaler)
+            info = ckpt.load_checkpoint(found, self.trainable, self.optimizer, self.lr_scheduler, self.scaler)
+            position = info["position"]
             self.state.step = info["step"]
-            self.state.epoch = info["position"]["epoch"]
-            self.state.batch_in_epoch = info["position"]["batch_in_epoch"]
+            self.state.epoch, self.state.batch_in_epoch = position["epoch"], position["batch_in_epoch"]
+            self.state.skipped_steps = position.get("skipped_steps", 0)
             self.state.resumed_from = found.name
             print(f"resuming from {found.name}: step {self.state.step}, epoch {self.state.epoch}, "
                   f"batch {self.state.batch_in_epoch}")
 
+    def idle_modules(self) -> list[torch.nn.Module]:
+        """Modules a training step never runs: the VAE when latents are cached, the text encoders when text is
+        cached and they do not train."""
+        idle = []
+        if getattr(self.dataset, "latents", None) is not None:
+            idle.append(self.c.vae)
+        if getattr(self.dataset, "text", None) is not None and not self.method.trains_text_encoder:
+            idle += self.c.text_encoders
+        return idle
+
+    def _offload_cached_encoders(self) -> None:
+        """Idle modules leave the GPU (≈ 1.7 GiB for SDXL) and come back only while sampling (SampleHook,
+        helpers.models.on_device). On a CPU there is nowhere else to put them."""
+        if self.accelerator.device.type != "cuda":
+            return
+        for module in self.idle_modules():
+            module.to("cpu")
+        release_cuda_cache()
+
     @property
     def position(self) -> dict:
-        return {"epoch": self.state.epoch, "batch_in_epoch": self.state.batch_in_epoch}
+        return {"epoch": self.state.epoch, "batch_in_epoch": self.state.batch_in_epoch,
+                "skipped_steps": self.state.skipped_steps}
 
     def save_checkpoint(self) -> Path:
-        return ckpt.save_checkpoint(self.run_dir, self.state.step, self.trainable, self.optimizer.optimizer,
-                                    self.lr_scheduler, self.accelerator.scaler, self.position, self.preset,
+        return ckpt.save_checkpoint(self.run_dir, self.state.step, self.trainable, self.optimizer,
+                                    self.lr_scheduler, self.scaler, self.position, self.preset,
                                     keep=self.preset.keep_checkpoints)
 
     # ---- one micro-batch
@@ -185,9 +234,8 @@ class Trainer:
         it has no sampling noise, so before/after values show real progress. Training randomness is untouched."""
         was_training = self.unet.training
         self.unet.eval()
-        devices = [self.accelerator.device.index] if self.accelerator.device.type == "cuda" else []
         losses = []
-        with torch.random.fork_rng(devices=devices), self.accelerator.autocast():
+        with forked_rng(self.accelerator.device), self.precision.autocast():
             for seed in seeds:
                 torch.manual_seed(seed)
                 losses.append(float(self._loss(batch)))
@@ -209,6 +257,27 @@ class Trainer:
             self.state.epoch, self.state.batch_in_epoch = self.state.epoch + 1, 0
 
     # ---- the loop
+    def _micro_step(self, batch: dict) -> float:
+        """Forward and backward of one micro-batch (loss scaled for fp16, divided for accumulation). Its tensors
+        live only in this frame, so an exception raised from here keeps no activations alive."""
+        with self.precision.autocast():
+            loss = self._loss(batch)
+        if not torch.isfinite(loss):
+            raise TrainingStopped(nan_message(self.state.step, self.preset))
+        self.accelerator.backward(self.scaler.scale(loss))
+        return loss.detach().float().item()
+
+    def _optimizer_step(self) -> bool:
+        """Unscale, clip, step. Returns False when the GradScaler skipped the step (inf/NaN fp16 gradients)."""
+        params = list(self.trainable.values())
+        self.scaler.unscale_(self.optimizer)
+        self.state.last_grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.preset.max_grad_norm))
+        scale = self.scaler.get_scale()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return not (self.scaler.is_enabled() and self.scaler.get_scale() < scale)
+
     def run(self) -> TrainState:
         acc, p, st = self.accelerator, self.preset, self.state
         self._setup()
@@ -217,37 +286,46 @@ class Trainer:
             hook.on_start(self)
         micro_losses: list[float] = []
         batches = self._batches()
-        t0, first_step = time.perf_counter(), st.step
+        t0, first_step, skips_in_a_row = time.perf_counter(), st.step, 0
+        stopped = None
         try:
             while st.step < p.max_steps:
                 i, batch = next(batches)
                 with acc.accumulate(self.unet):
-                    loss = self._loss(batch)
-                    if not torch.isfinite(loss):
-                        raise TrainingStopped(nan_message(st.step, p))
-                    acc.backward(loss)
-                    if acc.sync_gradients:
-                        st.last_grad_norm = float(acc.clip_grad_norm_(list(self.trainable.values()),
-                                                                      p.max_grad_norm))
-                    self.optimizer.step()
-                    self.optimizer.zero_grad(set_to_none=True)
-                micro_losses.append(loss.detach().float().item())
+                    micro_losses.append(self._micro_step(batch))
                 st.batch_in_epoch = i + 1
-                if acc.sync_gradients:
-                    self.lr_scheduler.step()
-                    st.step += 1
-                    st.last_loss = sum(micro_losses) / len(micro_losses)
-                    st.last_lr = self.lr_scheduler.get_last_lr()[0]
-                    st.losses.append(st.last_loss)
+                if not acc.sync_gradients:
+                    continue
+                if not self._optimizer_step():  # fp16 overflow: no update, so no step, no LR/warmup spent
+                    st.skipped_steps += 1
+                    skips_in_a_row += 1
+                    self._log_event("skipped", reason="inf/NaN fp16 gradients", loss_scale=self.scaler.get_scale(),
+                                    skipped_steps=st.skipped_steps)
+                    if skips_in_a_row >= MAX_CONSECUTIVE_SKIPS:
+                        raise TrainingStopped(skipped_message(p, st.step, self.scaler.get_scale()))
                     micro_losses = []
-                    for hook in self.hooks:
-                        hook.on_step(self)
-        except torch.OutOfMemoryError as e:
-            self._log_event("stopped", reason="out of memory")
-            raise TrainingStopped(oom_message(p)) from e
+                    continue
+                skips_in_a_row = 0
+                self.lr_scheduler.step()
+                st.step += 1
+                st.last_loss = sum(micro_losses) / len(micro_losses)
+                st.last_lr = self.lr_scheduler.get_last_lr()[0]
+                st.losses.append(st.last_loss)
+                micro_losses = []
+                for hook in self.hooks:
+                    hook.on_step(self)
+        except torch.OutOfMemoryError:
+            stopped = oom_message(p)
         except TrainingStopped as e:
-            self._log_event("stopped", reason=str(e))
-            raise
+            stopped = str(e)
+        if stopped is not None:
+            # Raised outside the handler, so the new exception chains to nothing: a notebook that keeps it (as
+            # sys.last_value) holds no frame with activations or gradients, and a re-run gets its memory back.
+            batch = batches = None
+            self.optimizer.zero_grad(set_to_none=True)
+            release_cuda_cache()
+            self._log_event("stopped", reason=stopped.split(";")[0])
+            raise TrainingStopped(stopped)
         if st.step > first_step:
             st.seconds_per_step = (time.perf_counter() - t0) / (st.step - first_step)
         for hook in self.hooks:
@@ -288,7 +366,9 @@ class LogHook(Hook):
 
     def on_start(self, t: Trainer) -> None:
         path = t.run_dir / "log.jsonl"
-        kept = [r for r in read_log(t.run_dir) if r.get("step", 0) <= t.state.step and "loss" in r]
+        # Rows up to the resumed checkpoint stay; events logged after it (at its step or later) are replayed.
+        kept = [r for r in read_log(t.run_dir)
+                if ("loss" in r and r.get("step", 0) <= t.state.step) or r.get("step", 0) < t.state.step]
         tmp = path.with_suffix(".tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
         tmp.replace(path)
@@ -298,10 +378,13 @@ class LogHook(Hook):
     def on_step(self, t: Trainer) -> None:
         st = t.state
         row = {"step": st.step, "loss": st.last_loss, "lr": st.last_lr, "grad_norm": st.last_grad_norm,
-               "epoch": st.epoch, "time": round(time.perf_counter() - self.t0, 3)}
+               "epoch": st.epoch, "skipped_steps": st.skipped_steps, "time": round(time.perf_counter() - self.t0, 3)}
         with open(t.run_dir / "log.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
-        self.bar.set_postfix(loss=f"{st.last_loss:.4f}", lr=f"{st.last_lr:.2e}")
+        postfix = dict(loss=f"{st.last_loss:.4f}", lr=f"{st.last_lr:.2e}")
+        if st.skipped_steps:
+            postfix["fp16_skipped"] = st.skipped_steps
+        self.bar.set_postfix(postfix)
         self.bar.update(1)
 
     def on_end(self, t: Trainer) -> None:
@@ -341,18 +424,29 @@ class SampleHook(Hook):
             self.sample(t)
 
     def sample(self, t: Trainer) -> Path | None:
+        """Sample images under a forked RNG. The VAE and text encoders come back to the GPU only for this (the
+        training state stays resident); at ≥ 768 px images are drawn one at a time with VAE slicing/tiling."""
         from .models import pipeline_from_components
-        from .sampling import cross, generate, image_grid
+        from .sampling import generate, image_grid, prompt_seed_pairs
         if not t.preset.sample_prompts or not t.c.text_encoders:
             return None
-        prompts, seeds = cross(list(t.preset.sample_prompts), list(self.seeds))
-        devices = [t.accelerator.device.index] if t.accelerator.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices), t.accelerator.autocast():
-            t.unet.eval()
-            pipe = pipeline_from_components(t.c, t.accelerator.unwrap_model(t.unet))
-            images = generate(pipe, prompts, seeds, steps=t.preset.sample_steps, height=t.preset.resolution,
-                              width=t.preset.resolution)
+        prompts, seeds = prompt_seed_pairs(list(t.preset.sample_prompts), list(self.seeds))
+        device = t.accelerator.device
+        release_cuda_cache()  # the last step's activations and gradients are gone: give their blocks back
+        try:
+            with forked_rng(device), on_device([*t.c.text_encoders, t.c.vae], device):
+                t.unet.eval()
+                pipe = pipeline_from_components(t.c, t.accelerator.unwrap_model(t.unet))
+                images = generate(pipe, prompts, seeds, steps=t.preset.sample_steps, height=t.preset.resolution,
+                                  width=t.preset.resolution)
+        except torch.OutOfMemoryError:
+            oom = True
+        else:
+            oom = False
+        finally:
             t.unet.train()
+        if oom:  # raised outside the handler: the exception keeps no sampling tensors alive
+            raise TrainingStopped(sampling_oom_message(t.preset, t.state.step))
         path = t.run_dir / "samples" / f"step-{t.state.step:06d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         grid = image_grid(images, rows=1, cols=len(images), labels=prompts, title=f"step {t.state.step}")

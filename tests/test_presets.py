@@ -60,3 +60,18 @@ def test_verdicts():
     assert "OK" in presets.runtime_verdict(t4, 15.0, True)
     assert "too little" in presets.runtime_verdict(t4, 8.0, True)
     assert "none here" in presets.runtime_verdict(t4, 0.0, False)
+
+
+def test_another_method_brings_its_own_learning_rate_and_rank():
+    """Notebook 02's METHOD="lora" must not train LoRA at the cross-attention learning rate (1e-5)."""
+    xattn = get_preset("sd15_xattn_cifar10", "t4")
+    lora = get_preset("sd15_xattn_cifar10", "t4", method="lora")
+    assert xattn.learning_rate == 1e-5
+    assert (lora.method, lora.learning_rate, lora.lora_rank) == ("lora", 1e-4, 16)
+    assert get_preset("sd15_xattn_cifar10", "t4", method="crossattn") == xattn  # its own method: no change
+    assert get_preset("sd15_xattn_cifar10", "t4", method="lora", learning_rate=3e-4).learning_rate == 3e-4
+    for name, by_method in presets.METHOD_VALUES.items():  # every per-method value names a real field
+        for values in by_method.values():
+            assert set(values) == {"t4", "tiny"}, name
+            for fields in values.values():
+                assert set(fields) <= {f.name for f in dataclasses.fields(presets.Preset)}

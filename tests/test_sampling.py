@@ -30,7 +30,7 @@ def test_same_seed_same_image_different_seed_different(sd15):
 
 
 def test_saved_files_and_manifest_match(sd15, tmp_path):
-    prompts, seeds = sampling.cross(["a photo of a frog", "a photo of a ship"], [3, 4])
+    prompts, seeds = sampling.prompt_seed_pairs(["a photo of a frog", "a photo of a ship"], [3, 4])
     assert prompts == ["a photo of a frog"] * 2 + ["a photo of a ship"] * 2 and seeds == [3, 4, 3, 4]
     images = sampling.generate(sd15, prompts, seeds, steps=2, out_dir=tmp_path, prefix="base_")
     rows = sampling.read_manifest(tmp_path / "base_manifest.csv")

@@ -203,11 +203,19 @@ def test_checkpoint_refuses_non_finite_weights(tmp_path):
     assert checkpoint.checkpoint_dirs(tmp_path) == []
 
 
-def test_oom_advice_names_the_memory_fields():
-    from helpers.train import oom_message
+def test_oom_advice_names_the_memory_fields_that_can_still_change():
+    from helpers.train import oom_message, sampling_oom_message
     msg = oom_message(presets.get_preset("sdxl_lora_naruto_1024", "t4"))
-    for field in ("batch_size=1", "grad_accum=8", "resolution=1024", "gradient_checkpointing", "cache_latents"):
+    for field in ("batch_size=1", "grad_accum=8", "resolution=1024"):
         assert field in msg
+    # caches and checkpointing are already on: the VAE and text encoders already left the GPU, promise nothing more
+    assert "cache_latents" not in msg and "gradient_checkpointing" not in msg
+    msg = oom_message(presets.get_preset("sdxl_lora_naruto_256", "t4", cache_latents=False,
+                                         gradient_checkpointing=False))
+    assert "cache_latents=False (turn on" in msg and "gradient_checkpointing=False (turn on)" in msg
+    msg = sampling_oom_message(presets.get_preset("sdxl_lora_naruto_1024", "t4"), 30)
+    assert "while drawing the sample images of step 30" in msg and "already safe" in msg
+    assert "batch_size" not in msg  # sampling does not depend on the training batch
 
 
 # ---------------------------------------------------------------- exports load in stock diffusers
