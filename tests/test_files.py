@@ -1,0 +1,139 @@
+"""helpers.files: a folder appears complete or not at all, whatever happens to its writer; verify catches damage;
+temp folders of dead writers are cleaned up, those of live writers are not."""
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from helpers import files
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def fill_with(contents: dict[str, bytes], fail_after: int | None = None):
+    """A `fill` writing `contents` (paths may have subfolders); raises after `fail_after` files, like a full disk."""
+    def fill(tmp: Path) -> None:
+        for n, (name, blob) in enumerate(contents.items()):
+            if n == fail_after:
+                raise OSError("No space left on device")
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            (tmp / name).write_bytes(blob)
+    return fill
+
+
+V1 = {"a.bin": b"first" * 100, "sub/b.txt": b"one", "c.json": b"{}"}
+V2 = {"a.bin": b"second" * 100, "sub/b.txt": b"two", "c.json": b"[]"}
+
+
+def visible(parent: Path) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if not p.name.startswith("."))
+
+
+def hidden(parent: Path) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if p.name.startswith("."))
+
+
+def test_manifest_lists_every_file_with_sha256_and_size(tmp_path):
+    final = files.write_folder(tmp_path / "out", fill_with(V1))
+    manifest = json.loads((final / files.MANIFEST).read_text())
+    assert manifest == {name: {"sha256": hashlib.sha256(blob).hexdigest(), "bytes": len(blob)}
+                        for name, blob in V1.items()}
+    assert files.verify(final, ["a.bin"]) == manifest
+    assert files.sha256_file(final / "a.bin") == hashlib.sha256(V1["a.bin"]).hexdigest()
+    assert visible(tmp_path) == ["out"] and hidden(tmp_path) == []
+
+
+def test_writer_failing_midway_leaves_the_previous_version(tmp_path):
+    with pytest.raises(OSError, match="No space"):
+        files.write_folder(tmp_path / "out", fill_with(V1, fail_after=2))
+    assert visible(tmp_path) == [] and hidden(tmp_path) == []  # nothing at all, not half a folder
+
+    final = files.write_folder(tmp_path / "out", fill_with(V1))
+    with pytest.raises(OSError, match="No space"):
+        files.write_folder(final, fill_with(V2, fail_after=2))
+    assert visible(tmp_path) == ["out"] and hidden(tmp_path) == []
+    files.verify(final)
+    assert {name: (final / name).read_bytes() for name in V1} == V1  # the previous version, untouched
+
+    files.write_folder(final, fill_with(V2))  # a complete write replaces it as a whole
+    assert {name: (final / name).read_bytes() for name in V2} == V2 and hidden(tmp_path) == []
+
+
+KILLED_WRITER = """
+import os, signal, sys
+from pathlib import Path
+from helpers import files
+
+def fill(tmp):
+    (tmp / "a.bin").write_bytes(b"new" * 100)
+    (tmp / "b.bin").write_bytes(b"new")
+    os.kill(os.getpid(), signal.SIGKILL)  # a real kill: no exception handler, no cleanup runs
+
+files.write_folder(Path(sys.argv[1]), fill)
+"""
+
+
+def test_killed_writer_leaves_previous_version_and_its_temp_folder_is_cleaned_next_time(tmp_path):
+    final = files.write_folder(tmp_path / "out", fill_with(V1))
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(final)], cwd=REPO, stderr=subprocess.PIPE)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == -signal.SIGKILL, err.decode()
+    assert visible(tmp_path) == ["out"] and hidden(tmp_path) == [f".tmp-out-{proc.pid}"]
+    files.verify(final)
+    assert (final / "a.bin").read_bytes() == V1["a.bin"]
+    files.write_folder(tmp_path / "other", fill_with(V2))  # any later write in the folder removes the dead leftover
+    assert hidden(tmp_path) == []
+
+
+def test_verify_detects_truncation_corruption_and_missing_files(tmp_path):
+    def fresh(name):
+        return files.write_folder(tmp_path / name, fill_with(V1))
+
+    truncated = fresh("truncated")
+    (truncated / "a.bin").write_bytes(V1["a.bin"][:50])
+    with pytest.raises(files.FolderError, match="truncated: a.bin does not match its checksum"):
+        files.verify(truncated)
+    flipped = fresh("flipped")  # same size, one bit different: only the sha256 can tell
+    (flipped / "sub" / "b.txt").write_bytes(b"onf")
+    with pytest.raises(files.FolderError, match="sub/b.txt does not match its checksum"):
+        files.verify(flipped)
+    no_manifest = fresh("no_manifest")
+    (no_manifest / files.MANIFEST).unlink()
+    with pytest.raises(files.FolderError, match="no manifest.json"):
+        files.verify(no_manifest)
+    broken = fresh("broken")
+    (broken / files.MANIFEST).write_text('{"a.bin": ')
+    with pytest.raises(files.FolderError, match="corrupt"):
+        files.verify(broken)
+    missing = fresh("missing")
+    (missing / "c.json").unlink()
+    with pytest.raises(files.FolderError, match="c.json is missing"):
+        files.verify(missing)
+    with pytest.raises(files.FolderError, match="d.bin is missing"):  # expected but never written
+        files.verify(fresh("expected"), ["a.bin", "d.bin"])
+
+
+def test_temp_folders_of_live_writers_are_kept_and_of_dead_ones_removed(tmp_path):
+    done = subprocess.Popen([sys.executable, "-c", "pass"])
+    done.wait()  # reaped: its PID is dead
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        names = [f".tmp-out-{done.pid}", f".old-other-{done.pid}", f".tmp-out-{live.pid}",
+                 f".tmp-out-{os.getpid()}",  # this process's own leftover of the same folder
+                 ".tmp-unrelated", ".cache"]  # not ours: no PID in the name
+        for name in names:
+            (tmp_path / name).mkdir()
+            (tmp_path / name / "partial.bin").write_bytes(b"x")
+        files.write_folder(tmp_path / "out", fill_with(V1))
+        assert hidden(tmp_path) == sorted([f".tmp-out-{live.pid}", ".tmp-unrelated", ".cache"])
+        assert visible(tmp_path) == ["out"]
+    finally:
+        live.kill()
+        live.wait()
+    files.write_folder(tmp_path / "out", fill_with(V2))  # its writer is gone now
+    assert hidden(tmp_path) == sorted([".tmp-unrelated", ".cache"])
