@@ -2,7 +2,7 @@
 
 Everything here is written to disk in the same layout as the Hub (model_index.json, unet/, vae/, ...; an image
 folder with metadata.jsonl) and then loaded by the SAME code as the real thing (`from_pretrained`,
-`helpers.data`). Nothing is downloaded: the tokenizer files are committed in helpers/assets/.
+`helpers.sources`). Nothing is downloaded: the tokenizer files are committed in helpers/assets/.
 
 Presets refer to these by `tiny/<name>`; `resolve("tiny/sd15")` builds the folder once and returns its path.
 """
@@ -34,8 +34,6 @@ SD15_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_
 SDXL_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
                       steps_offset=1, timestep_spacing="leading", interpolation_type="linear", use_karras_sigmas=False,
                       prediction_type="epsilon", sample_max_value=1.0, set_alpha_to_one=False, clip_sample=False)
-
-CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 
 def tiny_root() -> Path:
@@ -231,8 +229,9 @@ def _draw_cifar(label: str, rng: random.Random, size: int = 32) -> Image.Image:
 
 def build_cifar10(path: Path, per_class: int = 24) -> None:
     """CIFAR-10 look-alike: 32 px images of the 10 class names in an image folder with metadata.jsonl
-    (file_name, label), the same on-disk format `helpers.data` reads for a user's folder; captions come from the
+    (file_name, label), the same on-disk format `helpers.sources` reads for a user's folder; captions come from the
     same templates as for the real set."""
+    from .sources import CIFAR10_CLASSES  # not at the top: helpers.sources imports this module
     rng = random.Random(SEED)
     (path / "train").mkdir()
     rows = []

@@ -1,7 +1,7 @@
 """What one image-caption record is, and the check every dataset goes through before any training.
 
 Training on a broken file fails hours in, or worse, silently learns from a black square. So every source
-(helpers.data) returns lazy `Record`s and `validate` opens each image for real, reads each caption, and writes a
+(helpers.sources) returns lazy `Record`s and `validate` opens each image for real, reads each caption, and writes a
 per-file report: what is wrong, how bad it is, and what we did about it.
 
 Severities: "error" = the record cannot be used (dropped with on_error="skip", raises with "stop");

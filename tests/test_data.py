@@ -1,6 +1,6 @@
-"""helpers.data / helpers.validation: bad files are reported (never crash), sources caption correctly, the transform
-matches hand computations and is reproducible per (seed, epoch, index), and caches are reused, rebuilt when stale
-or corrupt, and hold exactly what the encoders produce."""
+"""helpers.data / .sources / .caches / .validation: bad files are reported (never crash), sources caption correctly,
+the transform matches hand computations and is reproducible per (seed, epoch, index), and caches are reused,
+rebuilt when stale or corrupt, and hold exactly what the encoders produce."""
 import io
 import json
 import os
@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageOps
+from torch.utils.data import default_collate
 from transformers import CLIPTokenizer
 
-from helpers import data, models, tiny
+from helpers import data, models, sources, tiny, validation
 from helpers.presets import get_preset
 from helpers.validation import DatasetError, open_rgb, validate
 
@@ -97,7 +98,7 @@ DROPPED = {"truncated.jpg", "empty.png", "notes.png", "good1_copy.png", "no_capt
 
 
 def test_every_bad_file_is_reported_and_skip_keeps_the_rest(bad_folder, tokenizer, tmp_path):
-    records = data.load_source("folder", str(bad_folder))
+    records = sources.load_source("folder", str(bad_folder))
     report = validate(records, resolution=48, tokenizer=tokenizer, on_error="skip")
     by_file = {}
     for issue in report.issues:
@@ -121,7 +122,7 @@ def test_every_bad_file_is_reported_and_skip_keeps_the_rest(bad_folder, tokenize
 
 def test_stop_raises_listing_every_bad_file(bad_folder, tokenizer):
     with pytest.raises(DatasetError) as err:
-        validate(data.load_source("folder", str(bad_folder)), 64, tokenizer, on_error="stop")
+        validate(sources.load_source("folder", str(bad_folder)), 64, tokenizer, on_error="stop")
     errors = {n for n, (_, severity) in EXPECTED.items() if severity == "error"}
     for name in errors:
         assert name in str(err.value)
@@ -144,7 +145,7 @@ def test_prepare_never_crashes_on_bad_input(bad_folder):
     c = models.load_components(preset, with_text_encoders=False)
     ds = data.prepare_dataset(preset, c)
     assert len(ds) == len(set(EXPECTED) | set(GOOD)) - len(DROPPED)
-    batch = data.collate([ds[i] for i in range(len(ds))])
+    batch = default_collate([ds[i] for i in range(len(ds))])
     assert batch["pixel_values"].shape == (len(ds), 3, 64, 64)
     assert batch["pixel_values"].min() >= -1 and batch["pixel_values"].max() <= 1
 
@@ -152,22 +153,22 @@ def test_prepare_never_crashes_on_bad_input(bad_folder):
 # ---------------------------------------------------------------- sources
 
 def test_cifar10_source_captions_from_templates():
-    records = data.load_source("cifar10", "tiny/cifar10", seed=3)
+    records = sources.load_source("cifar10", "tiny/cifar10", seed=3)
     assert len(records) == 240
     used = set()
     for i, r in enumerate(records):
-        name = tiny.CIFAR10_CLASSES[r.label]
+        name = sources.CIFAR10_CLASSES[r.label]
         assert os.path.basename(r.key).startswith(name + "_")  # label from metadata.jsonl survived imagefolder
-        assert r.caption in {data.fill_template(t, name) for t in data.TRAIN_TEMPLATES}
-        assert r.caption == data.cifar_caption(name, 3, i)
+        assert r.caption in {sources.fill_template(t, name) for t in sources.TRAIN_TEMPLATES}
+        assert r.caption == sources.cifar_caption(name, 3, i)
         used.add(r.caption.replace(name, "{label}").replace(" an {", " a {"))
-    assert used == set(data.TRAIN_TEMPLATES)
-    assert data.fill_template("a photo of a {label}", "airplane") == "a photo of an airplane"
-    assert data.fill_template("a cropped photo of the {label}", "automobile") == "a cropped photo of the automobile"
-    assert not set(data.HELD_OUT_TEMPLATES) & set(data.TRAIN_TEMPLATES)
-    again = data.load_source("cifar10", "tiny/cifar10", limit=10, seed=3)
+    assert used == set(sources.TRAIN_TEMPLATES)
+    assert sources.fill_template("a photo of a {label}", "airplane") == "a photo of an airplane"
+    assert sources.fill_template("a cropped photo of the {label}", "automobile") == "a cropped photo of the automobile"
+    assert not set(sources.HELD_OUT_TEMPLATES) & set(sources.TRAIN_TEMPLATES)
+    again = sources.load_source("cifar10", "tiny/cifar10", limit=10, seed=3)
     assert [r.caption for r in again] == [r.caption for r in records[:10]]
-    other = data.load_source("cifar10", "tiny/cifar10", limit=40, seed=4)
+    other = sources.load_source("cifar10", "tiny/cifar10", limit=40, seed=4)
     assert [r.caption for r in other] != [r.caption for r in records[:40]]
     assert records[0].image_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -177,12 +178,12 @@ def test_hub_layout_bytes_in_the_table():
     import datasets
     images = [Image.new("RGB", (32, 32), (20 * k, 0, 0)) for k in range(4)]
     features = datasets.Features({"img": datasets.Image(),
-                                  "label": datasets.ClassLabel(names=list(tiny.CIFAR10_CLASSES))})
+                                  "label": datasets.ClassLabel(names=list(sources.CIFAR10_CLASSES))})
     ds = datasets.Dataset.from_dict({"img": images, "label": [0, 3, 8, 3]}, features=features)
-    records = data.records_from_hf(ds, "cifar10", "uoft-cs/cifar10", limit=3, seed=0)
+    records = sources.records_from_hf(ds, "cifar10", "uoft-cs/cifar10", limit=3, seed=0)
     assert [r.key for r in records] == [f"uoft-cs/cifar10/train/{i}" for i in range(3)]
     names = ["airplane", "cat", "ship"]
-    assert [r.caption for r in records] == [data.cifar_caption(n, 0, i) for i, n in enumerate(names)]
+    assert [r.caption for r in records] == [sources.cifar_caption(n, 0, i) for i, n in enumerate(names)]
     assert np.array_equal(np.asarray(open_rgb(records[1].image_bytes())[0]), np.asarray(images[1]))
     again = pickle.loads(pickle.dumps(records[2]))  # DataLoader workers get a working lazy handle
     assert again.image_bytes() == records[2].image_bytes()
@@ -195,7 +196,7 @@ def test_naruto_source_and_folder_source_agree_with_metadata():
     rows = {json.loads(line)["file_name"]: json.loads(line)["text"]
             for line in open(os.path.join(folder, "train", "metadata.jsonl"))}
     for kind in ("naruto", "folder"):
-        records = data.load_source(kind, "tiny/naruto")
+        records = sources.load_source(kind, "tiny/naruto")
         assert len(records) == len(rows) == 120
         assert all(r.caption == rows[os.path.basename(r.key)] for r in records)
 
@@ -218,7 +219,7 @@ def test_folder_source_caption_layouts(tmp_path, layout):
             w = csv.writer(f)
             w.writerow(["file_name", "caption"])
             w.writerows(names.items())
-    records = data.load_source("folder", str(d))
+    records = sources.load_source("folder", str(d))
     got = {os.path.relpath(r.key, d): r.caption for r in records}
     assert got == names
     assert len(validate(records, 32).records) == 3
@@ -229,7 +230,7 @@ def test_folder_source_caption_layouts(tmp_path, layout):
 def test_transform_size_and_crop_conditioning_by_hand():
     img = Image.fromarray(np.random.default_rng(1).integers(0, 255, (50, 100, 3), dtype=np.uint8))  # h 50, w 100
     t = data.TrainTransform(32, center_crop=True)
-    out = t(img)
+    out = t.apply(img)
     # short side 50 → 32, long side 100 × 32/50 = 64; centred 32-px crop starts at (64 - 32) / 2 = 16
     assert out["original_size"] == (50, 100) and out["crop_top_left"] == (0, 16)
     resized = img.resize((64, 32), Image.Resampling.BILINEAR)
@@ -254,7 +255,7 @@ def to_t(pil):
 
 
 def test_samples_are_a_function_of_seed_epoch_index():
-    records = data.load_source("naruto", "tiny/naruto", limit=24)
+    records = sources.load_source("naruto", "tiny/naruto", limit=24)
     ds = data.TrainDataset(records, data.TrainTransform(64, center_crop=False, random_flip=True), seed=7)
     first = [ds[i] for i in range(24)]
     ds[5], ds[11]  # drawing other samples, or the global RNG, must not matter
@@ -263,7 +264,7 @@ def test_samples_are_a_function_of_seed_epoch_index():
     for i in (0, 5, 23):
         assert torch.equal(fresh[i]["pixel_values"], first[i]["pixel_values"])
         assert torch.equal(fresh[i]["crop_top_left"], first[i]["crop_top_left"])
-    flips = [bool(data.TrainTransform.draws(data.sample_generator(7, 0, i))[0] < 0.5) for i in range(24)]
+    flips = [ds.transform.choose(7, 0, i)[0] for i in range(24)]
     assert 4 <= sum(flips) <= 20  # both orientations occur
     ds.set_epoch(1)
     changed = sum(not torch.equal(ds[i]["pixel_values"], first[i]["pixel_values"]) for i in range(24))
@@ -345,9 +346,9 @@ def test_cached_items_equal_uncached_encoder_outputs(family, sd15, sdxl):
                 assert torch.allclose(a["pooled_prompt_embeds"], pooled[0], rtol=2e-3, atol=2e-3)
             else:
                 assert "pooled_prompt_embeds" not in a
-            orientations.add(bool(data.TrainTransform.draws(data.sample_generator(preset.seed, epoch, i))[0] < 0.5))
+            orientations.add(cached.transform.choose(preset.seed, epoch, i)[0])
     assert orientations == {True, False}  # both the plain and the mirrored latents were compared
-    batch = data.collate([cached[i] for i in range(3)])
+    batch = default_collate([cached[i] for i in range(3)])
     assert batch["latent_params"].shape[0] == 3 and batch["index"].tolist() == [0, 1, 2]
     assert isinstance(batch["caption"], list)
 
@@ -359,10 +360,10 @@ def test_text_cache_off_when_training_the_text_encoder(sd15):
 
 
 def test_preview_and_caption_lengths(tokenizer, tmp_path):
-    records = data.load_source("naruto", "tiny/naruto", limit=6)
-    grid = data.preview_grid(records, n=6, columns=3, tile=64, path=tmp_path / "grid.png")
+    records = sources.load_source("naruto", "tiny/naruto", limit=6)
+    grid = validation.preview_grid(records, n=6, columns=3, tile=64, path=tmp_path / "grid.png")
     assert grid.size[0] == 3 * 64 and (tmp_path / "grid.png").is_file()
-    lengths = data.caption_token_lengths(records, tokenizer)
+    lengths = validation.caption_token_lengths(records, tokenizer)
     assert lengths == [len(tokenizer(r.caption).input_ids) for r in records]
-    fig = data.caption_length_figure(lengths, path=tmp_path / "hist.png")
+    fig = validation.caption_length_figure(lengths, path=tmp_path / "hist.png")
     assert (tmp_path / "hist.png").is_file() and fig.axes
