@@ -6,15 +6,13 @@ A checkpoint is a folder `checkpoints/step-NNNNNN/`:
   state.pt               LR scheduler, GradScaler, RNG states (python, numpy, torch CPU + CUDA), data position, step
   meta.json              step, preset, library versions
   manifest.json          sha256 and size of every file above; written last
-It is written into a hidden temp folder, every file fsync'ed, then renamed into place, so a kill or a full Drive
-never leaves a half-written `step-*` folder: the previous checkpoint stays the newest good one. Only after the
-rename are old checkpoints pruned to the newest `keep`.
+It is written with `helpers.files.write_folder` (hidden temp folder, every file fsync'ed, manifest last, rename),
+so a kill or a full Drive never leaves a half-written `step-*` folder: the previous checkpoint stays the newest
+good one. Only after the rename are old checkpoints pruned to the newest `keep`.
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import random
 import shutil
 import time
@@ -26,6 +24,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from . import files
+# `write_file` is looked up in this module at call time: tests/train_driver.py replaces it to die mid-checkpoint.
+from .files import write_file
 from .runtime import versions
 
 PREFIX = "step-"
@@ -36,31 +37,7 @@ class CheckpointError(RuntimeError):
     """A checkpoint folder is incomplete or does not match its manifest."""
 
 
-# ---------------------------------------------------------------- small file helpers
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:  # some FUSE mounts (Drive) refuse fsync on directories; the rename still orders writes
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_file(path: Path, write) -> None:
-    """Write one file with `write(path)` and force it to disk."""
-    write(path)
-    _fsync(path)
-
+# ---------------------------------------------------------------- RNG state
 
 def rng_states() -> dict:
     states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
@@ -98,33 +75,20 @@ def save_checkpoint(run_dir: Path, step: int, trainable: dict[str, torch.Tensor]
     bad = [n for n, t in trainable.items() if not torch.isfinite(t).all()]
     if bad:
         raise CheckpointError(f"refusing to save step {step}: non-finite values in {bad[:3]}")
-    root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"{PREFIX}{step:06d}"
-    tmp = root / f".tmp-{PREFIX}{step:06d}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        weights = {n: t.detach().to("cpu", copy=True).contiguous() for n, t in trainable.items()}
+    weights = {n: t.detach().to("cpu", copy=True).contiguous() for n, t in trainable.items()}
+    state = {"step": step, "position": dict(position), "rng": rng_states(), "lr_scheduler": lr_scheduler.state_dict(),
+             "scaler": scaler.state_dict() if scaler is not None else None}
+    meta = {"step": step, "position": dict(position), "preset": asdict(preset), "versions": versions(),
+            "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+    def fill(tmp: Path) -> None:
         write_file(tmp / "trainable.safetensors", lambda p: save_file(weights, str(p)))
         write_file(tmp / "optimizer.pt", lambda p: torch.save(optimizer.state_dict(), p))
-        state = {"step": step, "position": dict(position), "rng": rng_states(),
-                 "lr_scheduler": lr_scheduler.state_dict(),
-                 "scaler": scaler.state_dict() if scaler is not None else None}
         write_file(tmp / "state.pt", lambda p: torch.save(state, p))
-        meta = {"step": step, "position": dict(position), "preset": asdict(preset), "versions": versions(),
-                "time": time.strftime("%Y-%m-%d %H:%M:%S")}
         write_file(tmp / "meta.json", lambda p: p.write_text(json.dumps(meta, indent=2, default=str)))
-        manifest = {name: {"sha256": sha256_file(tmp / name), "bytes": (tmp / name).stat().st_size} for name in FILES}
-        write_file(tmp / "manifest.json", lambda p: p.write_text(json.dumps(manifest, indent=2)))
-        _fsync(tmp)
-        if final.exists():  # a re-save of the same step (after resuming before it): replace as a whole
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync(root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    # a re-save of the same step (after resuming before it) replaces the folder as a whole
+    final = files.write_folder(Path(run_dir) / "checkpoints" / f"{PREFIX}{step:06d}", fill)
     for old in checkpoint_dirs(run_dir)[:-max(1, keep)]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -134,19 +98,10 @@ def save_checkpoint(run_dir: Path, step: int, trainable: dict[str, torch.Tensor]
 
 def verify(ckpt: Path) -> None:
     """Raise CheckpointError unless every file is present and matches the manifest."""
-    manifest_path = ckpt / "manifest.json"
-    if not manifest_path.is_file():
-        raise CheckpointError(f"{ckpt.name}: no manifest.json (the write did not finish)")
     try:
-        manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{ckpt.name}: manifest.json is corrupt ({e})") from e
-    for name in FILES:
-        path = ckpt / name
-        if name not in manifest or not path.is_file():
-            raise CheckpointError(f"{ckpt.name}: {name} is missing")
-        if path.stat().st_size != manifest[name]["bytes"] or sha256_file(path) != manifest[name]["sha256"]:
-            raise CheckpointError(f"{ckpt.name}: {name} does not match its checksum (truncated or corrupt)")
+        files.verify(ckpt, FILES)
+    except files.FolderError as e:
+        raise CheckpointError(str(e)) from e
 
 
 def latest_good(run_dir: Path) -> Path | None:
