@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFilter
 
+from . import files
 from .runtime import REPO_ROOT
 
 TOKENIZER_DIR = Path(__file__).resolve().parent / "assets" / "tiny_clip_tokenizer"
@@ -44,19 +45,19 @@ def tiny_root() -> Path:
 
 
 def _build_once(name: str, builder: Callable[[Path], None]) -> Path:
-    """Build into a temp folder and rename when complete, so a killed build never leaves a half folder."""
+    """Build with `helpers.files.write_folder`, so a killed build never leaves a half folder; a folder that exists
+    is complete, and its stamp says which BUILD_VERSION made it."""
     final = tiny_root() / name
     stamp = final / ".tiny_build"
     if stamp.is_file() and stamp.read_text() == BUILD_VERSION:
         return final
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=tiny_root()))
-    torch.manual_seed(SEED)
-    builder(tmp)
-    (tmp / ".tiny_build").write_text(BUILD_VERSION)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    return final
+
+    def fill(tmp: Path) -> None:
+        torch.manual_seed(SEED)
+        builder(tmp)
+        (tmp / ".tiny_build").write_text(BUILD_VERSION)
+
+    return files.write_folder(final, fill)
 
 
 # ---------------------------------------------------------------- components

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import tiny
+from helpers import files, tiny
 
 
 def test_sd15_layout_and_generation():
@@ -52,6 +52,9 @@ def test_builds_are_deterministic_and_reused(tmp_path, monkeypatch):
     mtime = (fresh / "model_index.json").stat().st_mtime
     tiny.resolve("tiny/sd15")
     assert (fresh / "model_index.json").stat().st_mtime == mtime  # built once, then reused
+    manifest = files.verify(fresh)  # written atomically, with a manifest of every file in every subfolder
+    assert "unet/diffusion_pytorch_model.safetensors" in manifest and ".tiny_build" in manifest
+    assert [p.name for p in tmp_path.iterdir()] == ["sd15"]  # no temp folder left behind
 
 
 def test_tokenizer_is_committed_and_clip_like():
