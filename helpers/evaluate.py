@@ -1,4 +1,4 @@
-"""CLIP score per image, bootstrap confidence intervals, paired baseline-vs-fine-tuned comparisons, result tables.
+"""CLIP score per image, bootstrap confidence intervals and paired tests (helpers.evaluation puts them together).
 
 CLIP score here = 100 · cos(image features, text features) of one image and its prompt, reported RAW: torchmetrics'
 CLIPScore clamps it at 0 (max(100·cos, 0)); we do not, so a mean over images is an unbiased mean of the cosine.
@@ -6,11 +6,13 @@ Scores from different CLIP models are not comparable, so every score travels wit
 
 Comparisons are paired: baseline and fine-tuned images are generated from the same prompt AND seed (same starting
 noise, see helpers.sampling), so the per-pair difference removes most of the prompt-to-prompt and seed-to-seed
-variation and the bootstrap CI of the mean difference says whether fine-tuning changed the score.
+variation and the bootstrap CI of the mean difference says whether fine-tuning changed the score. The p-value is
+an exact sign test on wins vs losses (no scipy needed): it asks only whether one variant wins more often than chance.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +24,6 @@ from .precision import Precision, precision_for
 from .runtime import device as default_device
 from .tiny import resolve
 
-BASELINE = "baseline"
-RESULT_COLUMNS = ("image_path", "prompt", "seed", "variant", "clip_model", "score")
 # open_clip models per profile: (model, pretrained tag). The tiny one is a random-weight open_clip in local-dir form.
 CLIP_MODELS = {"t4": ("ViT-L-14", "openai"), "tiny": ("tiny/open_clip", None)}
 
@@ -165,127 +165,23 @@ def bootstrap_ci(values, n_boot: int = 2000, level: float = 0.95, seed: int = 0)
     return float(values.mean()), float(low), float(high)
 
 
+def sign_test(wins: int, losses: int) -> float:
+    """Exact two-sided sign-test p-value: how likely a split at least this uneven is if each pair were a fair coin
+    toss, 2 · P(Binomial(wins + losses, ½) ≤ min(wins, losses)), capped at 1 (ties are left out before)."""
+    if min(wins, losses) < 0:
+        raise ValueError(f"wins and losses must be >= 0 (got {wins}, {losses})")
+    n, k = wins + losses, min(wins, losses)
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n) if n else 1.0
+
+
 def paired_difference(tuned, baseline, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> dict:
     """Mean of tuned − baseline over aligned pairs (same prompt and seed) with its bootstrap CI, the number of
-    pairs and how many the tuned image won. A CI excluding 0 means a change beyond seed/prompt noise."""
+    pairs, how many the tuned image won and lost, and the sign test's p. A CI excluding 0 means a change beyond
+    seed/prompt noise."""
     tuned, baseline = _as_values(tuned, "tuned scores"), _as_values(baseline, "baseline scores")
     if tuned.shape != baseline.shape:
         raise ValueError(f"paired scores must align one to one (got {tuned.size} tuned, {baseline.size} baseline)")
     mean, low, high = bootstrap_ci(tuned - baseline, n_boot, level, seed)
-    return {"mean_diff": mean, "low": low, "high": high, "n": int(tuned.size), "wins": int((tuned > baseline).sum())}
-
-
-# ---------------------------------------------------------------- result tables
-
-def results_frame(rows: Iterable[dict], csv_path: str | Path | None = None):
-    """Per-image results as a pandas DataFrame with RESULT_COLUMNS (pandas comes with `datasets`); with
-    `csv_path`, also written there as CSV."""
-    import pandas as pd
-    frame = pd.DataFrame(list(rows))
-    missing = [c for c in RESULT_COLUMNS if c not in frame.columns]
-    if frame.empty or missing:
-        raise ValueError(f"results need rows with columns {RESULT_COLUMNS}; missing {missing or 'all rows'}")
-    frame = frame[list(RESULT_COLUMNS)].astype({"seed": int, "score": float})
-    if csv_path is not None:
-        Path(csv_path).parent.mkdir(parents=True, exist_ok=True)
-        frame.to_csv(csv_path, index=False)
-    return frame
-
-
-def score_manifest(scorer: ClipScorer, manifest: str | Path, variant: str, batch_size: int = 32):
-    """Score every image listed in a helpers.sampling manifest.csv → results_frame rows for `variant`."""
-    from .sampling import read_manifest
-    rows = read_manifest(manifest)
-    if not rows:
-        raise ValueError(f"{manifest} lists no images")
-    scores = scorer.score([r["file"] for r in rows], [r["prompt"] for r in rows], batch_size)
-    return results_frame({"image_path": r["file"], "prompt": r["prompt"], "seed": r["seed"], "variant": variant,
-                          "clip_model": scorer.name, "score": s} for r, s in zip(rows, scores))
-
-
-class ScoreTable:
-    """Summary of a results frame: per (variant, CLIP model) n, mean and CI, plus one paired row per non-baseline
-    variant (pairs matched on prompt and seed). Prints as text, renders as HTML in a notebook."""
-
-    def __init__(self, rows: list[dict], level: float):
-        self.rows, self.level = rows, level
-
-    def row(self, variant: str, paired: bool = False) -> dict:
-        """The summary row of `variant` (paired=True: its difference to the baseline)."""
-        name = f"{variant} − {BASELINE}" if paired else variant
-        for r in self.rows:
-            if r["variant"] == name and r["paired"] == paired:
-                return r
-        raise KeyError(f"no {'paired ' if paired else ''}row for variant {variant!r}")
-
-    @property
-    def frame(self):
-        import pandas as pd
-        return pd.DataFrame(self.rows)
-
-    def _cells(self) -> list[list[str]]:
-        pct = f"{self.level:.0%} CI"
-        cells = [["variant", "n", "mean", pct, "wins", "clip_model"]]
-        for r in self.rows:
-            sign = "+" if r["paired"] else ""
-            wins = f"{r['wins']}/{r['n']}" if r["paired"] else ""
-            cells.append([r["variant"], str(r["n"]), f"{r['mean']:{sign}.2f}",
-                          f"[{r['low']:{sign}.2f}, {r['high']:{sign}.2f}]", wins, r["clip_model"]])
-        return cells
-
-    def __str__(self) -> str:
-        cells = self._cells()
-        widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
-        return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells)
-
-    def to_markdown(self) -> str:
-        cells = self._cells()
-        lines = ["| " + " | ".join(row) + " |" for row in cells]
-        lines.insert(1, "|" + "---|" * len(cells[0]))
-        return "\n".join(lines)
-
-    def _repr_html_(self) -> str:
-        head, *body = self._cells()
-        th = "".join(f"<th>{c}</th>" for c in head)
-        trs = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in body)
-        return f"<table><thead><tr>{th}</tr></thead><tbody>{trs}</tbody></table>"
-
-    __repr__ = __str__
-
-
-def score_table(results, level: float = 0.95, n_boot: int = 2000, seed: int = 0) -> ScoreTable:
-    """Summarise a results frame (or rows): mean and bootstrap CI per variant and CLIP model, then for each
-    variant other than "baseline" the paired difference to the baseline on matching prompt and seed."""
-    frame = results if hasattr(results, "groupby") else results_frame(results)
-    rows = []
-    for (model, variant), group in frame.groupby(["clip_model", "variant"], sort=False):
-        mean, low, high = bootstrap_ci(group["score"], n_boot, level, seed)
-        rows.append(dict(variant=variant, n=len(group), mean=mean, low=low, high=high, wins=None, paired=False,
-                         clip_model=model))
-    for model, by_model in frame.groupby("clip_model", sort=False):
-        base = by_model[by_model["variant"] == BASELINE]
-        for variant in [v for v in by_model["variant"].unique() if v != BASELINE]:
-            tuned = by_model[by_model["variant"] == variant]
-            pairs = tuned.merge(base, on=["prompt", "seed"], suffixes=("", "_base"))
-            if base.empty or pairs.empty:
-                continue
-            if pairs.duplicated(["prompt", "seed"]).any():
-                raise ValueError(f"{variant!r} vs baseline: a (prompt, seed) pair appears more than once")
-            d = paired_difference(pairs["score"], pairs["score_base"], n_boot, level, seed)
-            rows.append(dict(variant=f"{variant} − {BASELINE}", n=d["n"], mean=d["mean_diff"], low=d["low"],
-                             high=d["high"], wins=d["wins"], paired=True, clip_model=model))
-    return ScoreTable(rows, level)
-
-
-def record_run_summary(csv_path: str | Path, row: dict, key: str = "method"):
-    """Add (or replace, by `key`) one run's summary row in a CSV shared by runs, e.g. crossattn vs LoRA on the same
-    data, and return the whole table as a DataFrame."""
-    import pandas as pd
-    path = Path(csv_path)
-    frame = pd.read_csv(path) if path.is_file() else pd.DataFrame()
-    if not frame.empty and key in frame.columns:
-        frame = frame[frame[key] != row[key]]
-    frame = pd.concat([frame, pd.DataFrame([row])], ignore_index=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    frame.to_csv(path, index=False)
-    return frame
+    wins, losses = int((tuned > baseline).sum()), int((tuned < baseline).sum())
+    return {"mean_diff": mean, "low": low, "high": high, "n": int(tuned.size), "wins": wins, "losses": losses,
+            "p": sign_test(wins, losses)}

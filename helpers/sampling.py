@@ -1,4 +1,4 @@
-"""Seeded image generation with the stock diffusers pipelines, and image grids for comparing them.
+"""Seeded image generation with the stock diffusers pipelines, and variants of one pipeline (base, tuned, …).
 
 Every image gets its own CPU `torch.Generator` seeded with its seed, so a (prompt, seed) pair gives the same
 starting noise on any device and in any batch: the baseline and the fine-tuned model are compared on exactly the
@@ -7,12 +7,16 @@ same noise, which is what makes the paired tests in `helpers.evaluate` meaningfu
 from __future__ import annotations
 
 import csv
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 from tqdm.auto import tqdm
 
+from .grids import image_grid  # noqa: F401  (home: helpers.grids; hooks.py and notebook 06 call it here)
 from .precision import autocast_for
 from .presets import Preset
 from .runtime import device as default_device
@@ -114,120 +118,47 @@ def read_manifest(path: str | Path) -> list[dict]:
                 for r in csv.DictReader(f)]
 
 
-# ---------------------------------------------------------------- grids
+# ---------------------------------------------------------------- variants of one pipeline
 
-def _font(size: int = 12):
-    try:
-        return ImageFont.load_default(size=size)  # scalable when Pillow has FreeType
-    except TypeError:  # older Pillow: the fixed bitmap font
-        return ImageFont.load_default()
-
-
-def _wrap(draw: ImageDraw.ImageDraw, text: str, font, width: int, max_lines: int = 3) -> list[str]:
-    """Greedy word wrap to `width` pixels; overlong text ends with an ellipsis."""
-    lines, line = [], ""
-    for word in text.split():
-        candidate = f"{line} {word}".strip()
-        if draw.textlength(candidate, font=font) <= width or not line:
-            line = candidate
-        else:
-            lines.append(line)
-            line = word
-    lines.append(line)
-    if len(lines) > max_lines:
-        lines = lines[:max_lines]
-        lines[-1] = lines[-1].rstrip(".") + "…"
-    return lines
+@dataclass(frozen=True)
+class Variant:
+    name: str  # column label and folder name, e.g. "base", "crossattn", "lora ×0.5"
+    apply: Callable[[object], None]  # puts the ONE shared pipeline into this variant's state (adapter on/off,
+    #                                   LoRA scale, attn2 weights swapped): a T4 cannot hold two SDXL pipelines
 
 
-def _text_strip(lines: list[str], width: int, font) -> Image.Image:
-    line_height = font.getbbox("Ag")[3] + 3
-    strip = Image.new("RGB", (width, line_height * len(lines) + 4), "white")
-    draw = ImageDraw.Draw(strip)
-    for k, line in enumerate(lines):
-        draw.text((width / 2, 2 + k * line_height), line, fill="black", font=font, anchor="ma")
-    return strip
+def folder_name(name: str) -> str:
+    """A file-system-safe name for a variant's folder (or a prompt set's grid files): "lora ×0.5" → "lora_0.5"."""
+    return re.sub(r"[^\w.-]+", "_", name.strip()).strip("_")
 
 
-def image_grid(images: list[Image.Image], rows: int, cols: int, labels: list[str] | None = None,
-               title: str | None = None) -> Image.Image:
-    """Tiles `images` row by row (all the size of the first) with an optional label under each and a title."""
-    if not images or len(images) > rows * cols:
-        raise ValueError(f"{len(images)} images do not fit a {rows}×{cols} grid")
-    if labels is not None and len(labels) != len(images):
-        raise ValueError(f"{len(labels)} labels for {len(images)} images")
-    w, h = images[0].size
-    font = _font()
-    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    strips = [_text_strip(_wrap(measure, label, font, w - 4), w, font) for label in labels] if labels else []
-    label_h = max((s.height for s in strips), default=0)
-    head = _text_strip(_wrap(measure, title, font, cols * w - 4), cols * w, font) if title else None
-    top = head.height if head else 0
-    grid = Image.new("RGB", (cols * w, top + rows * (h + label_h)), "white")
-    if head:
-        grid.paste(head, (0, 0))
-    for k, image in enumerate(images):
-        x, y = (k % cols) * w, top + (k // cols) * (h + label_h)
-        grid.paste(image.convert("RGB").resize((w, h)) if image.size != (w, h) else image.convert("RGB"), (x, y))
-        if strips:
-            grid.paste(strips[k], (x, y + h))
-    return grid
+def check_variants(variants: Sequence[Variant]) -> list[Variant]:
+    """The variants as a list, or a ValueError naming what is wrong (none, unnamed, duplicate, no `apply`)."""
+    variants = list(variants)
+    if not variants:
+        raise ValueError("no variants to compare; pass e.g. [Variant('base', ...), Variant('tuned', ...)]")
+    for v in variants:
+        if not isinstance(v, Variant) or not isinstance(v.name, str) or not folder_name(v.name):
+            raise ValueError(f"{v!r} is not a Variant with a name of letters or digits")
+        if not callable(v.apply):
+            raise ValueError(f"variant {v.name!r}: apply must be callable (pipe) -> None")
+    folders = [folder_name(v.name) for v in variants]
+    repeated = sorted({v.name for v, f in zip(variants, folders) if folders.count(f) > 1})
+    if repeated:
+        raise ValueError(f"variant names must differ (also as folder names): {repeated}")
+    return variants
 
 
-def _stack(images: list[Image.Image], horizontal: bool) -> Image.Image:
-    width = sum(i.width for i in images) if horizontal else max(i.width for i in images)
-    height = max(i.height for i in images) if horizontal else sum(i.height for i in images)
-    out, offset = Image.new("RGB", (width, height), "white"), 0
-    for image in images:
-        out.paste(image, (offset, 0) if horizontal else (0, offset))
-        offset += image.width if horizontal else image.height
-    return out
-
-
-def side_by_side(left_images: list[Image.Image], right_images: list[Image.Image], labels: list[str] | None = None,
-                 left_title: str = "baseline", right_title: str = "fine-tuned") -> Image.Image:
-    """Two titled columns (e.g. base vs tuned on the same prompt and seed), one row per pair, a label under each."""
-    if not left_images or len(left_images) != len(right_images):
-        raise ValueError(f"need matching non-empty lists ({len(left_images)} left, {len(right_images)} right)")
-    if labels is not None and len(labels) != len(left_images):
-        raise ValueError(f"{len(labels)} labels for {len(left_images)} pairs")
-    w = left_images[0].width
-    font, measure = _font(), ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    parts = [_stack([_text_strip(_wrap(measure, t, font, w - 4), w, font) for t in (left_title, right_title)], True)]
-    for k, pair in enumerate(zip(left_images, right_images)):
-        parts.append(image_grid(list(pair), rows=1, cols=2))
-        if labels is not None:
-            parts.append(_text_strip(_wrap(measure, labels[k], font, 2 * w - 4), 2 * w, font))
-    return _stack(parts, horizontal=False)
-
-
-# ---------------------------------------------------------------- base vs tuned on the same prompts and seeds
-
-def template_prompts(labels: list[str], templates: dict[str, tuple[str, ...]], seeds: list[int]) -> list[dict]:
-    """Evaluation rows {prompt, seed, label, split}: every label × template × seed. `templates` maps a split name
-    ("train", "held-out") to caption templates with a `{label}` slot."""
-    from .data import fill_template
-    return [{"prompt": fill_template(t, label), "seed": s, "label": label, "split": split}
-            for split, ts in templates.items() for t in ts for label in labels for s in seeds]
-
-
-def generate_rows(pipe, rows: list[dict], out_dir: str | Path, steps: int, size: int,
-                  guidance: float = 7.5) -> list[Image.Image]:
-    """`generate` for evaluation rows."""
-    return generate(pipe, [r["prompt"] for r in rows], [r["seed"] for r in rows], steps, guidance,
-                    height=size, width=size, out_dir=out_dir)
-
-
-def comparison_grids(baseline: list[Image.Image], tuned: list[Image.Image], rows: list[dict],
-                     out_dir: str | Path, cols: int = 10) -> dict[str, Path]:
-    """baseline_grid.png, finetuned_grid.png (labelled tiles) and comparison_grid.png (pairs side by side)."""
-    out_dir = Path(out_dir)
-    labels = [f"{r['prompt']} ({r['split']}, seed {r['seed']})" for r in rows]
-    cols = min(cols, len(rows))
-    rows_n = -(-len(rows) // cols)
-    paths = {"baseline": out_dir / "baseline_grid.png", "finetuned": out_dir / "finetuned_grid.png",
-             "comparison": out_dir / "comparison_grid.png"}
-    image_grid(baseline, rows_n, cols, labels, title="baseline").save(paths["baseline"])
-    image_grid(tuned, rows_n, cols, labels, title="fine-tuned").save(paths["finetuned"])
-    side_by_side(baseline, tuned, labels).save(paths["comparison"])
-    return paths
+def generate_variants(pipe, variants: Sequence[Variant], prompts: list[str], seeds: list[int], out_dir: str | Path,
+                      steps: int, guidance: float = 7.5, height: int | None = None,
+                      width: int | None = None) -> dict[str, Path]:
+    """Each variant in turn: `variant.apply(pipe)`, then `generate` every aligned (prompt, seed) pair into
+    `out_dir/<variant folder>/` with its manifest.csv. One pipeline for all, so a pair starts from the same noise in
+    every variant. Returns {variant name: its manifest path}; the pipeline is left in the last variant's state."""
+    manifests = {}
+    for variant in check_variants(variants):
+        variant.apply(pipe)
+        folder = Path(out_dir) / folder_name(variant.name)
+        generate(pipe, prompts, seeds, steps, guidance, height, width, out_dir=folder)
+        manifests[variant.name] = folder / "manifest.csv"
+    return manifests

@@ -1,5 +1,7 @@
 """helpers.evaluate: CLIP score against a hand computation on the tiny open_clip model, input formats, bootstrap
-CIs, paired differences and the result tables."""
+CIs, paired differences and the sign test."""
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -125,41 +127,17 @@ def test_paired_difference_zero_for_identical_and_excludes_zero_for_a_shift(scor
     baseline = rng.normal(20, 4, 40)
     shifted = evaluate.paired_difference(baseline + 2 + rng.normal(0, 1, 40), baseline)
     assert shifted["low"] > 0 and shifted["mean_diff"] == pytest.approx(2, abs=0.5) and shifted["wins"] >= 35
+    assert shifted["wins"] + shifted["losses"] == 40 and shifted["p"] < 1e-6
+    assert d["losses"] == 0 and d["p"] == 1.0  # all ties: no evidence either way
 
 
-def test_results_csv_and_summary_table(scorer, tmp_path):
-    prompts, seeds = PROMPTS[:3] * 2, [1, 1, 1, 2, 2, 2]
-    base, tuned = scorer.score(_images(6, seed=3), prompts), scorer.score(_images(6, seed=4), prompts)
-    rows = [dict(image_path=f"{v}/{k}.png", prompt=p, seed=s, variant=v, clip_model=scorer.name, score=x)
-            for v, scores in (("baseline", base), ("finetuned", tuned))
-            for k, (p, s, x) in enumerate(zip(prompts, seeds, scores))]
-    frame = evaluate.results_frame(rows, csv_path=tmp_path / "scores.csv")
-    assert (tmp_path / "scores.csv").read_text().splitlines()[0] == ",".join(evaluate.RESULT_COLUMNS)
-    table = evaluate.score_table(frame)
-    by_variant = {r["variant"]: r for r in table.rows}
-    assert by_variant["baseline"]["mean"] == pytest.approx(base.mean())
-    paired = by_variant["finetuned − baseline"]
-    expected = evaluate.paired_difference(tuned, base)
-    assert (paired["mean"], paired["low"], paired["high"], paired["n"]) == pytest.approx(
-        (expected["mean_diff"], expected["low"], expected["high"], 6))
-    assert table.row("finetuned", paired=True) is paired and table.row("baseline") is by_variant["baseline"]
-    with pytest.raises(KeyError, match="no row for variant 'nope'"):
-        table.row("nope")
-    text = str(table)
-    print(text)
-    assert "95% CI" in text and scorer.name in text
-    assert "<table>" in table._repr_html_() and table.to_markdown().startswith("| variant")
-    with pytest.raises(ValueError, match="columns"):
-        evaluate.results_frame([{"prompt": "x"}])
-
-
-def test_score_manifest_reads_sampling_output(scorer, tmp_path):
-    from helpers import sampling
-    images = [Image.fromarray(a) for a in _images(2)]
-    for k, img in enumerate(images):
-        img.save(tmp_path / f"{k:03d}_seed{k}.png")
-    (tmp_path / "manifest.csv").write_text("file,prompt,seed\n000_seed0.png,a cat,0\n001_seed1.png,a dog,1\n")
-    assert sampling.MANIFEST_FIELDS == ("file", "prompt", "seed")
-    frame = evaluate.score_manifest(scorer, tmp_path / "manifest.csv", "baseline")
-    assert list(frame.columns) == list(evaluate.RESULT_COLUMNS)
-    np.testing.assert_array_equal(frame["score"].to_numpy(), scorer.score(images, ["a cat", "a dog"]))
+def test_sign_test_against_binomial_by_hand():
+    assert evaluate.sign_test(9, 1) == pytest.approx(2 * (1 + 10) / 2**10)  # P(X ≤ 1), X ~ Bin(10, ½), two-sided
+    assert evaluate.sign_test(1, 9) == evaluate.sign_test(9, 1)
+    assert evaluate.sign_test(0, 6) == pytest.approx(2 / 64)
+    assert evaluate.sign_test(5, 5) == 1.0 and evaluate.sign_test(0, 0) == 1.0  # capped at 1; no pairs, no evidence
+    # large n (exact big integers, no overflow) agrees with the normal approximation with continuity correction
+    z = (abs(300 - 250) - 0.5) / math.sqrt(500 / 4)
+    assert evaluate.sign_test(300, 200) == pytest.approx(math.erfc(z / math.sqrt(2)), rel=0.1)
+    with pytest.raises(ValueError, match=">= 0"):
+        evaluate.sign_test(-1, 3)

@@ -1,4 +1,6 @@
-"""helpers.sampling: seeded generation on the tiny SD1.5 / SDXL pipelines, manifests, and grid layout."""
+"""helpers.sampling: seeded generation on the tiny SD1.5 / SDXL pipelines, manifests, variants of one pipeline."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -57,35 +59,54 @@ def test_generate_rejects_misaligned_input(sd15):
         sampling.generate(sd15, [], [], steps=2)
 
 
-def _tiles(n, size=(10, 8)):
-    return [Image.new("RGB", size, (20 * k, 255 - 20 * k, 7 * k)) for k in range(n)]
+def attn2_variants(pipe):
+    """base, an identical copy, and the UNet's cross-attention weights perturbed: real, observable states."""
+    import torch
+    original = {k: v.clone() for k, v in pipe.unet.state_dict().items() if ".attn2." in k}
+    g = torch.Generator().manual_seed(0)
+    perturbed = {k: v + 0.5 * torch.randn(v.shape, generator=g) for k, v in original.items()}
+    calls = []
+
+    def setter(name, weights):
+        def apply(p):
+            calls.append(name)
+            missing, unexpected = p.unet.load_state_dict(weights, strict=False)
+            assert not unexpected
+        return apply
+    return [sampling.Variant(n, setter(n, w)) for n, w in (("base", original), ("base again", original),
+                                                          ("attn2 ×1.5", perturbed))], calls
 
 
-def test_image_grid_layout():
-    tiles = _tiles(6)
-    grid = sampling.image_grid(tiles, rows=2, cols=3)
-    assert grid.size == (30, 16)
-    for k, tile in enumerate(tiles):
-        x, y = (k % 3) * 10, (k // 3) * 8
-        assert np.array_equal(np.asarray(grid.crop((x, y, x + 10, y + 8))), np.asarray(tile))
-    labelled = sampling.image_grid(tiles[:5], rows=2, cols=3, labels=[f"tile {k}" for k in range(5)], title="t")
-    assert labelled.width == 30 and labelled.height > 16 + 2 * 8  # title strip and a label strip per row
-    with pytest.raises(ValueError):
-        sampling.image_grid(tiles, rows=1, cols=3)
-    with pytest.raises(ValueError):
-        sampling.image_grid(tiles, rows=2, cols=3, labels=["one"])
+def test_generate_variants_one_folder_and_manifest_each_same_noise(sd15, tmp_path):
+    variants, calls = attn2_variants(sd15)
+    prompts, seeds = sampling.prompt_seed_pairs(["a photo of a cat", "a green frog"], [5, 6])
+    manifests = sampling.generate_variants(sd15, variants, prompts, seeds, tmp_path, steps=2)
+    assert calls == ["base", "base again", "attn2 ×1.5"]  # each variant applied once, in order, before its images
+    assert manifests == {v.name: tmp_path / sampling.folder_name(v.name) / "manifest.csv" for v in variants}
+    assert sampling.folder_name("attn2 ×1.5") == "attn2_1.5" and sampling.folder_name("base again") == "base_again"
+    images = {}
+    for name, manifest in manifests.items():
+        rows = sampling.read_manifest(manifest)
+        assert [(r["prompt"], r["seed"]) for r in rows] == list(zip(prompts, seeds))
+        assert all(Path(r["file"]).parent == manifest.parent for r in rows)
+        images[name] = [_array(Image.open(r["file"])) for r in rows]
+    for a, b, c in zip(images["base"], images["base again"], images["attn2 ×1.5"]):
+        assert np.array_equal(a, b)  # same (prompt, seed), same weights: the same image
+        assert np.abs(a - c).mean() > 1.0  # the variant's apply changed the pipeline
 
 
-def test_side_by_side_pairs_rows():
-    left, right = _tiles(3, (64, 64)), _tiles(3, (64, 64))[::-1]
-    plain = sampling.side_by_side(left, right)
-    labelled = sampling.side_by_side(left, right, labels=["a cat", "a ship", "a frog"])
-    assert plain.width == labelled.width == 128
-    assert labelled.height > plain.height > 3 * 64
-    header = plain.height - 3 * 64
-    for k in range(3):
-        y = header + 64 * k
-        assert np.array_equal(np.asarray(plain.crop((0, y, 64, y + 64))), np.asarray(left[k]))
-        assert np.array_equal(np.asarray(plain.crop((64, y, 128, y + 64))), np.asarray(right[k]))
-    with pytest.raises(ValueError):
-        sampling.side_by_side(left, right[:2])
+def test_check_variants_rejects_bad_lists():
+    ok = sampling.Variant("base", lambda pipe: None)
+    assert sampling.check_variants((ok,)) == [ok]
+    with pytest.raises(ValueError, match="no variants"):
+        sampling.check_variants([])
+    with pytest.raises(ValueError, match="must differ"):
+        sampling.check_variants([ok, sampling.Variant("base", lambda pipe: None)])
+    with pytest.raises(ValueError, match="must differ"):  # distinct names, one folder
+        sampling.check_variants([sampling.Variant("lora 1", print), sampling.Variant("lora/1", print)])
+    with pytest.raises(ValueError, match="callable"):
+        sampling.check_variants([sampling.Variant("tuned", None)])
+    with pytest.raises(ValueError, match="not a Variant"):
+        sampling.check_variants(["base"])
+    with pytest.raises(ValueError, match="not a Variant"):
+        sampling.check_variants([sampling.Variant(" ×", print)])

@@ -1,0 +1,53 @@
+"""helpers.prompts: prompt sets as data, their constructors and the checks on a user's list."""
+import pytest
+
+from helpers import data, prompts
+
+
+def test_cifar_sets_are_templates_times_classes():
+    train = prompts.cifar_prompts("train")
+    assert (train.name, train.split) == ("cifar train", "train")
+    assert train.prompts == tuple(data.fill_template(t, c) for t in data.TRAIN_TEMPLATES
+                                  for c in data.CIFAR10_CLASSES)
+    held_out = prompts.cifar_prompts("held-out", n_templates=2)
+    assert len(held_out) == 2 * 10 and held_out.split == "held-out"
+    assert held_out.prompts[:2] == ("a painting of an airplane", "a painting of an automobile")
+    assert not set(held_out.prompts) & set(train.prompts)  # held-out wording never appears in training captions
+    two = prompts.cifar_prompts("train", classes=["cat", "ship"], n_templates=1)
+    assert two.prompts == ("a photo of a cat", "a photo of a ship")
+    with pytest.raises(ValueError, match="unknown CIFAR split"):
+        prompts.cifar_prompts("test")
+    with pytest.raises(ValueError, match="n_templates"):
+        prompts.cifar_prompts("train", n_templates=0)
+
+
+def test_written_sets_are_valid_and_distinct():
+    sets = [prompts.get_prompt_set(name) for name in prompts.STANDARD]
+    assert [s.name for s in sets] == list(prompts.STANDARD)
+    assert len(prompts.naruto_prompts()) == 8 and len(prompts.held_out_subjects()) == 6
+    subjects = " ".join(prompts.HELD_OUT_SUBJECTS + prompts.GENERIC)
+    assert [c for c in data.CIFAR10_CLASSES if c in subjects] == ["horse"]  # only ridden by an astronaut
+    styled = prompts.held_out_subjects("anime style")
+    assert styled.name == "held-out subjects (anime style)"
+    assert styled.prompts[0] == "a lighthouse on a cliff, anime style"
+    with pytest.raises(ValueError, match="unknown prompt set"):
+        prompts.get_prompt_set("imagenet")
+
+
+def test_user_list_is_checked():
+    mine = prompts.user_prompts(["  a red bicycle ", "a blue door"], name="mine")
+    assert mine == prompts.PromptSet("mine", ("a red bicycle", "a blue door"), "custom")  # stripped, a tuple
+    with pytest.raises(ValueError, match="not one string"):
+        prompts.user_prompts("a red bicycle")
+    with pytest.raises(ValueError, match="no prompts"):
+        prompts.user_prompts([])
+    with pytest.raises(ValueError, match="non-empty strings"):
+        prompts.user_prompts(["a cat", "   "])
+    with pytest.raises(ValueError, match="non-empty strings"):
+        prompts.user_prompts(["a cat", 3])
+    with pytest.raises(ValueError, match="repeats"):
+        prompts.user_prompts(["a cat", "a cat "])
+    with pytest.raises(ValueError, match="name"):
+        prompts.user_prompts(["a cat"], name="")
+    with pytest.raises(ValueError, match="split"):
+        prompts.user_prompts(["a cat"], split=" ")
