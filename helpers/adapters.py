@@ -1,6 +1,7 @@
-"""What trains, and how a batch becomes UNet conditioning. One class per method; the training loop only calls
-`setup`, `trainable_parameters`, `conditioning` and `export`, so a new method (the prior of notebook 04) plugs in
-with `register_method` and no change to the loop.
+"""What trains and its loss. One class per method; the training loop only calls `setup`, `modules`,
+`trainable_parameters`, `loss` and `export`, so a method that trains another network with another loss (the prior
+of notebook 04) plugs in with `register_method` and no change to the loop. `load` is the inverse of `export`: a
+finished run's files into a stock pipeline, switchable on and off (helpers.runs).
 
 - `crossattn`: only the UNet cross-attention layers (`attn2`: to_q/to_k/to_v/to_out) train.
 - `lora`: peft LoRA on the UNet attention projections (rank/alpha/dropout from the preset); optional LoRA on the
@@ -8,12 +9,14 @@ with `register_method` and no change to the loop.
 """
 from __future__ import annotations
 
+import weakref
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from .models import Components, encode_prompts, time_ids
+from .diffusion import SampleDraws, denoising_loss, sample_latents
+from .models import Components, encode_images, encode_prompts, pipeline_class, time_ids
 from .presets import Preset
 
 CROSSATTN_FILE = "crossattn_weights.safetensors"
@@ -31,47 +34,76 @@ def _cast_trainable_fp32(modules) -> None:
 
 
 class Method:
-    """Base: text conditioning shared by SD1.5 and SDXL. Subclasses choose the trainable parameters."""
+    """Base: the denoising loss with text conditioning, shared by SD1.5 and SDXL. Subclasses choose what trains."""
     name = "base"
 
     def __init__(self, preset: Preset):
         self.preset = preset
 
     # ---- what trains
-    def setup(self, c: Components) -> None:
+    def setup(self, components: Components) -> None:
         raise NotImplementedError
 
-    def trainable_modules(self, c: Components) -> dict[str, torch.nn.Module]:
-        """Prefix → module whose requires_grad parameters train (the UNet, plus text encoders when they train)."""
-        return {"unet": c.unet}
+    def modules(self, components: Components) -> dict[str, torch.nn.Module]:
+        """Name → module whose requires_grad parameters train. The Trainer prepares these (DDP on several GPUs),
+        switches them between train and eval, and passes the prepared ones back to `loss`."""
+        return {"unet": components.unet}
 
-    def trainable_parameters(self, c: Components) -> dict[str, torch.nn.Parameter]:
+    def trainable_parameters(self, components: Components) -> dict[str, torch.nn.Parameter]:
         """Qualified name → trainable parameter; the names key checkpoints."""
-        return {f"{prefix}.{name}": p for prefix, module in self.trainable_modules(c).items()
+        return {f"{prefix}.{name}": p for prefix, module in self.modules(components).items()
                 for name, p in module.named_parameters() if p.requires_grad}
+
+    # ---- the loss
+    def loss(self, components: Components, batch: dict, models: dict[str, torch.nn.Module], draws: SampleDraws,
+             dtype: torch.dtype) -> torch.Tensor:
+        """Denoising loss of one micro-batch: latents (cached distribution or a fresh VAE encode) → noise at the
+        samples' timesteps → UNet prediction vs target. `models` are the prepared `modules(components)`; `dtype` is
+        the
+        frozen weights' dtype (conditioning is cast to it)."""
+        device = draws.device
+        if "latent_params" in batch:
+            params = batch["latent_params"].to(device)
+        else:
+            with torch.no_grad():
+                params = encode_images(components.vae, batch["pixel_values"])
+        latents = sample_latents(components.vae.config, params, draws).to(device)
+        cond = self.conditioning(components, batch, device, dtype)
+        return denoising_loss(models["unet"], components.noise_scheduler, latents, cond, draws,
+                              self.preset.noise_offset, self.preset.snr_gamma)
 
     @property
     def trains_text_encoder(self) -> bool:
         return False
 
     # ---- how a batch becomes conditioning
-    def conditioning(self, c: Components, batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
+    def conditioning(self, components: Components, batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
         """UNet keyword arguments: encoder_hidden_states, and for SDXL added_cond_kwargs (text_embeds, time_ids)."""
         if "prompt_embeds" in batch:
             hidden, pooled = batch["prompt_embeds"], batch.get("pooled_prompt_embeds")
         else:
             with torch.set_grad_enabled(self.trains_text_encoder):
-                hidden, pooled = encode_prompts(c.family, c.tokenizers, c.text_encoders, list(batch["caption"]))
+                hidden, pooled = encode_prompts(components.family, components.tokenizers, components.text_encoders,
+                                                list(batch["caption"]))
         kwargs = {"encoder_hidden_states": hidden.to(device, dtype)}
-        if c.family == "sdxl":
+        if components.family == "sdxl":
             size = (self.preset.resolution, self.preset.resolution)
             ids = torch.stack([time_ids(o.tolist(), ct.tolist(), size)
                                for o, ct in zip(batch["original_size"], batch["crop_top_left"])])
             kwargs["added_cond_kwargs"] = {"text_embeds": pooled.to(device, dtype), "time_ids": ids.to(device, dtype)}
         return kwargs
 
-    # ---- what leaves the run
-    def export(self, c: Components, out_dir: Path) -> list[Path]:
+    # ---- what leaves the run, and its way back in
+    def export(self, components: Components, out_dir: Path) -> list[Path]:
+        raise NotImplementedError
+
+    def load(self, pipe, final_dir: Path, name: str):
+        """The inverse of `export`: put a finished run's weights into a stock pipeline under `name`, switched off.
+        Returns what `apply(pipe, loaded, scale)` needs to switch it on."""
+        raise NotImplementedError
+
+    def apply(self, pipe, loaded, scale: float) -> None:
+        """Switch the pipeline to this run at `scale` (0 = the base model, 1 = as trained)."""
         raise NotImplementedError
 
 
@@ -80,41 +112,85 @@ class CrossAttention(Method):
     tie words to image regions. At full SD1.5 size that is ≈ 44M of 860M UNet parameters."""
     name = "crossattn"
 
-    def setup(self, c: Components) -> None:
+    def setup(self, components: Components) -> None:
         # A second Trainer on the same components (re-running a notebook cell after a stop) starts from the base
         # attn2 weights again, not from what the stopped run left in place: resume then loads the checkpoint.
-        attn2 = {n: p for n, p in c.unet.named_parameters() if ".attn2." in n}
-        base = c.pristine.setdefault(self.name, {n: p.detach().to("cpu", copy=True) for n, p in attn2.items()})
+        attn2 = {n: p for n, p in components.unet.named_parameters() if ".attn2." in n and not p.is_meta}
+        base = components.pristine.setdefault(self.name, {n: p.detach().to("cpu", copy=True) for n, p in attn2.items()})
         with torch.no_grad():
             for name, p in attn2.items():
                 p.data = base[name].to(p.device, copy=True)  # never share storage with the snapshot
-        c.unet.requires_grad_(False)
-        for name, module in c.unet.named_modules():
+        components.unet.requires_grad_(False)
+        for name, module in components.unet.named_modules():
             if name.endswith("attn2"):
                 module.requires_grad_(True)
-        _cast_trainable_fp32([c.unet])
+        _cast_trainable_fp32([components.unet])
 
-    def export(self, c: Components, out_dir: Path) -> list[Path]:
+    def export(self, components: Components, out_dir: Path) -> list[Path]:
         out_dir.mkdir(parents=True, exist_ok=True)
         path = out_dir / CROSSATTN_FILE
         weights = {n.removeprefix("unet."): p.detach().to("cpu", torch.float32).contiguous()
-                   for n, p in self.trainable_parameters(c).items()}
-        save_file(weights, path, metadata={"format": "t4-diffusion-lab crossattn", "base_model": c.model_ref})
+                   for n, p in self.trainable_parameters(components).items()}
+        save_file(weights, path, metadata={"format": "t4-diffusion-lab crossattn", "base_model": components.model_ref})
         return [path]
 
 
-def load_crossattn_weights(unet: torch.nn.Module, path: str | Path) -> None:
-    """Load a `crossattn_weights.safetensors` into a stock UNet: every attn2 tensor must be present, nothing else."""
+    def load(self, pipe, final_dir: Path, name: str) -> dict[str, torch.Tensor]:
+        weights = read_crossattn_weights(pipe.unet, Path(final_dir) / CROSSATTN_FILE)
+        return {n: w.to(torch.float32) for n, w in weights.items()}
+
+    def apply(self, pipe, loaded: dict[str, torch.Tensor], scale: float) -> None:
+        """attn2 = base + scale · (tuned − base); the base copy is the pipeline's own weights, kept on the CPU."""
+        params = _attn2_params(pipe.unet)
+        base = _base_attn2(pipe.unet)
+        with torch.no_grad():
+            for n, tuned in loaded.items():
+                value = base[n] + scale * (tuned - base[n]) if scale != 1.0 else tuned
+                params[n].copy_(value.to(params[n].dtype))
+
+
+_BASE_ATTN2: "weakref.WeakKeyDictionary[torch.nn.Module, dict[str, torch.Tensor]]" = weakref.WeakKeyDictionary()
+
+
+def _attn2_params(unet) -> dict[str, torch.nn.Parameter]:
+    """The UNet's own attn2 weights by their stock names, also when LoRA adapters wrap them (`.base_layer`)."""
+    return {n.replace(".base_layer", ""): p for n, p in unet.named_parameters()
+            if ".attn2." in n and "lora_" not in n}
+
+
+def _base_attn2(unet) -> dict[str, torch.Tensor]:
+    """The UNet's own attn2 weights (fp32 CPU copy), taken the first time a cross-attention run is loaded."""
+    return _BASE_ATTN2.setdefault(unet, {n: p.detach().to("cpu", torch.float32, copy=True)
+                                             for n, p in _attn2_params(unet).items()})
+
+
+def restore_base_attn2(unet) -> None:
+    """Put the UNet's own attn2 weights back (no-op when no cross-attention run was loaded into it)."""
+    base = _BASE_ATTN2.get(unet)
+    if base:
+        params = _attn2_params(unet)
+        with torch.no_grad():
+            for n, w in base.items():
+                params[n].copy_(w.to(params[n].dtype))
+
+
+def read_crossattn_weights(unet: torch.nn.Module, path: str | Path) -> dict[str, torch.Tensor]:
+    """A `crossattn_weights.safetensors` checked against a stock UNet: every attn2 tensor present, nothing else."""
     weights = load_file(str(path))
-    expected = {n for n, _ in unet.named_parameters() if ".attn2." in n}
+    expected = set(_attn2_params(unet))
     missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
     if missing or unexpected:
         raise KeyError(f"{path}: not a cross-attention file for this UNet; missing {missing[:5]}"
                        f"{'…' if len(missing) > 5 else ''} ({len(missing)}), unexpected {unexpected[:5]}"
                        f"{'…' if len(unexpected) > 5 else ''} ({len(unexpected)})")
-    params = dict(unet.named_parameters())
+    return weights
+
+
+def load_crossattn_weights(unet: torch.nn.Module, path: str | Path) -> None:
+    """Load a `crossattn_weights.safetensors` into a stock UNet, replacing its attn2 weights."""
+    params = _attn2_params(unet)
     with torch.no_grad():
-        for name, tensor in weights.items():
+        for name, tensor in read_crossattn_weights(unet, path).items():
             params[name].copy_(tensor.to(params[name].dtype))
 
 
@@ -146,51 +222,49 @@ class Lora(Method):
     def trains_text_encoder(self) -> bool:
         return self.preset.train_text_encoder
 
-    def setup(self, c: Components) -> None:
-        c.unet.requires_grad_(False)
-        _fresh_adapter(c.unet, self._config(self.preset.lora_targets))
-        modules = [c.unet]
-        for enc in c.text_encoders:  # an adapter a stopped run left on a text encoder goes either way
+    def setup(self, components: Components) -> None:
+        components.unet.requires_grad_(False)
+        _fresh_adapter(components.unet, self._config(self.preset.lora_targets))
+        modules = [components.unet]
+        for enc in components.text_encoders:  # an adapter a stopped run left on a text encoder goes either way
             _remove_adapter(enc)
         if self.trains_text_encoder:
-            if not c.text_encoders:
+            if not components.text_encoders:
                 raise ValueError("train_text_encoder needs the text encoders loaded")
-            for enc in c.text_encoders:
+            for enc in components.text_encoders:
                 enc.requires_grad_(False)
                 _fresh_adapter(enc, self._config(("q_proj", "k_proj", "v_proj", "out_proj")))
-            modules += c.text_encoders
+            modules += components.text_encoders
         _cast_trainable_fp32(modules)
 
-    def trainable_modules(self, c: Components) -> dict[str, torch.nn.Module]:
-        mods = {"unet": c.unet}
+    def modules(self, components: Components) -> dict[str, torch.nn.Module]:
+        mods = {"unet": components.unet}
         if self.trains_text_encoder:
             mods.update({("text_encoder" if i == 0 else f"text_encoder_{i + 1}"): e
-                         for i, e in enumerate(c.text_encoders)})
+                         for i, e in enumerate(components.text_encoders)})
         return mods
 
-    def peft_state_dicts(self, c: Components) -> dict[str, dict[str, torch.Tensor]]:
+    def peft_state_dicts(self, components: Components) -> dict[str, dict[str, torch.Tensor]]:
         """Module prefix → its LoRA weights in diffusers key layout (fp32, on CPU)."""
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
         out = {}
-        for prefix, module in self.trainable_modules(c).items():
+        for prefix, module in self.modules(components).items():
             sd = get_peft_model_state_dict(module)
             out[prefix] = {k: v.detach().to("cpu", torch.float32).contiguous()
                            for k, v in convert_state_dict_to_diffusers(sd).items()}
         return out
 
-    def export(self, c: Components, out_dir: Path) -> list[Path]:
-        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    def export(self, components: Components, out_dir: Path) -> list[Path]:
         from diffusers.utils import convert_state_dict_to_kohya
         from peft.utils import get_peft_model_state_dict
         out_dir.mkdir(parents=True, exist_ok=True)
-        layers = self.peft_state_dicts(c)
-        modules = self.trainable_modules(c)
+        layers = self.peft_state_dicts(components)
+        modules = self.modules(components)
         kwargs = {f"{prefix}_lora_layers": sd for prefix, sd in layers.items()}
         kwargs.update({f"{prefix}_lora_adapter_metadata": modules[prefix].peft_config["default"].to_dict()
                        for prefix in layers})
-        pipeline_cls = StableDiffusionXLPipeline if c.family == "sdxl" else StableDiffusionPipeline
-        pipeline_cls.save_lora_weights(out_dir, **kwargs)
+        pipeline_class(components.family).save_lora_weights(out_dir, **kwargs)
         # Kohya layout: lora_unet_<path>.lora_down/up.weight + .alpha. diffusers' converter writes alpha = rank
         # (scale 1); ours may differ (r8 α16 → scale 2), so alpha is set from the preset.
         peft_sd = {f"{prefix}.{k}": v.detach().to("cpu", torch.float32)
@@ -204,6 +278,15 @@ class Lora(Method):
                                                         "ss_network_alpha": str(self.preset.lora_alpha)})
         return [out_dir / LORA_FILE, out_dir / KOHYA_FILE]
 
+    def load(self, pipe, final_dir: Path, name: str) -> str:
+        pipe.load_lora_weights(Path(final_dir), weight_name=LORA_FILE, adapter_name=name)
+        return name
+
+    def apply(self, pipe, loaded: str, scale: float) -> None:
+        """Only this run's adapter active, at `scale` (diffusers' set_adapters; other loaded runs are off)."""
+        pipe.enable_lora()
+        pipe.set_adapters([loaded], adapter_weights=[scale])
+
 
 METHODS: dict[str, type[Method]] = {"crossattn": CrossAttention, "lora": Lora}
 
@@ -215,5 +298,5 @@ def register_method(name: str, cls: type[Method]) -> None:
 
 def make_method(preset: Preset) -> Method:
     if preset.method not in METHODS:
-        raise KeyError(f"unknown method {preset.method!r}; known: {sorted(METHODS)}")
+        raise ValueError(f"unknown method {preset.method!r}; known: {sorted(METHODS)}")
     return METHODS[preset.method](preset)

@@ -183,9 +183,3 @@ def cache_summary(dataset: TrainDataset) -> str:
         size = sum(p.stat().st_size for p in folder.iterdir())
         lines.append(f"{name:<8} {dataset.cache_status[name]:<8} {size / 2**20:8.2f} MiB  {folder}")
     return "\n".join(lines)
-
-
-# Transitional (issue 9): helpers.memory, .sampling, .prompts and notebook 02 still import these from here. Remove
-# this block once they import CACHE_ENCODE_PIXELS from helpers.caches and the rest from helpers.sources.
-from .caches import CACHE_ENCODE_PIXELS  # noqa: E402,F401
-from .sources import CIFAR10_CLASSES, HELD_OUT_TEMPLATES, TRAIN_TEMPLATES, fill_template  # noqa: E402,F401

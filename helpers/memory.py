@@ -23,7 +23,7 @@ from .memory_meta import (GIB, crossattn_parameter_count, full_size_clip, full_s
                           full_size_unet, full_size_vae, lora_parameter_count, measure_training, parameter_counts,
                           text_encode_bytes, text_lora_sizes, unet_inference_bytes, vae_decode_bytes,
                           vae_encode_bytes)
-from .data import CACHE_ENCODE_PIXELS
+from .caches import CACHE_ENCODE_PIXELS
 from .presets import SD15, SDXL, SDXL_VAE_FIX, Preset, get_preset
 
 T4_USABLE_GIB = 14.74  # what torch reports as a Colab T4's "total capacity" (16 GB board, ECC and reserve off)

@@ -142,21 +142,23 @@ def lora_parameter_count(unet: torch.nn.Module, rank: int, targets) -> int:
 
 
 def make_trainable(unet: torch.nn.Module, method: str, rank: int, targets, dropout: float) -> list[int]:
-    """Freeze `unet` and unfreeze (adding LoRA if needed) what `method` trains; returns each trainable tensor's size."""
-    unet.requires_grad_(False)
-    if method == "crossattn":
-        for name, module in unet.named_modules():
-            if name.endswith("attn2"):
-                module.requires_grad_(True)
-    elif method in ("lora", "prior"):  # prior: its UNet side is a LoRA (the prior network itself is not counted)
-        _add_lora(unet, rank, targets, dropout)
-        for name, p in unet.named_parameters():
-            p.requires_grad_("lora_" in name)
-    elif method == "full":  # not a preset method; checks the model against full fine-tune reports
+    """Apply the method's OWN setup (helpers.adapters) to `unet` and return each trainable tensor's size, so the
+    plan counts exactly what training trains. "full" (every UNet weight) exists only for the calibration reports."""
+    from .adapters import METHODS, make_method
+    from .models import Components
+    from .presets import Preset
+    if method == "full":
         unet.requires_grad_(True)
-    else:
-        raise ValueError(f"unknown training method {method!r}; known: crossattn, lora, prior, full")
-    return [p.numel() for p in unet.parameters() if p.requires_grad]
+        return [p.numel() for p in unet.parameters()]
+    if method == "prior" and "prior" not in METHODS:  # until notebook 04 registers it: its UNet side is a LoRA
+        method = "lora"
+    preset = Preset("memory-plan", "t4", "sd15", "", "", "", method, resolution=512, batch_size=1, grad_accum=1,
+                    max_steps=1, learning_rate=1e-4, lora_rank=rank, lora_alpha=rank, lora_dropout=dropout,
+                    lora_targets=tuple(targets))
+    components = Components("sd15", unet, vae=None)
+    trainer_method = make_method(preset)
+    trainer_method.setup(components)
+    return [p.numel() for p in trainer_method.trainable_parameters(components).values()]
 
 
 @lru_cache(maxsize=None)

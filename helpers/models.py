@@ -39,14 +39,15 @@ def vae_scale_factor(vae_config) -> int:
     return 2 ** (len(vae_config.block_out_channels) - 1)
 
 
-def from_pretrained(cls, ref: str, subfolder: str | None, dtype: torch.dtype):
+def from_pretrained(cls, ref: str, subfolder: str | None, dtype: torch.dtype, **kwargs):
     """`cls.from_pretrained` in `dtype`; for fp16 the repository's fp16 variant files when it has them (SDXL's UNet
     is 5.1 GB as fp16 files instead of 10.3 GB in fp32, on a machine with 12.7 GB of RAM), else its plain files."""
-    kwargs = {"subfolder": subfolder} if subfolder else {}
+    if subfolder:
+        kwargs["subfolder"] = subfolder
     if dtype == torch.float16:
         try:
             return cls.from_pretrained(ref, variant="fp16", dtype=dtype, **kwargs)
-        except OSError:  # no fp16 variant in this repository/folder (e.g. the fp16-fix VAE): the plain files
+        except (OSError, ValueError):  # no fp16 variant here (e.g. the fp16-fix VAE): the plain files
             pass
     return cls.from_pretrained(ref, dtype=dtype, **kwargs)
 
@@ -148,38 +149,38 @@ def encode_images(vae, pixel_values: torch.Tensor) -> torch.Tensor:
     return vae.encode(pixel_values).latent_dist.parameters
 
 
-def sample_latents(vae_config, latent_params: torch.Tensor, generator: torch.Generator | None = None
-                   ) -> torch.Tensor:
-    """Draw latents from stored distribution parameters and apply the VAE's scaling (and shift, if any)."""
-    mean, logvar = latent_params.float().chunk(2, dim=1)
-    std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
-    noise = torch.randn(mean.shape, generator=generator, device=mean.device if generator is None else
-                        generator.device).to(mean.device)
-    latents = mean + std * noise
-    shift = getattr(vae_config, "shift_factor", None) or 0.0
-    return (latents - shift) * vae_config.scaling_factor
-
-
 def time_ids(original_size, crop_top_left, target_size) -> torch.Tensor:
     """SDXL micro-conditioning per sample: (orig_h, orig_w, crop_top, crop_left, target_h, target_w)."""
     return torch.tensor([*original_size, *crop_top_left, *target_size], dtype=torch.float32)
 
 
-def pipeline_from_components(c: Components, unet=None):
+def pipeline_class(family: str):
+    """The stock diffusers pipeline class of a model family: the one place that maps "sd15"/"sdxl" to a class."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    classes = {"sd15": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline}
+    if family not in classes:
+        raise ValueError(f"unknown model family {family!r}; choose one of {sorted(classes)}")
+    return classes[family]
+
+
+def family_of(pipe) -> str:
+    """"sdxl" or "sd15" for a loaded pipeline (img2img pipelines built from its components included)."""
+    return "sdxl" if "text_encoder_2" in pipe.components else "sd15"
+
+
+def pipeline_from_components(components: Components, unet=None):
     """A stock diffusers pipeline around already-loaded components (no second copy of the weights), for samples
     during training. The scheduler is the base model's own (from its scheduler/ folder)."""
-    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
-    if not c.text_encoders:
+    from diffusers import DPMSolverMultistepScheduler
+    if not components.text_encoders:
         raise ValueError("sampling needs the text encoders loaded (load_components(..., with_text_encoders=True))")
-    scheduler = DPMSolverMultistepScheduler.from_config(c.noise_scheduler.config)
-    unet = unet if unet is not None else c.unet
-    if c.family == "sdxl":
-        pipe = StableDiffusionXLPipeline(vae=c.vae, text_encoder=c.text_encoders[0], text_encoder_2=c.text_encoders[1],
-                                         tokenizer=c.tokenizers[0], tokenizer_2=c.tokenizers[1], unet=unet,
-                                         scheduler=scheduler)
+    scheduler = DPMSolverMultistepScheduler.from_config(components.noise_scheduler.config)
+    parts = dict(vae=components.vae, text_encoder=components.text_encoders[0], tokenizer=components.tokenizers[0],
+                 unet=unet if unet is not None else components.unet, scheduler=scheduler)
+    if components.family == "sdxl":
+        parts.update(text_encoder_2=components.text_encoders[1], tokenizer_2=components.tokenizers[1])
     else:
-        pipe = StableDiffusionPipeline(vae=c.vae, text_encoder=c.text_encoders[0], tokenizer=c.tokenizers[0],
-                                       unet=unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                       requires_safety_checker=False)
+        parts.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe = pipeline_class(components.family)(**parts)
     pipe.set_progress_bar_config(disable=True)
     return pipe

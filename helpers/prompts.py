@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from .data import CIFAR10_CLASSES, HELD_OUT_TEMPLATES, TRAIN_TEMPLATES, fill_template
+from .sources import CIFAR10_CLASSES, HELD_OUT_TEMPLATES, TRAIN_TEMPLATES, fill_template
 
 # Written for the purpose in the wording of the Naruto BLIP captions ("a man with a sword in his hand"), not copied
 # from them: in-domain prompts the LoRA should draw in the show's style.

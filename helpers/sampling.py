@@ -30,19 +30,22 @@ VAE_TILE_PX = 512  # tiled decode in 512 px tiles (the SD/fp16-fix VAE configs' 
 #                    which would leave a 1024 px image untiled): helpers.memory models this tile
 
 
-def load_pipeline(preset: Preset, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
-                  progress: bool = True):
-    """The stock StableDiffusionPipeline (sd15) or StableDiffusionXLPipeline (sdxl) for `preset.model`, with
-    `preset.vae` swapped in when set. fp16 on CUDA, fp32 on CPU (fp16 is slow and inexact there). Real SD1.5 keeps
-    its default safety checker; the tiny pipelines were saved without one."""
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline
+def load_pipeline(preset: Preset, device: torch.device | str | None = None, progress: bool = True):
+    """The stock pipeline of `preset.family` for `preset.model` (fp16 variant files where they exist), with
+    `preset.vae` swapped in when set; dtypes by helpers.precision (fp16 on a T4, the VAE upcast where its config
+    says so). Real SD1.5 keeps its default safety checker; the tiny pipelines were saved without one."""
+    from diffusers import AutoencoderKL
+    from .models import from_pretrained, pipeline_class
+    from .precision import precision_for
     device = torch.device(device or default_device())
-    dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
-    if preset.family not in ("sd15", "sdxl"):
-        raise ValueError(f"unknown model family {preset.family!r}; choose 'sd15' or 'sdxl'")
-    cls = StableDiffusionPipeline if preset.family == "sd15" else StableDiffusionXLPipeline
-    extra = {"vae": AutoencoderKL.from_pretrained(resolve(preset.vae), dtype=dtype)} if preset.vae else {}
-    pipe = cls.from_pretrained(resolve(preset.model), dtype=dtype, **extra)
+    precision = precision_for(preset.mixed_precision, device)
+    extra = {}
+    if preset.vae:
+        config = AutoencoderKL.load_config(resolve(preset.vae))
+        vae_dtype = precision.vae_dtype(config.get("force_upcast", False), preset.vae_fp32)
+        extra["vae"] = from_pretrained(AutoencoderKL, resolve(preset.vae), None, vae_dtype)
+    pipe = from_pretrained(pipeline_class(preset.family), resolve(preset.model), None, precision.weight_dtype,
+                           **extra)
     pipe.set_progress_bar_config(disable=not progress)
     return pipe.to(device)
 

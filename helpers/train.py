@@ -1,12 +1,11 @@
-"""The one training loop of the series, on accelerate. Every notebook trains through `Trainer`; what differs
-between methods lives in helpers.adapters, and everything around the loop (checkpoints, samples, logs) is a hook.
-
-The loop follows diffusers' train_text_to_image(_lora)(_sdxl).py: latents from the VAE (or their cache), Gaussian
-noise (+ optional offset noise), uniform timesteps, DDPM forward noising, epsilon or v-prediction target from the
-scheduler config, MSE with optional Min-SNR-γ weighting.
+"""The one training loop of the series, on accelerate. Every notebook trains through `Trainer`; what trains and
+its loss belong to the method (helpers.adapters), and everything around the loop (logs, checkpoints, samples,
+exports) is a hook (helpers.hooks). The loop owns accumulation, fp16 autocast + GradScaler (helpers.precision),
+clipping, the LR schedule, checkpoint/resume and several processes (`accelerate launch`).
 
 Exact resume: data order is a permutation seeded by (seed, epoch); the position (epoch, batch) is checkpointed with
-the RNG states, so a resumed run draws the same batches, noise and timesteps as one never interrupted.
+the RNG states, and every per-sample draw is keyed by (seed, epoch, index) (helpers.diffusion), so a resumed run
+draws the same batches, noise and timesteps as one never interrupted, and so does a run on more processes.
 """
 from __future__ import annotations
 
@@ -16,13 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch.utils.data import default_collate
-from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
 from .adapters import Method, make_method
-from .models import Components, encode_images, on_device, release_cuda_cache, sample_latents
+from .diffusion import SampleDraws
+from .models import Components, release_cuda_cache
 from .precision import Precision, forked_rng, precision_for
 from .presets import Preset
 from .runtime import seed_everything
@@ -38,7 +36,7 @@ class TrainingStopped(RuntimeError):
 class TrainState:
     step: int = 0  # optimizer steps done
     epoch: int = 0  # current pass over the data
-    batch_in_epoch: int = 0  # batches of this epoch already consumed (this process)
+    batch_in_epoch: int = 0  # batches of this epoch already consumed (by this process)
     resumed_from: str | None = None  # checkpoint folder we resumed from
     losses: list[float] = field(default_factory=list)  # one mean loss per optimizer step (this session)
     last_loss: float = float("nan")
@@ -50,11 +48,14 @@ class TrainState:
 
 # ---------------------------------------------------------------- pieces
 
-def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """The batches of one epoch: a permutation seeded by (seed, epoch), so any epoch can be replayed exactly."""
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, processes: int = 1) -> list[list[int]]:
+    """The batches of one epoch: a permutation seeded by (seed, epoch), so any epoch can be replayed exactly. With
+    several processes, process r takes batches r, r + P, …; the count is cut to a multiple of P so every process
+    takes part in every optimizer step (a process left without a batch would hang the others)."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     order = torch.randperm(n, generator=g).tolist()
-    return [order[i:i + batch_size] for i in range(0, n, batch_size)]
+    batches = [order[i:i + batch_size] for i in range(0, n, batch_size)]
+    return batches[:len(batches) // processes * processes]
 
 
 def make_optimizer(params: list[torch.nn.Parameter], preset: Preset, device: torch.device):
@@ -76,32 +77,6 @@ def make_lr_scheduler(optimizer, preset: Preset):
     if name is None:
         raise ValueError(f"unknown lr_schedule {preset.lr_schedule!r}: use 'constant' or 'cosine'")
     return get_scheduler(name, optimizer, num_warmup_steps=preset.warmup_steps, num_training_steps=preset.max_steps)
-
-
-def diffusion_loss(unet, noise_scheduler, latents: torch.Tensor, cond: dict, preset: Preset) -> torch.Tensor:
-    """Noise the latents at random timesteps and score the UNet's prediction (diffusers' reference recipe)."""
-    noise = torch.randn_like(latents)
-    if preset.noise_offset:
-        noise += preset.noise_offset * torch.randn(latents.shape[0], latents.shape[1], 1, 1, device=latents.device)
-    bsz = latents.shape[0]
-    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (bsz,), device=latents.device).long()
-    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-    prediction_type = noise_scheduler.config.prediction_type
-    if prediction_type == "epsilon":
-        target = noise
-    elif prediction_type == "v_prediction":
-        target = noise_scheduler.get_velocity(latents, noise, timesteps)
-    else:
-        raise ValueError(f"unsupported prediction_type {prediction_type!r}")
-    pred = unet(noisy, timesteps, **cond).sample
-    if preset.snr_gamma is None:
-        return F.mse_loss(pred.float(), target.float())
-    from diffusers.training_utils import compute_snr
-    snr = compute_snr(noise_scheduler, timesteps)
-    weights = torch.clamp(snr, max=preset.snr_gamma)
-    weights = weights / snr if prediction_type == "epsilon" else weights / (snr + 1)
-    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-    return (per_sample * weights).mean()
 
 
 def nan_message(step: int, preset: Preset) -> str:
@@ -150,7 +125,10 @@ class Trainer:
         from accelerate import Accelerator
         self.preset, self.c, self.dataset, self.run_dir = preset, components, dataset, Path(run_dir)
         self.method = method or make_method(preset)
-        self.hooks = list(hooks) if hooks is not None else default_hooks(preset)
+        if hooks is None:
+            from .hooks import default_hooks
+            hooks = default_hooks(preset)
+        self.hooks = list(hooks)
         # Mixed precision is ours, not accelerate's: accelerate silently turns fp16 off on a CPU, and the T4-dtype
         # test mode must run the very autocast + GradScaler code a T4 runs (helpers.precision).
         self.accelerator = accelerator or Accelerator(mixed_precision="no",
@@ -165,16 +143,18 @@ class Trainer:
         acc, c, p = self.accelerator, self.c, self.preset
         seed_everything(p.seed)  # adapter init (LoRA A), noise and timesteps all start from the preset seed
         self.method.setup(c)
+        modules = self.method.modules(c)
         if p.gradient_checkpointing:
-            c.unet.enable_gradient_checkpointing()
+            for module in modules.values():
+                if hasattr(module, "enable_gradient_checkpointing"):
+                    module.enable_gradient_checkpointing()
         self.trainable = self.method.trainable_parameters(c)
         if not self.trainable:
             raise ValueError(f"method {self.method.name!r} left no parameter trainable")
         self.optimizer = make_optimizer(list(self.trainable.values()), p, acc.device)
         self.lr_scheduler = make_lr_scheduler(self.optimizer, p)
         self.scaler = self.precision.grad_scaler(self.loss_scale)
-        self.unet = acc.prepare(c.unet)
-        self.weight_dtype = next(p_ for p_ in c.unet.parameters() if not p_.requires_grad).dtype
+        self.models = {name: acc.prepare(module) for name, module in modules.items()}
         self._offload_cached_encoders()
         found = ckpt.latest_good(self.run_dir)
         if found is not None:
@@ -206,6 +186,25 @@ class Trainer:
             module.to("cpu")
         release_cuda_cache()
 
+    # ---- what notebooks may ask
+    @property
+    def model(self) -> torch.nn.Module:
+        """The trained module (unwrapped): the UNet for crossattn/LoRA, the prior network for a prior."""
+        return self.accelerator.unwrap_model(next(iter(self.models.values())))
+
+    @property
+    def trainable_parameter_count(self) -> int:
+        return sum(p.numel() for p in self.trainable.values())
+
+    @property
+    def is_main_process(self) -> bool:
+        """Only the main process writes checkpoints, logs, samples and exports; the others wait at a barrier."""
+        return self.accelerator.is_main_process
+
+    def _train_mode(self, training: bool) -> None:
+        for module in self.models.values():
+            module.train(training)
+
     @property
     def position(self) -> dict:
         return {"epoch": self.state.epoch, "batch_in_epoch": self.state.batch_in_epoch,
@@ -217,29 +216,19 @@ class Trainer:
                                     keep=self.preset.keep_checkpoints)
 
     # ---- one micro-batch
-    def _loss(self, batch: dict) -> torch.Tensor:
-        c, device = self.c, self.accelerator.device
-        if "latent_params" in batch:
-            params = batch["latent_params"].to(device)
-        else:
-            with torch.no_grad():
-                params = encode_images(c.vae, batch["pixel_values"])
-        latents = sample_latents(c.vae.config, params).to(device)
-        cond = self.method.conditioning(c, batch, device, self.weight_dtype)
-        return diffusion_loss(self.unet, c.noise_scheduler, latents, cond, self.preset)
+    def _loss(self, batch: dict, epoch: int, seed: int | None = None) -> torch.Tensor:
+        draws = SampleDraws(self.preset.seed if seed is None else seed, epoch, batch["index"], self.accelerator.device)
+        return self.method.loss(self.c, batch, self.models, draws, self.precision.weight_dtype)
 
     @torch.no_grad()
     def fixed_noise_loss(self, batch: dict, seeds: tuple[int, ...] = (0, 1, 2, 3)) -> float:
-        """Loss on one fixed batch with fixed noise and timesteps (a forked, seeded RNG): unlike the training loss
-        it has no sampling noise, so before/after values show real progress. Training randomness is untouched."""
-        was_training = self.unet.training
-        self.unet.eval()
-        losses = []
+        """Loss on one fixed batch with fixed draws (keyed by `seeds`): unlike the training loss it has no sampling
+        noise, so before/after values show real progress. Training randomness is untouched."""
+        was_training = next(iter(self.models.values())).training
+        self._train_mode(False)
         with forked_rng(self.accelerator.device), self.precision.autocast():
-            for seed in seeds:
-                torch.manual_seed(seed)
-                losses.append(float(self._loss(batch)))
-        self.unet.train(was_training)
+            losses = [float(self._loss(batch, epoch=0, seed=seed)) for seed in seeds]
+        self._train_mode(was_training)
         return sum(losses) / len(losses)
 
     def _batches(self):
@@ -248,24 +237,29 @@ class Trainer:
         if n == 0:
             raise ValueError("the dataset is empty: nothing to train on (check the validation report)")
         while True:
-            batches = epoch_batches(n, self.preset.batch_size, self.preset.seed, self.state.epoch)
+            epoch = self.state.epoch
+            batches = epoch_batches(n, self.preset.batch_size, self.preset.seed, epoch, acc.num_processes)
+            if not batches:
+                raise ValueError(f"{n} images make fewer than {acc.num_processes} batches of "
+                                 f"{self.preset.batch_size}: lower batch_size or the number of processes")
             mine = batches[acc.process_index::acc.num_processes]
             if hasattr(self.dataset, "set_epoch"):
-                self.dataset.set_epoch(self.state.epoch)
+                self.dataset.set_epoch(epoch)
             for i in range(self.state.batch_in_epoch, len(mine)):
-                yield i, default_collate([self.dataset[j] for j in mine[i]])
-            self.state.epoch, self.state.batch_in_epoch = self.state.epoch + 1, 0
+                yield epoch, i, default_collate([self.dataset[j] for j in mine[i]])
+            self.state.epoch, self.state.batch_in_epoch = epoch + 1, 0
 
     # ---- the loop
-    def _micro_step(self, batch: dict) -> float:
-        """Forward and backward of one micro-batch (loss scaled for fp16, divided for accumulation). Its tensors
-        live only in this frame, so an exception raised from here keeps no activations alive."""
+    def _micro_step(self, batch: dict, epoch: int) -> float:
+        """Forward and backward of one micro-batch (loss scaled for fp16, divided for accumulation); returns the
+        loss averaged over processes. Its tensors live only in this frame, so an exception raised from here keeps
+        no activations alive."""
         with self.precision.autocast():
-            loss = self._loss(batch)
+            loss = self._loss(batch, epoch)
         if not torch.isfinite(loss):
             raise TrainingStopped(nan_message(self.state.step, self.preset))
         self.accelerator.backward(self.scaler.scale(loss))
-        return loss.detach().float().item()
+        return self.accelerator.reduce(loss.detach().float(), "mean").item()
 
     def _optimizer_step(self) -> bool:
         """Unscale, clip, step. Returns False when the GradScaler skipped the step (inf/NaN fp16 gradients)."""
@@ -281,7 +275,7 @@ class Trainer:
     def run(self) -> TrainState:
         acc, p, st = self.accelerator, self.preset, self.state
         self._setup()
-        self.unet.train()
+        self._train_mode(True)
         for hook in self.hooks:
             hook.on_start(self)
         micro_losses: list[float] = []
@@ -290,9 +284,9 @@ class Trainer:
         stopped = None
         try:
             while st.step < p.max_steps:
-                i, batch = next(batches)
-                with acc.accumulate(self.unet):
-                    micro_losses.append(self._micro_step(batch))
+                epoch, i, batch = next(batches)
+                with acc.accumulate(*self.models.values()):
+                    micro_losses.append(self._micro_step(batch, epoch))
                 st.batch_in_epoch = i + 1
                 if not acc.sync_gradients:
                     continue
@@ -333,163 +327,7 @@ class Trainer:
         return st
 
     def _log_event(self, event: str, **fields) -> None:
+        if not self.is_main_process:
+            return
         with open(self.run_dir / "log.jsonl", "a") as f:
             f.write(json.dumps({"event": event, "step": self.state.step, **fields}) + "\n")
-
-
-# ---------------------------------------------------------------- hooks
-
-class Hook:
-    def on_start(self, trainer: Trainer) -> None: ...
-
-    def on_step(self, trainer: Trainer) -> None: ...
-
-    def on_end(self, trainer: Trainer) -> None: ...
-
-
-def read_log(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / "log.jsonl"
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:  # a line cut by a kill
-            continue
-    return rows
-
-
-class LogHook(Hook):
-    """tqdm bar (step, loss, lr, it/s, ETA) and log.jsonl; on resume, steps after the checkpoint are dropped from
-    the log so no step appears twice. Draws loss_curve.png at the end."""
-
-    def on_start(self, t: Trainer) -> None:
-        path = t.run_dir / "log.jsonl"
-        # Rows up to the resumed checkpoint stay; events logged after it (at its step or later) are replayed.
-        kept = [r for r in read_log(t.run_dir)
-                if ("loss" in r and r.get("step", 0) <= t.state.step) or r.get("step", 0) < t.state.step]
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        tmp.replace(path)
-        self.bar = tqdm(total=t.preset.max_steps, initial=t.state.step, desc=t.preset.name, unit="step")
-        self.t0 = time.perf_counter()
-
-    def on_step(self, t: Trainer) -> None:
-        st = t.state
-        row = {"step": st.step, "loss": st.last_loss, "lr": st.last_lr, "grad_norm": st.last_grad_norm,
-               "epoch": st.epoch, "skipped_steps": st.skipped_steps, "time": round(time.perf_counter() - self.t0, 3)}
-        with open(t.run_dir / "log.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
-        postfix = dict(loss=f"{st.last_loss:.4f}", lr=f"{st.last_lr:.2e}")
-        if st.skipped_steps:
-            postfix["fp16_skipped"] = st.skipped_steps
-        self.bar.set_postfix(postfix)
-        self.bar.update(1)
-
-    def on_end(self, t: Trainer) -> None:
-        self.bar.close()
-        plot_loss(t.run_dir)
-
-
-class CheckpointHook(Hook):
-    """Checkpoint every `preset.checkpoint_every` steps and at the end."""
-
-    def on_step(self, t: Trainer) -> None:
-        if t.state.step % t.preset.checkpoint_every == 0 or t.state.step == t.preset.max_steps:
-            t.save_checkpoint()
-
-
-class ExportHook(Hook):
-    """At the end, export the trained weights into final/ in the method's formats."""
-
-    def on_end(self, t: Trainer) -> None:
-        self.files = t.method.export(t.c, t.run_dir / "final")
-        print("exported: " + ", ".join(str(f) for f in self.files))
-
-
-class SampleHook(Hook):
-    """Every `preset.sample_every` steps and at the end, images from the fixed prompts and seeds go to samples/
-    (and inline in a notebook). Sampling runs under a forked RNG so it never changes the training randomness."""
-
-    def __init__(self, seeds: tuple[int, ...] = (0,), show: bool = True):
-        self.seeds, self.show = seeds, show
-
-    def on_step(self, t: Trainer) -> None:
-        if t.preset.sample_every and t.state.step % t.preset.sample_every == 0:
-            self.sample(t)
-
-    def on_end(self, t: Trainer) -> None:
-        if not (t.preset.sample_every and t.state.step % t.preset.sample_every == 0):
-            self.sample(t)
-
-    def sample(self, t: Trainer) -> Path | None:
-        """Sample images under a forked RNG. The VAE and text encoders come back to the GPU only for this (the
-        training state stays resident); at ≥ 768 px images are drawn one at a time with VAE slicing/tiling."""
-        from .models import pipeline_from_components
-        from .sampling import generate, image_grid, prompt_seed_pairs
-        if not t.preset.sample_prompts or not t.c.text_encoders:
-            return None
-        prompts, seeds = prompt_seed_pairs(list(t.preset.sample_prompts), list(self.seeds))
-        device = t.accelerator.device
-        release_cuda_cache()  # the last step's activations and gradients are gone: give their blocks back
-        try:
-            with forked_rng(device), on_device([*t.c.text_encoders, t.c.vae], device):
-                t.unet.eval()
-                pipe = pipeline_from_components(t.c, t.accelerator.unwrap_model(t.unet))
-                images = generate(pipe, prompts, seeds, steps=t.preset.sample_steps, height=t.preset.resolution,
-                                  width=t.preset.resolution)
-        except torch.OutOfMemoryError:
-            oom = True
-        else:
-            oom = False
-        finally:
-            t.unet.train()
-        if oom:  # raised outside the handler: the exception keeps no sampling tensors alive
-            raise TrainingStopped(sampling_oom_message(t.preset, t.state.step))
-        path = t.run_dir / "samples" / f"step-{t.state.step:06d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        grid = image_grid(images, rows=1, cols=len(images), labels=prompts, title=f"step {t.state.step}")
-        grid.save(path)
-        if self.show:
-            _display(grid)
-        return path
-
-
-def default_hooks(preset: Preset) -> list[Hook]:
-    return [LogHook(), CheckpointHook(), SampleHook(), ExportHook()]
-
-
-def _display(image) -> None:
-    try:
-        from IPython import get_ipython
-        from IPython.display import display
-        if get_ipython() is not None:
-            display(image)
-    except ImportError:
-        pass
-
-
-def plot_loss(run_dir: Path, smooth: int = 10) -> Path | None:
-    """loss_curve.png from log.jsonl: raw per-step loss and a moving average."""
-    rows = [r for r in read_log(run_dir) if "loss" in r]
-    if not rows:
-        return None
-    import matplotlib
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-    steps, losses = [r["step"] for r in rows], [r["loss"] for r in rows]
-    k = max(1, min(smooth, len(losses) // 5 or 1))
-    avg = [sum(losses[max(0, i - k + 1):i + 1]) / len(losses[max(0, i - k + 1):i + 1]) for i in range(len(losses))]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(steps, losses, alpha=0.35, label="loss")
-    ax.plot(steps, avg, label=f"moving average ({k})")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("diffusion MSE")
-    ax.legend()
-    fig.tight_layout()
-    path = Path(run_dir) / "loss_curve.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-

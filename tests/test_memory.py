@@ -83,7 +83,7 @@ def test_plan_has_every_term_and_the_band_decides_the_verdict():
 
 def test_every_t4_preset_fits_with_a_gib_beyond_the_band():
     # Peak = the caching phase for SDXL (UNet + both text encoders + VAE resident while the VAE encodes batches of
-    # helpers.data.CACHE_ENCODE_PIXELS // px² images; 32·256² would miss the 1 GiB margin).
+    # helpers.caches.CACHE_ENCODE_PIXELS // px² images; 32·256² would miss the 1 GiB margin).
     for name in PRESETS:
         e = memory.estimate_vram(get_preset(name, "t4"))
         print(name, f"peak {e['total_gib']:.2f} ({e['peak_phase']}) band {e['band_gib']:.2f} spare {e['spare_gib']:.2f}")
@@ -147,7 +147,8 @@ def test_optimizer_state_follows_the_bitsandbytes_layout():
 def test_checkpoint_size_formula_matches_a_real_tiny_checkpoint(tmp_path, monkeypatch):
     from helpers import data
     from helpers.models import load_components
-    from helpers.train import CheckpointHook, Trainer
+    from helpers.hooks import CheckpointHook
+    from helpers.train import Trainer
     monkeypatch.setenv("LAB_STORAGE", str(tmp_path / "storage"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     preset = get_preset("sd15_xattn_cifar10", "tiny", max_steps=2, checkpoint_every=2, sample_every=0)

@@ -75,3 +75,30 @@ def test_another_method_brings_its_own_learning_rate_and_rank():
             assert set(values) == {"t4", "tiny"}, name
             for fields in values.values():
                 assert set(fields) <= {f.name for f in dataclasses.fields(presets.Preset)}
+
+
+def test_the_arithmetic_in_the_preset_comments():
+    """Each t4 preset's comment states images/step, steps/epoch or epochs: recompute them from the fields."""
+    import re
+    source = open(presets.__file__).read()
+    naruto_images = 1221  # lambdalabs/naruto-blip-captions
+    for name in PRESETS:
+        block = source[source.index(f'"{name}": {{'):]
+        comment = block[:block.index('"t4": Preset(')]
+        p = get_preset(name, "t4")
+        per_step = re.search(r"(\d+) × (\d+)(?: accumulation)? = (\d+) images/step", comment)
+        assert per_step, f"{name}: its comment does not state the images per step"
+        if per_step:
+            b, a, n = map(int, per_step.groups())
+            assert (b, a, n) == (p.batch_size, p.grad_accum, p.images_per_step), name
+        if p.dataset == "naruto":
+            per_epoch = naruto_images / p.images_per_step
+            epochs = re.search(r"(\d+) steps = ([\d,]+) images ≈ ([\d.]+) epochs", comment)
+            if epochs:
+                steps, images, n_epochs = int(epochs[1]), int(epochs[2].replace(",", "")), float(epochs[3])
+                assert steps == p.max_steps and images == steps * p.images_per_step, name
+                assert abs(n_epochs - images / naruto_images) < 0.05, name
+            per = re.search(r"→ ([\d.]+) steps/epoch; 5 epochs ≈ (\d+)", comment)
+            if per:
+                assert abs(float(per[1]) - per_epoch) < 0.05 and abs(int(per[2]) - 5 * per_epoch) < 1, name
+                assert abs(p.max_steps - 5 * per_epoch) < 2, name

@@ -1,14 +1,14 @@
 """helpers.prompts: prompt sets as data, their constructors and the checks on a user's list."""
 import pytest
 
-from helpers import data, prompts
+from helpers import prompts, sources
 
 
 def test_cifar_sets_are_templates_times_classes():
     train = prompts.cifar_prompts("train")
     assert (train.name, train.split) == ("cifar train", "train")
-    assert train.prompts == tuple(data.fill_template(t, c) for t in data.TRAIN_TEMPLATES
-                                  for c in data.CIFAR10_CLASSES)
+    assert train.prompts == tuple(sources.fill_template(t, c) for t in sources.TRAIN_TEMPLATES
+                                  for c in sources.CIFAR10_CLASSES)
     held_out = prompts.cifar_prompts("held-out", n_templates=2)
     assert len(held_out) == 2 * 10 and held_out.split == "held-out"
     assert held_out.prompts[:2] == ("a painting of an airplane", "a painting of an automobile")
@@ -26,7 +26,7 @@ def test_written_sets_are_valid_and_distinct():
     assert [s.name for s in sets] == list(prompts.STANDARD)
     assert len(prompts.naruto_prompts()) == 8 and len(prompts.held_out_subjects()) == 6
     subjects = " ".join(prompts.HELD_OUT_SUBJECTS + prompts.GENERIC)
-    assert [c for c in data.CIFAR10_CLASSES if c in subjects] == ["horse"]  # only ridden by an astronaut
+    assert [c for c in sources.CIFAR10_CLASSES if c in subjects] == ["horse"]  # only ridden by an astronaut
     styled = prompts.held_out_subjects("anime style")
     assert styled.name == "held-out subjects (anime style)"
     assert styled.prompts[0] == "a lighthouse on a cliff, anime style"

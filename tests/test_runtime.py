@@ -38,8 +38,11 @@ def test_real_profile_without_gpu_is_refused_clearly(monkeypatch, capsys):
 
 
 def test_storage_and_run_dirs(tmp_path, monkeypatch):
+    from helpers import presets, runs
     monkeypatch.setenv("LAB_STORAGE", str(tmp_path))
     assert runtime.storage_root(CPU) == tmp_path
+    lora = presets.get_preset("sd15_xattn_cifar10", "t4", method="lora")
+    assert runs.run_folder(lora) == tmp_path / "runs" / "sd15_xattn_cifar10-lora-t4"  # one naming rule
     run = runtime.run_dir("my-run")
     assert run == tmp_path / "runs" / "my-run" and run.is_dir()
     for bad in ("", "../escape", "a/b", ".hidden"):
@@ -60,7 +63,9 @@ def test_seed_everything_repeats_every_generator():
 
 def test_environment_summary_and_versions():
     env = runtime.detect()
-    assert env.cuda_name is None and env.ram_gb > 1  # this CPU machine
-    assert "GPU: none" in env.summary()
+    assert (env.cuda_name is None) == (not torch.cuda.is_available()) and env.ram_gb > 1
+    assert ("GPU: none" in env.summary()) == (env.cuda_name is None)
+    if env.cuda_name:
+        assert env.vram_gb > 0 and env.cuda_name in env.summary()
     v = runtime.versions()
     assert torch.__version__.startswith(v["torch"]) and v["diffusers"] != "not installed"

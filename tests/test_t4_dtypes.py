@@ -17,7 +17,8 @@ from helpers import adapters, checkpoint, data, presets, sampling, tiny
 from helpers.evaluate import ClipScorer
 from helpers.models import load_components, pipeline_from_components
 from helpers.precision import T4_DTYPES_ENV, cuda_fork_devices, precision_for
-from helpers.train import CheckpointHook, Hook, LogHook, SampleHook, Trainer, TrainingStopped, read_log
+from helpers.hooks import CheckpointHook, ExportHook, Hook, LogHook, SampleHook, read_log
+from helpers.train import Trainer, TrainingStopped
 
 
 @pytest.fixture
@@ -291,7 +292,6 @@ def test_precision_rule_is_fp32_on_cpu_unless_asked():
 def test_exported_t4_dtype_lora_loads_in_stock_fp16_pipeline(storage, tmp_path, t4_dtypes):
     """An export from fp16 training is fp32 on disk and loads into a stock fp16 pipeline."""
     from diffusers import StableDiffusionXLPipeline
-    from helpers.train import ExportHook
     preset = small(max_steps=2)
     c = load_components(preset)
     Trainer(preset, c, data.prepare_dataset(preset, c), tmp_path / "run", hooks=[ExportHook()]).run()

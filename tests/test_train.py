@@ -13,7 +13,8 @@ from torch.utils.data import default_collate
 
 from helpers import adapters, checkpoint, data, presets, tiny
 from helpers.models import load_components
-from helpers.train import CheckpointHook, ExportHook, Hook, LogHook, Trainer, TrainingStopped, read_log
+from helpers.hooks import CheckpointHook, ExportHook, Hook, LogHook, read_log
+from helpers.train import Trainer, TrainingStopped
 
 DRIVER = Path(__file__).with_name("train_driver.py")
 
@@ -314,3 +315,45 @@ def test_fp16_base_trains_fp32_weights(method):
     assert trainable and all(p.dtype == torch.float32 for p in trainable.values())
     frozen = [p for p in unet.parameters() if not p.requires_grad]
     assert frozen and all(p.dtype == torch.float16 for p in frozen)
+
+
+# ---------------------------------------------------------------- finished runs load back into ONE pipeline
+
+def test_finished_runs_load_back_and_switch_in_one_stock_pipeline(storage, tmp_path):
+    """crossattn and LoRA runs into one stock SD1.5 pipeline: base / each run / a LoRA scale, switched in place."""
+    from helpers import runs, sampling
+    c_by_method, folders = {}, {}
+    for method in ("crossattn", "lora"):
+        preset = presets.get_preset("sd15_xattn_cifar10", "tiny", method=method, max_steps=4, sample_every=0,
+                                    max_train_images=16)
+        c = load_components(preset)
+        folders[method] = runs.run_folder(preset)
+        assert folders[method].name == f"sd15_xattn_cifar10-{method}-tiny"
+        Trainer(preset, c, data.prepare_dataset(preset, c), folders[method], hooks=[ExportHook()]).run()
+        c_by_method[method] = c
+    pipe = sampling.load_pipeline(presets.get_preset("sd15_xattn_cifar10", "tiny"), "cpu")
+    x, t, kw = unet_inputs(c_by_method["crossattn"])
+
+    def out():
+        with torch.no_grad():
+            return pipe.unet(x, t, **kw).sample
+
+    base = out()
+    board = runs.RunSet(pipe)
+    names = {m: board.add(folders[m]) for m in folders}
+    assert runs.finished_runs(storage) == sorted(folders.values())
+    torch.testing.assert_close(out(), base)  # loading switches nothing on
+    for method, c in c_by_method.items():
+        board.use(names[method])
+        with torch.no_grad():
+            c.unet.eval()
+            trained = c.unet(x, t, **kw).sample
+        torch.testing.assert_close(out(), trained, atol=1e-5, rtol=1e-4)
+    board.use(names["lora"], 0.0)
+    torch.testing.assert_close(out(), base, atol=1e-6, rtol=1e-5)  # LoRA scale 0 = the base model
+    board.use(None)
+    torch.testing.assert_close(out(), base)
+    variants = [board.variant(None), board.variant(names["lora"], 0.5)]
+    assert [v.name for v in variants] == ["base", "sd15_xattn_cifar10-lora-tiny ×0.5"]
+    with pytest.raises(FileNotFoundError, match="not a finished run"):
+        runs.run_preset(tmp_path)

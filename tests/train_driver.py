@@ -35,7 +35,8 @@ def main() -> None:
 
     from helpers import checkpoint, data, presets
     from helpers.models import load_components
-    from helpers.train import CheckpointHook, Hook, LogHook, Trainer
+    from helpers.hooks import CheckpointHook, Hook, LogHook
+    from helpers.train import Trainer
 
     torch.set_num_threads(1)  # identical kernels in every process, so runs are bitwise comparable
     preset = presets.get_preset("sd15_xattn_cifar10", "tiny", **OVERRIDES)

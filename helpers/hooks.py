@@ -1,0 +1,191 @@
+"""Everything around the training loop, as hooks the Trainer calls at start, after each optimizer step and at the
+end: logging (tqdm with ETA, log.jsonl, loss curve), checkpoints, sample grids and the final export. Only the main
+process runs their side effects; with several processes the others wait at a barrier."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .models import on_device, release_cuda_cache
+from .precision import forked_rng
+from .presets import Preset
+from .train import Trainer, TrainingStopped, sampling_oom_message
+
+
+class Hook:
+    """Base: every method is optional. Hooks run in every process; side effects belong to the main one."""
+
+    def on_start(self, trainer: Trainer) -> None: ...
+
+    def on_step(self, trainer: Trainer) -> None: ...
+
+    def on_end(self, trainer: Trainer) -> None: ...
+
+
+def read_log(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "log.jsonl"
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut by a kill
+            continue
+    return rows
+
+
+class LogHook(Hook):
+    """tqdm bar (step, loss, lr, it/s, ETA) and log.jsonl; on resume, steps after the checkpoint are dropped from
+    the log so no step appears twice. Draws loss_curve.png at the end."""
+
+    def on_start(self, t: Trainer) -> None:
+        self.bar = None
+        if not t.is_main_process:
+            return
+        path = t.run_dir / "log.jsonl"
+        # Rows up to the resumed checkpoint stay; events logged after it (at its step or later) are replayed.
+        kept = [r for r in read_log(t.run_dir)
+                if ("loss" in r and r.get("step", 0) <= t.state.step) or r.get("step", 0) < t.state.step]
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        tmp.replace(path)
+        self.bar = tqdm(total=t.preset.max_steps, initial=t.state.step, desc=t.preset.name, unit="step")
+        self.t0 = time.perf_counter()
+
+    def on_step(self, t: Trainer) -> None:
+        if self.bar is None:
+            return
+        st = t.state
+        row = {"step": st.step, "loss": st.last_loss, "lr": st.last_lr, "grad_norm": st.last_grad_norm,
+               "epoch": st.epoch, "skipped_steps": st.skipped_steps, "time": round(time.perf_counter() - self.t0, 3)}
+        with open(t.run_dir / "log.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        postfix = dict(loss=f"{st.last_loss:.4f}", lr=f"{st.last_lr:.2e}")
+        if st.skipped_steps:
+            postfix["fp16_skipped"] = st.skipped_steps
+        self.bar.set_postfix(postfix)
+        self.bar.update(1)
+
+    def on_end(self, t: Trainer) -> None:
+        if self.bar is None:
+            return
+        self.bar.close()
+        plot_loss(t.run_dir)
+
+
+class CheckpointHook(Hook):
+    """Checkpoint every `preset.checkpoint_every` steps and at the end."""
+
+    def on_step(self, t: Trainer) -> None:
+        if t.state.step % t.preset.checkpoint_every == 0 or t.state.step == t.preset.max_steps:
+            if t.is_main_process:
+                t.save_checkpoint()
+            t.accelerator.wait_for_everyone()
+
+
+class ExportHook(Hook):
+    """At the end, export the trained weights into final/ in the method's formats."""
+
+    def on_end(self, t: Trainer) -> None:
+        if t.is_main_process:
+            from .runs import write_run_info
+            self.files = t.method.export(t.c, t.run_dir / "final")
+            self.files.append(write_run_info(t.run_dir / "final", t.preset))
+            print("exported: " + ", ".join(str(f) for f in self.files))
+        t.accelerator.wait_for_everyone()
+
+
+class SampleHook(Hook):
+    """Every `preset.sample_every` steps and at the end, images from the fixed prompts and seeds go to samples/
+    (and inline in a notebook). Sampling runs under a forked RNG so it never changes the training randomness."""
+
+    def __init__(self, seeds: tuple[int, ...] = (0,), show: bool = True):
+        self.seeds, self.show = seeds, show
+
+    def on_step(self, t: Trainer) -> None:
+        if t.preset.sample_every and t.state.step % t.preset.sample_every == 0:
+            self.sample(t)
+
+    def on_end(self, t: Trainer) -> None:
+        if not (t.preset.sample_every and t.state.step % t.preset.sample_every == 0):
+            self.sample(t)
+
+    def sample(self, t: Trainer) -> Path | None:
+        """Sample images under a forked RNG. The VAE and text encoders come back to the GPU only for this (the
+        training state stays resident); at ≥ 768 px images are drawn one at a time with VAE slicing/tiling."""
+        from .models import pipeline_from_components
+        from .sampling import generate, image_grid, prompt_seed_pairs
+        if not t.preset.sample_prompts or not t.c.text_encoders:
+            return None
+        if not t.is_main_process:
+            t.accelerator.wait_for_everyone()
+            return None
+        prompts, seeds = prompt_seed_pairs(list(t.preset.sample_prompts), list(self.seeds))
+        device = t.accelerator.device
+        release_cuda_cache()  # the last step's activations and gradients are gone: give their blocks back
+        try:
+            with forked_rng(device), on_device([*t.c.text_encoders, t.c.vae], device):
+                t.c.unet.eval()
+                pipe = pipeline_from_components(t.c)
+                images = generate(pipe, prompts, seeds, steps=t.preset.sample_steps, height=t.preset.resolution,
+                                  width=t.preset.resolution)
+        except torch.OutOfMemoryError:
+            oom = True
+        else:
+            oom = False
+        finally:
+            t.c.unet.train()
+        t.accelerator.wait_for_everyone()
+        if oom:  # raised outside the handler: the exception keeps no sampling tensors alive
+            raise TrainingStopped(sampling_oom_message(t.preset, t.state.step))
+        path = t.run_dir / "samples" / f"step-{t.state.step:06d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        grid = image_grid(images, rows=1, cols=len(images), labels=prompts, title=f"step {t.state.step}")
+        grid.save(path)
+        if self.show:
+            _display(grid)
+        return path
+
+
+def default_hooks(preset: Preset) -> list[Hook]:
+    return [LogHook(), CheckpointHook(), SampleHook(), ExportHook()]
+
+
+def _display(image) -> None:
+    try:
+        from IPython import get_ipython
+        from IPython.display import display
+        if get_ipython() is not None:
+            display(image)
+    except ImportError:
+        pass
+
+
+def plot_loss(run_dir: Path, smooth: int = 10) -> Path | None:
+    """loss_curve.png from log.jsonl: raw per-step loss and a moving average."""
+    rows = [r for r in read_log(run_dir) if "loss" in r]
+    if not rows:
+        return None
+    import matplotlib
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    steps, losses = [r["step"] for r in rows], [r["loss"] for r in rows]
+    k = max(1, min(smooth, len(losses) // 5 or 1))
+    avg = [sum(losses[max(0, i - k + 1):i + 1]) / len(losses[max(0, i - k + 1):i + 1]) for i in range(len(losses))]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(steps, losses, alpha=0.35, label="loss")
+    ax.plot(steps, avg, label=f"moving average ({k})")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("diffusion MSE")
+    ax.legend()
+    fig.tight_layout()
+    path = Path(run_dir) / "loss_curve.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+

@@ -1,0 +1,96 @@
+"""Finished runs: one naming rule for run folders, what a run records about itself, and loading runs back into ONE
+stock pipeline whose adapters are switched per variant (a T4 cannot hold two copies of SDXL).
+
+    pipe = sampling.load_pipeline(preset)
+    runs = RunSet(pipe)
+    tuned = runs.add(run_folder)                     # the run's final/ into the pipeline, switched off
+    variants = [runs.variant(None), runs.variant(tuned), runs.variant(tuned, 0.5)]   # base, tuned, tuned ×0.5
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, fields
+from pathlib import Path
+
+from .adapters import make_method, restore_base_attn2
+from .models import family_of
+from .presets import Preset
+from .runtime import run_dir
+from .sampling import Variant
+
+RUN_FILE = "run.json"  # in final/: the preset the run was trained with
+
+
+def run_name(preset: Preset) -> str:
+    """The folder name of a run: preset, method and profile (`sd15_xattn_cifar10-lora-tiny`)."""
+    return f"{preset.name}-{preset.method}-{preset.profile}"
+
+
+def run_folder(preset: Preset, root: Path | None = None) -> Path:
+    """`<storage>/runs/<run_name(preset)>/`, created if needed."""
+    return run_dir(run_name(preset), root)
+
+
+def write_run_info(final_dir: Path, preset: Preset) -> Path:
+    path = Path(final_dir) / RUN_FILE
+    path.write_text(json.dumps({"preset": asdict(preset)}, indent=2))
+    return path
+
+
+def run_preset(folder: Path) -> Preset:
+    """The preset a finished run was trained with (from final/run.json)."""
+    path = Path(folder) / "final" / RUN_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder} is not a finished run: {path} is missing (train it to the end first)")
+    values = json.loads(path.read_text())["preset"]
+    known = {f.name for f in fields(Preset)}
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in known}
+    return Preset(**values)
+
+
+def finished_runs(root: Path) -> list[Path]:
+    """Run folders under `root/runs` with a final/run.json, sorted by name."""
+    runs = Path(root) / "runs"
+    return sorted(p for p in runs.iterdir() if (p / "final" / RUN_FILE).is_file()) if runs.is_dir() else []
+
+
+class RunSet:
+    """Runs loaded into one pipeline; `use(name, scale)` switches to one of them (or to the base with None)."""
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+        self.loaded: dict[str, tuple] = {}  # name → (method, what its load returned)
+
+    def add(self, folder: Path, name: str | None = None) -> str:
+        folder = Path(folder)
+        preset = run_preset(folder)
+        name = name or folder.name
+        if name in self.loaded:
+            raise ValueError(f"a run named {name!r} is already loaded")
+        family = family_of(self.pipe)
+        if preset.family != family:
+            raise ValueError(f"{folder.name} was trained on {preset.family}, this pipeline is {family}")
+        method = make_method(preset)
+        self.loaded[name] = (method, method.load(self.pipe, folder / "final", name))
+        self.use(None)
+        return name
+
+    def use(self, name: str | None, scale: float = 1.0) -> None:
+        """Switch the pipeline to run `name` at LoRA/weight scale `scale`; None = the base model."""
+        restore_base_attn2(self.pipe.unet)
+        if any(m.name == "lora" for m, _ in self.loaded.values()):
+            self.pipe.disable_lora()
+        if name is None:
+            return
+        if name not in self.loaded:
+            raise KeyError(f"no run {name!r} loaded; loaded: {sorted(self.loaded)}")
+        method, loaded = self.loaded[name]
+        method.apply(self.pipe, loaded, scale)
+
+    def variant(self, name: str | None, scale: float = 1.0, label: str | None = None) -> Variant:
+        """A Variant for evaluation: `name` at `scale` (None = "base")."""
+        label = label or ("base" if name is None else name if scale == 1.0 else f"{name} ×{scale:g}")
+        return Variant(label, lambda pipe: self.use(name, scale))
+
+
+__all__ = ["run_name", "run_folder", "write_run_info", "run_preset", "finished_runs", "RunSet", "RUN_FILE"]
