@@ -103,7 +103,7 @@ def cache_latents(preset: Preset, components, records: list[Record], transform, 
                   batch_size: int | None = None) -> tuple[dict, str, Path]:
     """The latent cache of `records` as `transform` crops (and flips) them: `cached` + `encode_latents`."""
     vae = components.vae
-    fields = dict(kind=preset.dataset, ref=preset.dataset_ref, records=records_digest(records),
+    fields = dict(kind=preset.data_source, ref=preset.data_ref, records=records_digest(records),
                   vae=model_fingerprint(components.vae_ref), vae_dtype=str(vae.dtype), transform=transform.params())
     batch_size = batch_size or encode_batch_size(transform.resolution)
     return cached("latents", fields, len(records), lambda: encode_latents(records, transform, vae, batch_size), root)

@@ -160,7 +160,7 @@ def prepare_dataset(preset: Preset, components, report: ValidationReport | None 
         print(report.summary().splitlines()[0])
     records = report.records
     if not records:
-        raise DatasetError(f"no usable images in {preset.dataset_ref!r}:\n{report.summary()}")
+        raise DatasetError(f"no usable images in {preset.data_ref!r}:\n{report.summary()}")
     root = Path(root) if root is not None else runtime.storage_root()
     latents = text = None
     status, dirs = {}, {}

@@ -15,8 +15,8 @@ class Preset:
     profile: str  # "t4" (real models, CUDA) or "tiny" (tiny models, CPU)
     family: str  # "sd15" or "sdxl": which pipeline and which UNet conditioning
     model: str  # Hub id of the base pipeline, or "tiny/<name>" (helpers.tiny builds it)
-    dataset: str  # source kind: "cifar10", "naruto" or "folder" (helpers.data)
-    dataset_ref: str  # Hub dataset id or a local image folder ("tiny/<name>" for generated data)
+    data_source: str  # kind of data source: "cifar10", "naruto" or "folder" (helpers.sources)
+    data_ref: str  # the source's Hub dataset id or local image folder ("tiny/<name>" for generated data)
     method: str  # what trains: "crossattn" (UNet attn2 only), "lora" (peft LoRA), "prior" (later issue)
     resolution: int  # square training size in pixels; latents are resolution / the VAE's factor (8 for SD)
     batch_size: int  # images per forward pass
@@ -50,7 +50,8 @@ class Preset:
     sample_steps: int = 25  # inference steps per sample image
     seed: int = 42  # one seed for data order, noise and samples
     clip_model: str | None = None  # CLIP vision+text model (the prior's embedding space)
-    min_vram_gb: float = 0.0  # estimated peak VRAM on a T4, GiB (see the arithmetic in PRESETS)
+    vram_plan_gib: float = 0.0  # planned peak VRAM on a T4 + the plan's error band, GiB (an estimate from
+    #                            helpers.memory, not a measurement; tests/test_memory.py keeps it up to date)
 
     @property
     def images_per_step(self) -> int:
@@ -65,6 +66,8 @@ SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 SDXL = "stabilityai/stable-diffusion-xl-base-1.0"
 SDXL_VAE_FIX = "madebyollin/sdxl-vae-fp16-fix"
 CLIP_L14 = "openai/clip-vit-large-patch14"
+CIFAR10 = "uoft-cs/cifar10"
+NARUTO = "lambdalabs/naruto-blip-captions"
 
 PRESETS: dict[str, dict[str, Preset]] = {
     "sd15_xattn_cifar10": {
@@ -74,11 +77,11 @@ PRESETS: dict[str, dict[str, Preset]] = {
         # are prepared: cached latents 10,000 × 2 flips × 8 × 32 × 32 × 2 B = 330 MB on Drive instead of 1.6 GB.
         # Memory: UNet fp16 860M × 2 B = 1.7 GB, text encoder and VAE cached away; attn2 trains in fp32:
         # 44M × (4 weight + 4 grad + 8 Adam) B = 0.7 GB; activations at 256 px × 8 with SDPA ≈ 4 GB → ≈ 7 GB.
-        "t4": Preset("sd15_xattn_cifar10", "t4", "sd15", SD15, "cifar10", "uoft-cs/cifar10", "crossattn",
+        "t4": Preset("sd15_xattn_cifar10", "t4", "sd15", SD15, "cifar10", CIFAR10, "crossattn",
                      resolution=256, batch_size=8, grad_accum=2, max_steps=400, learning_rate=1e-5,
                      lr_schedule="constant", warmup_steps=20, optimizer="adamw8bit", random_flip=True,
                      max_train_images=10_000, checkpoint_every=50, sample_every=100, sample_prompts=CIFAR_PROMPTS,
-                     min_vram_gb=7.0),
+                     vram_plan_gib=7.0),
         # 240 generated images at 64 px (latents 8×8); 4 × 1 = 4 images/step; 150 steps ≈ 2.5 epochs.
         "tiny": Preset("sd15_xattn_cifar10", "tiny", "sd15", "tiny/sd15", "cifar10", "tiny/cifar10", "crossattn",
                        resolution=64, batch_size=4, grad_accum=1, max_steps=150, learning_rate=2e-3,
@@ -90,11 +93,11 @@ PRESETS: dict[str, dict[str, Preset]] = {
         # Memory: UNet fp16 2.6B × 2 B = 5.1 GB; LoRA r16 on to_q/k/v/out ≈ 23M in fp32 with 8-bit Adam
         # ≈ 23M × (4 + 4 + 2) B = 0.23 GB; text encoders (1.6 GB fp16) only while caching; activations at
         # 256 px (32×32 latents) × 12 with checkpointing ≈ 4 GB → ≈ 10 GB.
-        "t4": Preset("sdxl_lora_naruto_256", "t4", "sdxl", SDXL, "naruto", "lambdalabs/naruto-blip-captions", "lora",
+        "t4": Preset("sdxl_lora_naruto_256", "t4", "sdxl", SDXL, "naruto", NARUTO, "lora",
                      vae=SDXL_VAE_FIX, resolution=256, batch_size=12, grad_accum=8, max_steps=200,
                      learning_rate=1e-4, lora_rank=16, lora_alpha=16, optimizer="adamw8bit",
                      gradient_checkpointing=True, random_flip=True, checkpoint_every=25, sample_every=50,
-                     sample_prompts=NARUTO_PROMPTS, min_vram_gb=10.0),
+                     sample_prompts=NARUTO_PROMPTS, vram_plan_gib=11.7),
         # 120 generated images at 64 px; 4 × 2 = 8 images/step; 60 steps = 4 epochs.
         "tiny": Preset("sdxl_lora_naruto_256", "tiny", "sdxl", "tiny/sdxl", "naruto", "tiny/naruto", "lora",
                        vae="tiny/sdxl-vae-fp16-fix", resolution=64, batch_size=4, grad_accum=2, max_steps=60,
@@ -107,11 +110,11 @@ PRESETS: dict[str, dict[str, Preset]] = {
         # checkpointing ≈ 5 GB → ≈ 11 GB; without checkpointing it does not fit 15 GB.
         # A T4 does ≈ 1 image/4 s at 1024 px with checkpointing: 765 × 8 × 4 s ≈ 6.8 h, longer than one
         # free session, so checkpoints every 30 steps (≈ 16 min) and resume.
-        "t4": Preset("sdxl_lora_naruto_1024", "t4", "sdxl", SDXL, "naruto", "lambdalabs/naruto-blip-captions",
+        "t4": Preset("sdxl_lora_naruto_1024", "t4", "sdxl", SDXL, "naruto", NARUTO,
                      "lora", vae=SDXL_VAE_FIX, resolution=1024, batch_size=1, grad_accum=8, max_steps=765,
                      learning_rate=1e-4, lr_schedule="cosine", warmup_steps=0, lora_rank=16, lora_alpha=16,
                      optimizer="adamw8bit", gradient_checkpointing=True, random_flip=True, checkpoint_every=30,
-                     sample_every=150, sample_prompts=NARUTO_PROMPTS, min_vram_gb=11.0),
+                     sample_every=150, sample_prompts=NARUTO_PROMPTS, vram_plan_gib=11.7),
         # 128 px on the tiny model (16×16 latents), 1 × 8 = 8 images/step, 30 steps = 2 epochs.
         "tiny": Preset("sdxl_lora_naruto_1024", "tiny", "sdxl", "tiny/sdxl", "naruto", "tiny/naruto", "lora",
                        vae="tiny/sdxl-vae-fp16-fix", resolution=128, batch_size=1, grad_accum=8, max_steps=30,
@@ -123,10 +126,10 @@ PRESETS: dict[str, dict[str, Preset]] = {
         # SD1.5 with LoRA r8 α16 (update scale 2) dropout 0.1 on to_q/to_k/to_v, conditioned through CLIP ViT-L/14
         # image embeddings from the prior. 8 × 2 = 16 images/step at 256 px; memory as sd15_xattn_cifar10 plus
         # CLIP ViT-L/14 fp16 (0.9 GB) ≈ 8 GB. Fields are refined with the prior's own issue.
-        "t4": Preset("prior_sd15", "t4", "sd15", SD15, "cifar10", "uoft-cs/cifar10", "prior", clip_model=CLIP_L14,
+        "t4": Preset("prior_sd15", "t4", "sd15", SD15, "cifar10", CIFAR10, "prior", clip_model=CLIP_L14,
                      resolution=256, batch_size=8, grad_accum=2, max_steps=400, learning_rate=1e-4,
                      lora_rank=8, lora_alpha=16, lora_dropout=0.1, lora_targets=("to_q", "to_k", "to_v"),
-                     optimizer="adamw8bit", checkpoint_every=50, sample_prompts=CIFAR_PROMPTS, min_vram_gb=8.0),
+                     optimizer="adamw8bit", checkpoint_every=50, sample_prompts=CIFAR_PROMPTS, vram_plan_gib=8.5),
         "tiny": Preset("prior_sd15", "tiny", "sd15", "tiny/sd15", "cifar10", "tiny/cifar10", "prior",
                        clip_model="tiny/clip", resolution=64, batch_size=4, grad_accum=1, max_steps=60,
                        learning_rate=1e-3, lora_rank=8, lora_alpha=16, lora_dropout=0.1,
@@ -169,9 +172,9 @@ def runtime_verdict(preset: Preset, vram_gb: float, has_cuda: bool) -> str:
     if preset.profile == "tiny":
         return f"{preset.name} [tiny]: runs anywhere (CPU, minutes)"
     if not has_cuda:
-        return f"{preset.name} [t4]: needs a CUDA GPU with ≥ {preset.min_vram_gb:.0f} GiB; none here"
-    ok = vram_gb >= preset.min_vram_gb + 1.0  # 1 GiB for the CUDA context and fragmentation
-    need = f"needs ≈ {preset.min_vram_gb:.0f} GiB of {vram_gb:.1f} GiB"
+        return f"{preset.name} [t4]: needs a CUDA GPU with ≥ {preset.vram_plan_gib:.0f} GiB; none here"
+    ok = vram_gb >= preset.vram_plan_gib + 1.0  # 1 GiB to spare beyond the plan and its band (notebook 00)
+    need = f"planned ≈ {preset.vram_plan_gib:.1f} GiB (estimate) of {vram_gb:.1f} GiB"
     return f"{preset.name} [t4]: {'OK' if ok else 'too little GPU memory'} ({need})"
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from . import tiny
-from .presets import Preset
+from .presets import CIFAR10, NARUTO, Preset
 from .validation import DatasetError, Record
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -197,8 +197,8 @@ def load_source(kind: str, ref: str, limit: int | None = None, seed: int = 0) ->
 
 
 # Where each source kind lives per profile, for notebooks that swap a preset's data (SOURCE = "naruto", ...).
-SOURCE_REFS = {"cifar10": {"t4": "uoft-cs/cifar10", "tiny": "tiny/cifar10"},
-               "naruto": {"t4": "lambdalabs/naruto-blip-captions", "tiny": "tiny/naruto"}}
+SOURCE_REFS = {"cifar10": {"t4": CIFAR10, "tiny": "tiny/cifar10"},
+               "naruto": {"t4": NARUTO, "tiny": "tiny/naruto"}}
 
 
 def with_source(preset: Preset, source: str = "preset", folder: str = "") -> Preset:
@@ -209,12 +209,12 @@ def with_source(preset: Preset, source: str = "preset", folder: str = "") -> Pre
     if source == "folder":
         if not folder or not Path(folder).is_dir():
             raise DatasetError(f"SOURCE='folder' needs FOLDER set to an existing image folder, not {folder!r}")
-        return replace(preset, dataset="folder", dataset_ref=str(folder))
+        return replace(preset, data_source="folder", data_ref=str(folder))
     if source not in SOURCE_REFS:
         raise DatasetError(f"unknown source {source!r}; choose 'preset', 'folder' or one of {sorted(SOURCE_REFS)}")
-    return replace(preset, dataset=source, dataset_ref=SOURCE_REFS[source][preset.profile])
+    return replace(preset, data_source=source, data_ref=SOURCE_REFS[source][preset.profile])
 
 
 def load_preset_records(preset: Preset) -> list[Record]:
     """The records of a preset's dataset, as many as it trains on, captioned with its seed."""
-    return load_source(preset.dataset, preset.dataset_ref, preset.max_train_images, preset.seed)
+    return load_source(preset.data_source, preset.data_ref, preset.max_train_images, preset.seed)

@@ -140,7 +140,7 @@ def test_transparency_is_composited_on_white_and_cmyk_converted(bad_folder):
 
 
 def test_prepare_never_crashes_on_bad_input(bad_folder):
-    preset = get_preset("sd15_xattn_cifar10", "tiny", dataset="folder", dataset_ref=str(bad_folder),
+    preset = get_preset("sd15_xattn_cifar10", "tiny", data_source="folder", data_ref=str(bad_folder),
                         cache_latents=False, cache_text=False)
     c = models.load_components(preset, with_text_encoders=False)
     ds = data.prepare_dataset(preset, c)

@@ -193,3 +193,11 @@ def test_estimate_refuses_tiny_presets_and_unknown_options():
         memory.estimate_vram(get_preset("sd15_xattn_cifar10", "t4", optimizer="lion"))
     with pytest.raises(ValueError, match="method"):
         memory.estimate_vram(get_preset("sd15_xattn_cifar10", "t4", method="dreambooth"))
+
+
+def test_each_presets_vram_field_is_its_plan_plus_band():
+    """`Preset.vram_plan_gib` (the quick verdict of notebook 00) must not promise less than the plan says."""
+    for name in PRESETS:
+        p = get_preset(name, "t4")
+        e = memory.estimate_vram(p)
+        assert e["total_gib"] + e["band_gib"] <= p.vram_plan_gib <= e["total_gib"] + e["band_gib"] + 0.5, name

@@ -21,11 +21,11 @@ def test_every_preset_has_both_profiles_and_a_comment_per_field():
 
 def test_issue_numbers_for_the_t4_presets():
     x = get_preset("sd15_xattn_cifar10", "t4")
-    assert (x.model, x.dataset_ref, x.method) == ("stable-diffusion-v1-5/stable-diffusion-v1-5", "uoft-cs/cifar10",
+    assert (x.model, x.data_ref, x.method) == ("stable-diffusion-v1-5/stable-diffusion-v1-5", "uoft-cs/cifar10",
                                                   "crossattn")
     assert x.max_steps == 400
     s = get_preset("sdxl_lora_naruto_256", "t4")
-    assert (s.model, s.vae, s.dataset_ref) == ("stabilityai/stable-diffusion-xl-base-1.0",
+    assert (s.model, s.vae, s.data_ref) == ("stabilityai/stable-diffusion-xl-base-1.0",
                                                "madebyollin/sdxl-vae-fp16-fix", "lambdalabs/naruto-blip-captions")
     assert (s.resolution, s.batch_size, s.grad_accum, s.max_steps, s.learning_rate, s.lora_rank) == (
         256, 12, 8, 200, 1e-4, 16)
@@ -91,7 +91,7 @@ def test_the_arithmetic_in_the_preset_comments():
         if per_step:
             b, a, n = map(int, per_step.groups())
             assert (b, a, n) == (p.batch_size, p.grad_accum, p.images_per_step), name
-        if p.dataset == "naruto":
+        if p.data_source == "naruto":
             per_epoch = naruto_images / p.images_per_step
             epochs = re.search(r"(\d+) steps = ([\d,]+) images ≈ ([\d.]+) epochs", comment)
             if epochs:

@@ -9,19 +9,13 @@ from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, co
                                                  convert_ldm_vae_checkpoint, infer_diffusers_model_type)
 from transformers import CLIPTextConfig as HFTextConfig, CLIPTextModel
 
+from helpers.configs import SD15_UNET, SD_VAE as SD15_VAE
 from helpers.scratch.convert import (SDConfig, config_from_diffusers, diffusers_to_original, load_model,
                                      original_to_scratch)
 from helpers.scratch.parity import max_abs_diff, randomize_
 from helpers.tiny import SD15_SCHEDULER
 
-# unet/, vae/ and text_encoder/ config.json of stable-diffusion-v1-5 (fields left out take the library defaults)
-SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, attention_head_dim=8,
-                 block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, norm_num_groups=32,
-                 norm_eps=1e-5, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
-SD15_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
-                layers_per_block=2, norm_num_groups=32, sample_size=512, down_block_types=("DownEncoderBlock2D",) * 4,
-                up_block_types=("UpDecoderBlock2D",) * 4)
+# unet/ and vae/ config.json of stable-diffusion-v1-5 come from helpers.configs (the one copy of the real configs)
 SD15_TEXT = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                  num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5,
                  bos_token_id=0, eos_token_id=2, pad_token_id=1)

@@ -16,10 +16,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-# The run: tiny SD1.5-like model, LoRA with dropout (so RNG restore matters), random flips, 2-step accumulation.
+# The run: tiny SD1.5-like model, LoRA with dropout (so RNG restore matters), random flips, 2-step accumulation,
+# and sample images every 3 steps (sampling must not shift the training randomness, before or after a resume).
 OVERRIDES = dict(method="lora", lora_rank=4, lora_alpha=8, lora_dropout=0.1, max_train_images=24, batch_size=4,
-                 grad_accum=2, max_steps=12, checkpoint_every=4, keep_checkpoints=2, sample_every=0,
-                 learning_rate=1e-3, random_flip=True, lr_schedule="cosine", warmup_steps=2)
+                 grad_accum=2, max_steps=12, checkpoint_every=4, keep_checkpoints=2, sample_every=3,
+                 sample_prompts=("a photo of a cat",), sample_steps=2, learning_rate=1e-3, random_flip=True,
+                 lr_schedule="cosine", warmup_steps=2)
 
 
 def main() -> None:
@@ -35,7 +37,7 @@ def main() -> None:
 
     from helpers import checkpoint, data, presets
     from helpers.models import load_components
-    from helpers.hooks import CheckpointHook, Hook, LogHook
+    from helpers.hooks import CheckpointHook, Hook, LogHook, SampleHook
     from helpers.train import Trainer
 
     torch.set_num_threads(1)  # identical kernels in every process, so runs are bitwise comparable
@@ -60,7 +62,7 @@ def main() -> None:
 
         checkpoint.write_file = write_then_maybe_die
 
-    hooks = [LogHook(), CheckpointHook(), KillAfterStep()]
+    hooks = [LogHook(), CheckpointHook(), SampleHook(show=False), KillAfterStep()]
     Trainer(preset, components, dataset, Path(args.run_dir), hooks=hooks).run()
 
 
