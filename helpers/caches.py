@@ -17,9 +17,10 @@ from tqdm.auto import tqdm
 
 from . import files, tiny
 from .presets import Preset
-from .validation import Record, open_rgb
+from .validation import Record
 
-CACHE_VERSION = 2  # bump when the cache layout or its contents change (2: helpers.files manifest + cache.json)
+CACHE_VERSION = 3  # bump when the cache layout or its contents change (2: helpers.files manifest + cache.json;
+# 3: images decoded upright by their EXIF orientation, 16-bit/float images scaled instead of clipped)
 # The latent cache is built in batches of max(1, CACHE_ENCODE_PIXELS // px²) images (256 px: 16, 1024 px: 1):
 # UNet and text encoders are resident while caching, and 32 images at 256 px would not leave SDXL 1 GiB to spare
 # on a T4 (helpers.memory models this phase with the same constant).
@@ -95,7 +96,7 @@ def cached(name: str, fields: dict, count: int, build, root: Path) -> tuple[dict
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / f"{name}.safetensors"))
         (tmp / "cache.json").write_text(json.dumps(info, indent=1, default=str))
 
-    files.write_folder(folder, fill)
+    files.write_folder(folder, fill, expected_bytes=sum(v.numel() * v.element_size() for v in tensors.values()))
     return tensors, status, folder
 
 
@@ -139,7 +140,7 @@ def encode_latents(records: list[Record], transform, vae, batch_size: int = 8) -
         chunk = records[start:start + batch_size]
         # every orientation from one decode; only the crops stay in memory, never a batch of full-size images
         views = [[transform.apply(image, flip) for flip in flips]
-                 for image in (open_rgb(rec.image_bytes())[0] for rec in chunk)]
+                 for image in (rec.image() for rec in chunk)]
         sl = slice(start, start + len(chunk))
         out["original_size"][sl] = torch.tensor([v[0]["original_size"] for v in views])
         for k, flip in enumerate(flips):

@@ -66,7 +66,7 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
 
 
 def save_checkpoint(run_dir: Path, step: int, trainable: dict[str, torch.Tensor], optimizer, lr_scheduler,
-                    scaler, position: dict, preset, keep: int = 2) -> Path:
+                    scaler, position: dict, preset, keep: int = 2, data_identity: str | None = None) -> Path:
     """Write checkpoint `step` atomically and prune to the newest `keep`. Returns the checkpoint folder.
 
     Trainable tensors are copied to CPU one by one, so saving never allocates a second copy of the model on the GPU.
@@ -78,8 +78,8 @@ def save_checkpoint(run_dir: Path, step: int, trainable: dict[str, torch.Tensor]
     weights = {n: t.detach().to("cpu", copy=True).contiguous() for n, t in trainable.items()}
     state = {"step": step, "position": dict(position), "rng": rng_states(), "lr_scheduler": lr_scheduler.state_dict(),
              "scaler": scaler.state_dict() if scaler is not None else None}
-    meta = {"step": step, "position": dict(position), "preset": asdict(preset), "versions": versions(),
-            "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+    meta = {"step": step, "position": dict(position), "preset": asdict(preset), "data": data_identity,
+            "versions": versions(), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
 
     def fill(tmp: Path) -> None:
         write_file(tmp / "trainable.safetensors", lambda p: save_file(weights, str(p)))
@@ -87,14 +87,57 @@ def save_checkpoint(run_dir: Path, step: int, trainable: dict[str, torch.Tensor]
         write_file(tmp / "state.pt", lambda p: torch.save(state, p))
         write_file(tmp / "meta.json", lambda p: p.write_text(json.dumps(meta, indent=2, default=str)))
 
+    def make_room() -> bool:
+        """On a full disk, drop the oldest checkpoint while at least one verified checkpoint remains (keep=K
+        otherwise needs room for K + 1, and every resume would die at the same step)."""
+        existing = checkpoint_dirs(run_dir)
+        if len(existing) < 2 or latest_good(run_dir) in (None, existing[0]):
+            return False
+        print(f"low on space: removing the oldest checkpoint {existing[0].name} before writing step {step}")
+        shutil.rmtree(existing[0], ignore_errors=True)
+        return True
+
     # a re-save of the same step (after resuming before it) replaces the folder as a whole
-    final = files.write_folder(Path(run_dir) / "checkpoints" / f"{PREFIX}{step:06d}", fill)
+    final = files.write_folder(Path(run_dir) / "checkpoints" / f"{PREFIX}{step:06d}", fill,
+                               expected_bytes=expected_checkpoint_bytes(run_dir, weights), make_room=make_room)
     for old in checkpoint_dirs(run_dir)[:-max(1, keep)]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
+def expected_checkpoint_bytes(run_dir: Path, weights: dict[str, torch.Tensor]) -> int:
+    """The size of the newest checkpoint, or before the first one: weights + two fp32 optimizer moments."""
+    existing = checkpoint_dirs(run_dir)
+    if existing:
+        return sum(p.stat().st_size for p in existing[-1].iterdir() if p.is_file())
+    return 3 * sum(t.numel() * 4 for t in weights.values()) + 2**16
+
+
 # ---------------------------------------------------------------- load
+
+# Preset fields that may change when a run resumes (with a note): how long it trains, when it checkpoints and samples.
+# Every other field changes what is learned (data, batch, accumulation, learning rate and schedule, LoRA shape,
+# resolution, method, model), so a change stops the resume with a diff.
+RESUMABLE_FIELDS = frozenset({"max_steps", "sample_prompts", "sample_every", "sample_steps", "checkpoint_every",
+                              "keep_checkpoints", "vram_plan_gib"})
+
+
+def read_meta(ckpt: Path) -> dict:
+    return json.loads((Path(ckpt) / "meta.json").read_text())
+
+
+def setting_changes(saved: dict, wanted: dict) -> tuple[list[str], list[str]]:
+    """(notes, blocking): "field: saved → wanted" for every setting that differs, split into those a resume may
+    take and those that change what is learned. `saved`/`wanted` hold preset fields (and "data", the dataset's
+    identity), compared as JSON so tuples and lists are equal."""
+    def norm(value):
+        return json.loads(json.dumps(value, default=str))
+    notes, blocking = [], []
+    for key in sorted(set(saved) | set(wanted)):
+        before, after = norm(saved.get(key)), norm(wanted.get(key))
+        if before != after:
+            (notes if key in RESUMABLE_FIELDS else blocking).append(f"{key}: {before!r} → {after!r}")
+    return notes, blocking
 
 def verify(ckpt: Path) -> None:
     """Raise CheckpointError unless every file is present and matches the manifest."""
@@ -117,7 +160,8 @@ def latest_good(run_dir: Path) -> Path | None:
 
 def load_checkpoint(ckpt: Path, trainable: dict[str, torch.nn.Parameter], optimizer, lr_scheduler,
                     scaler) -> dict:
-    """Restore weights, optimizer, LR scheduler, scaler and RNG states in place. Returns {step, position}."""
+    """Restore weights, optimizer, LR scheduler (None: keep the new one), scaler and RNG states in place. Returns
+    {step, position}."""
     verify(ckpt)
     weights = load_file(str(ckpt / "trainable.safetensors"))
     missing, unexpected = sorted(set(trainable) - set(weights)), sorted(set(weights) - set(trainable))
@@ -129,7 +173,8 @@ def load_checkpoint(ckpt: Path, trainable: dict[str, torch.nn.Parameter], optimi
             param.copy_(weights[name].to(param.device, param.dtype))
     optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=False))
     state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False)
-    lr_scheduler.load_state_dict(state["lr_scheduler"])
+    if lr_scheduler is not None:
+        lr_scheduler.load_state_dict(state["lr_scheduler"])
     if scaler is not None and state["scaler"] is not None:
         scaler.load_state_dict(state["scaler"])
     set_rng_states(state["rng"])

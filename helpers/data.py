@@ -21,7 +21,8 @@ from . import caches, runtime
 from .caches import oriented
 from .presets import Preset
 from .sources import load_preset_records
-from .validation import DatasetError, Record, ValidationReport, open_rgb, validate
+from .report import DatasetError, ValidationReport
+from .validation import Record, validate
 
 
 def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
@@ -132,7 +133,7 @@ class TrainDataset(torch.utils.data.Dataset):
             item["original_size"] = self.latents["original_size"][index].clone()
             item["crop_top_left"] = self.latents[oriented("crop_top_left", flip)][index].clone()
         else:
-            out = self.transform.apply(open_rgb(record.image_bytes())[0], flip, offsets)
+            out = self.transform.apply(record.image(), flip, offsets)  # a file changed since validation stops here
             item["pixel_values"] = out["pixel_values"]
             item["original_size"] = torch.tensor(out["original_size"], dtype=torch.long)
             item["crop_top_left"] = torch.tensor(out["crop_top_left"], dtype=torch.long)

@@ -10,6 +10,7 @@ never a half-written folder, and a folder with a manifest is one whose write fin
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -81,14 +82,47 @@ def remove_stale(parent: Path, name: str) -> list[Path]:
 
 # ---------------------------------------------------------------- write and verify
 
-def write_folder(final: Path, fill: Callable[[Path], None]) -> Path:
+class NoSpaceError(OSError):
+    """Not enough free space for a write; the message names the folder, the space needed and the space free."""
+
+
+def free_bytes(folder: Path) -> int:
+    """Free bytes on the file system that holds `folder` (or its nearest existing parent)."""
+    folder = Path(folder)
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return shutil.disk_usage(folder).free
+
+
+def _mb(n: float) -> str:
+    return f"{n / 2**20:,.1f} MB"
+
+
+def ensure_space(folder: Path, needed: int, what: str, make_room: Callable[[], bool] | None = None) -> None:
+    """Raise NoSpaceError unless `needed` bytes (+5 % and 64 KB for the file system's bookkeeping) are free
+    where `folder` lives. `make_room()` may delete something it can spare and return True to check again."""
+    want = int(needed * 1.05) + 2**16
+    while free_bytes(folder) < want:
+        if make_room is None or not make_room():
+            raise NoSpaceError(f"not enough space for {what} in {folder}: needs ≈ {_mb(want)}, "
+                               f"{_mb(free_bytes(folder))} free. Free some space there (on Colab: your Google "
+                               f"Drive), then run again; nothing written so far is lost.")
+
+
+def write_folder(final: Path, fill: Callable[[Path], None], expected_bytes: int | None = None,
+                 make_room: Callable[[], bool] | None = None) -> Path:
     """Write the folder `final` atomically: `fill(tmp)` writes its files (subfolders allowed) into an empty temp
     folder; then every file is fsync'ed, the manifest written last and the folder renamed into place, replacing an
-    earlier version. If `fill` raises, the temp folder is removed and the earlier version stays as it was."""
+    earlier version. If `fill` raises, the temp folder is removed and the earlier version stays as it was.
+
+    With `expected_bytes`, free space is checked first (see `ensure_space`); a write that still runs out of space
+    (torch reports it as "unexpected pos", not as a full disk) is re-raised as NoSpaceError naming the folder."""
     final = Path(final)
     parent = final.parent
     parent.mkdir(parents=True, exist_ok=True)
     remove_stale(parent, final.name)
+    if expected_bytes is not None:
+        ensure_space(parent, expected_bytes, final.name, make_room)
     tmp = parent / f".tmp-{final.name}-{os.getpid()}"
     old = parent / f".old-{final.name}-{os.getpid()}"
     tmp.mkdir()
@@ -105,10 +139,15 @@ def write_folder(final: Path, fill: Callable[[Path], None]) -> Path:
             os.replace(final, old)
         os.replace(tmp, final)
         fsync(parent)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if old.exists() and not final.exists():
             os.replace(old, final)
+        full = isinstance(e, OSError) and e.errno == errno.ENOSPC or "unexpected pos" in str(e)
+        if full and not isinstance(e, NoSpaceError):
+            raise NoSpaceError(f"the disk holding {parent} filled up while writing {final.name} "
+                               f"({_mb(free_bytes(parent))} free now); the previous version is kept. Free some "
+                               f"space there (on Colab: your Google Drive), then run again.") from e
         raise
     shutil.rmtree(old, ignore_errors=True)
     return final

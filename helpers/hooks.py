@@ -13,7 +13,8 @@ from tqdm.auto import tqdm
 from .models import on_device, release_cuda_cache
 from .precision import forked_rng
 from .presets import Preset
-from .train import Trainer, TrainingStopped, sampling_oom_message
+from .stops import TrainingStopped, sampling_oom_message
+from .train import Trainer
 
 
 class Hook:
@@ -51,6 +52,8 @@ class LogHook(Hook):
         # Rows up to the resumed checkpoint stay; events logged after it (at its step or later) are replayed.
         kept = [r for r in read_log(t.run_dir)
                 if ("loss" in r and r.get("step", 0) <= t.state.step) or r.get("step", 0) < t.state.step]
+        if t.phase_changes:  # a continued run: the new phase starts here
+            kept.append({"event": "phase", "step": t.state.step, **t.phase_changes})
         tmp = path.with_suffix(".tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
         tmp.replace(path)
@@ -93,9 +96,18 @@ class ExportHook(Hook):
 
     def on_end(self, t: Trainer) -> None:
         if t.is_main_process:
+            from .files import write_folder
             from .runs import write_run_info
-            self.files = t.method.export(t.c, t.run_dir / "final")
-            self.files.append(write_run_info(t.run_dir / "final", t.preset))
+            final = t.run_dir / "final"
+            names = []
+
+            def fill(tmp: Path) -> None:  # final/ appears whole or not at all
+                names.extend(path.name for path in t.method.export(t.c, tmp))
+                names.append(write_run_info(tmp, t.preset).name)
+
+            exported = sum(p.numel() * 4 for p in t.trainable.values())
+            write_folder(final, fill, expected_bytes=2 * exported + 2**20)  # diffusers + kohya files
+            self.files = [final / name for name in names]
             print("exported: " + ", ".join(str(f) for f in self.files))
         t.accelerator.wait_for_everyone()
 
@@ -112,7 +124,8 @@ class SampleHook(Hook):
             self.sample(t)
 
     def on_end(self, t: Trainer) -> None:
-        if not (t.preset.sample_every and t.state.step % t.preset.sample_every == 0):
+        # sample_every = 0 means no samples at all; a final sample only when the last step was not just sampled
+        if t.preset.sample_every and t.state.step % t.preset.sample_every != 0:
             self.sample(t)
 
     def sample(self, t: Trainer) -> Path | None:
@@ -153,7 +166,8 @@ class SampleHook(Hook):
 
 
 def default_hooks(preset: Preset) -> list[Hook]:
-    return [LogHook(), CheckpointHook(), SampleHook(), ExportHook()]
+    """Export comes before the end-of-run sample, so a failure while sampling never loses final/."""
+    return [LogHook(), CheckpointHook(), ExportHook(), SampleHook()]
 
 
 def _display(image) -> None:

@@ -53,9 +53,50 @@ class Preset:
     vram_plan_gib: float = 0.0  # planned peak VRAM on a T4 + the plan's error band, GiB (an estimate from
     #                            helpers.memory, not a measurement; tests/test_memory.py keeps it up to date)
 
+    def __post_init__(self) -> None:
+        problems = preset_problems(self)
+        if problems:
+            raise ValueError(f"preset {self.name!r} ({self.profile}) has bad values:\n  " + "\n  ".join(problems))
+
     @property
     def images_per_step(self) -> int:
         return self.batch_size * self.grad_accum
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def preset_problems(p: Preset) -> list[str]:
+    """Every field value a run could not use, each with the field and the allowed range; caught when the preset is
+    made, not hours into training."""
+    from .configs import check_image_size
+    problems = []
+
+    def need(ok: bool, field: str, rule: str) -> None:
+        if not ok:
+            problems.append(f"{field}={getattr(p, field)!r}: {rule}")
+
+    for field in ("batch_size", "grad_accum", "max_steps", "checkpoint_every", "keep_checkpoints", "sample_steps",
+                  "lora_rank"):
+        need(_is_int(getattr(p, field)) and getattr(p, field) >= 1, field, "a whole number ≥ 1")
+    need(_is_int(p.sample_every) and p.sample_every >= 0, "sample_every", "a whole number ≥ 0 (0 = no samples)")
+    need(_is_int(p.warmup_steps) and 0 <= p.warmup_steps <= (p.max_steps if _is_int(p.max_steps) else 0),
+         "warmup_steps", f"a whole number from 0 to max_steps ({p.max_steps})")
+    lr = p.learning_rate
+    need(isinstance(lr, (int, float)) and not isinstance(lr, bool) and lr == lr and 0 < lr < 1, "learning_rate",
+         "a number > 0 (and < 1; typical: 1e-5 to 1e-3)")
+    need(p.family in ("sd15", "sdxl"), "family", "'sd15' or 'sdxl'")
+    if p.family in ("sd15", "sdxl"):
+        try:
+            check_image_size(p.resolution, p.family, "resolution")
+        except ValueError as e:
+            problems.append(str(e))
+    need(p.mixed_precision in ("fp16", "no"), "mixed_precision", "'fp16' or 'no' (a T4 has no fast bf16)")
+    need(isinstance(p.lora_dropout, (int, float)) and 0 <= p.lora_dropout < 1, "lora_dropout", "from 0 to < 1")
+    need(p.max_train_images is None or (_is_int(p.max_train_images) and p.max_train_images >= 1),
+         "max_train_images", "None (all) or a whole number ≥ 1")
+    return problems
 
 
 CIFAR_PROMPTS = ("a photo of a cat", "a photo of a ship", "a photo of an airplane", "a photo of a frog")
@@ -85,7 +126,7 @@ PRESETS: dict[str, dict[str, Preset]] = {
         # 240 generated images at 64 px (latents 8×8); 4 × 1 = 4 images/step; 150 steps ≈ 2.5 epochs.
         "tiny": Preset("sd15_xattn_cifar10", "tiny", "sd15", "tiny/sd15", "cifar10", "tiny/cifar10", "crossattn",
                        resolution=64, batch_size=4, grad_accum=1, max_steps=150, learning_rate=2e-3,
-                       warmup_steps=5, optimizer="adamw", mixed_precision="no", random_flip=True,
+                       optimizer="adamw", mixed_precision="no", random_flip=True,
                        checkpoint_every=50, sample_every=75, sample_prompts=CIFAR_PROMPTS, sample_steps=4),
     },
     "sdxl_lora_naruto_256": {

@@ -1,19 +1,22 @@
 """Where training images and captions come from: CIFAR-10 (captioned from templates), the Naruto BLIP captions, or
-a user's image folder. Each source returns lazy `Record`s (helpers.validation) that `validate` checks next.
+a user's image folder (helpers.folders). Each source returns lazy `Record`s (helpers.validation) that `validate`
+checks next.
 
     records = load_source("cifar10", "uoft-cs/cifar10")        # key, load() -> bytes, caption, label
     records = load_preset_records(with_source(preset, "folder", "/content/my_images"))
 """
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from . import tiny
+from .captions import clean_caption
+from .folders import FileBytes, load_folder
 from .presets import CIFAR10, NARUTO, Preset
-from .validation import DatasetError, Record
+from .report import DatasetError
+from .validation import Record
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 TRAIN_TEMPLATES = ("a photo of a {label}", "a blurry photo of a {label}", "a close-up photo of a {label}",
@@ -21,7 +24,6 @@ TRAIN_TEMPLATES = ("a photo of a {label}", "a blurry photo of a {label}", "a clo
                    "a bright photo of a {label}")
 # Never trained on: notebook 02 prompts with these to see whether the model learned the class, not the sentence.
 HELD_OUT_TEMPLATES = ("a painting of a {label}", "a pixelated photo of the {label}", "a sketch of a {label}")
-IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
 # ---------------------------------------------------------------- captions from templates
@@ -39,16 +41,7 @@ def cifar_caption(class_name: str, seed: int, index: int) -> str:
     return fill_template(rng.choice(TRAIN_TEMPLATES), class_name)
 
 
-# ---------------------------------------------------------------- lazy image bytes
-
-@dataclass(eq=False)
-class FileBytes:
-    """Lazy handle: the bytes of one file (picklable, so DataLoader workers can use it)."""
-    path: str
-
-    def __call__(self) -> bytes:
-        return Path(self.path).read_bytes()
-
+# ---------------------------------------------------------------- lazy image bytes of a Hub table
 
 @dataclass(eq=False)
 class RowBytes:
@@ -90,7 +83,7 @@ def records_from_hf(ds, kind: str, ref: str, limit: int | None = None, seed: int
         labels = [int(y) for y in ds["label"]]
         captions = [cifar_caption(names[y], seed, i) for i, y in enumerate(labels)]
     else:
-        labels, captions = [None] * len(ds), [t.strip() if t else t for t in ds["text"]]
+        labels, captions = [None] * len(ds), [clean_caption(t) if t else t for t in ds["text"]]
     if len(ds) == 0:
         return []
     local = ds[0][column].get("bytes") is None  # imagefolder: paths on disk; Hub parquet: bytes in the table
@@ -109,80 +102,6 @@ def load_naruto(ref: str, limit: int | None = None, seed: int = 0) -> list[Recor
     return records_from_hf(_load_hf(ref), "naruto", ref, limit, seed)
 
 
-# ---------------------------------------------------------------- a user's image folder
-
-def _read_metadata(meta: Path) -> tuple[dict[Path, dict], list[Record]]:
-    """Rows of metadata.jsonl / metadata.csv by image path; unreadable lines become problem records."""
-    import csv
-    rows, problems = {}, []
-    try:
-        if meta.suffix == ".jsonl":
-            lines = meta.read_text(errors="replace").splitlines()
-            parsed = []
-            for n, line in enumerate(lines, 1):
-                if line.strip():
-                    try:
-                        parsed.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        problems.append(Record(f"{meta}:{n}", None, None, problem=f"not valid JSON: {e}",
-                                               problem_code="bad_metadata"))
-        else:
-            with open(meta, newline="", errors="replace") as f:
-                parsed = list(csv.DictReader(f))
-    except OSError as e:
-        return {}, [Record(str(meta), None, None, problem=f"cannot read: {e}", problem_code="bad_metadata")]
-    for row in parsed:
-        if not isinstance(row, dict) or not row.get("file_name"):
-            problems.append(Record(str(meta), None, None, problem=f"row without file_name: {str(row)[:80]}",
-                                   problem_code="bad_metadata"))
-            continue
-        rows[meta.parent / row["file_name"]] = row
-    return rows, problems
-
-
-def _caption_text(value) -> str | None:
-    """A caption from a .txt path or a metadata cell; None when there is none (or it cannot be read)."""
-    if isinstance(value, Path):
-        try:
-            return value.read_text(errors="replace").strip()
-        except OSError:
-            return None
-    return None if value is None else str(value).strip()
-
-
-def load_folder(ref: str, limit: int | None = None, seed: int = 0) -> list[Record]:
-    """A folder of images with captions in same-name .txt files or in metadata.jsonl / metadata.csv
-    (columns file_name + text or caption; a .txt file wins). Scanned here, not through `datasets`, so that every
-    stray caption and every missing file becomes a line in the validation report."""
-    root = Path(ref)
-    if not root.is_dir():
-        raise DatasetError(f"image folder {ref!r} does not exist")
-    files = sorted(p for p in root.rglob("*") if p.is_file()
-                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
-    meta_rows, records = {}, []
-    for meta in (p for p in files if p.name in ("metadata.jsonl", "metadata.csv")):
-        rows, problems = _read_metadata(meta)
-        meta_rows.update(rows)
-        records += problems
-    images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
-    stems = {p.with_suffix("") for p in images}
-    for txt in (p for p in files if p.suffix.lower() == ".txt" and p.with_suffix("") not in stems):
-        records.append(Record(str(txt), None, _caption_text(txt), problem_code="orphan_caption",
-                              problem=f"caption file with no image (no {txt.stem}.png/.jpg/… beside it)"))
-    for path, row in meta_rows.items():
-        if not path.is_file():
-            records.append(Record(str(path), None, None, problem_code="missing_file",
-                                  problem="named in the metadata file but does not exist"))
-    found = []
-    for path in images[:limit] if limit is not None else images:
-        row, txt = meta_rows.get(path, {}), path.with_suffix(".txt")
-        caption = _caption_text(txt if txt.is_file() else row.get("text", row.get("caption")))
-        label = row.get("label")
-        found.append(Record(str(path), FileBytes(str(path)), caption,
-                            int(label) if str(label).lstrip("-").isdigit() else None))
-    return found + records
-
-
 # ---------------------------------------------------------------- choosing a source
 
 SOURCES = {"cifar10": load_cifar10, "naruto": load_naruto, "folder": load_folder}
@@ -193,6 +112,8 @@ def load_source(kind: str, ref: str, limit: int | None = None, seed: int = 0) ->
     `limit` keeps the first N images; `seed` picks CIFAR caption templates."""
     if kind not in SOURCES:
         raise DatasetError(f"unknown dataset kind {kind!r}; choose one of {sorted(SOURCES)}")
+    if not str(ref).strip():  # Path("") is the current folder: never scan (or train on) it by accident
+        raise DatasetError(f"no {kind} dataset given: the reference is empty; set a folder, a Hub id or tiny/<name>")
     return SOURCES[kind](tiny.resolve(ref), limit, seed)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -20,16 +20,15 @@ from torch.utils.data import default_collate
 from . import checkpoint as ckpt
 from .adapters import Method, make_method
 from .diffusion import SampleDraws
+from .files import NoSpaceError
+from .lock import RunLock
 from .models import Components, release_cuda_cache
+from .optim import epoch_batches, make_lr_scheduler, make_optimizer
 from .precision import Precision, forked_rng, precision_for
 from .presets import Preset
 from .runtime import seed_everything
-
-MAX_CONSECUTIVE_SKIPS = 25  # fp16 overflow skips in a row before we call the gradients broken, not just large
-
-
-class TrainingStopped(RuntimeError):
-    """Training stopped on purpose (NaN loss, out of memory); the message says why and what to change."""
+from .stops import (MAX_CONSECUTIVE_SKIPS, SettingsChanged, TrainingStopped, nan_message, oom_message,
+                    settings_changed_message, skipped_message)
 
 
 @dataclass
@@ -48,70 +47,13 @@ class TrainState:
 
 # ---------------------------------------------------------------- pieces
 
-def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, processes: int = 1) -> list[list[int]]:
-    """The batches of one epoch: a permutation seeded by (seed, epoch), so any epoch can be replayed exactly. With
-    several processes, process r takes batches r, r + P, …; the count is cut to a multiple of P so every process
-    takes part in every optimizer step (a process left without a batch would hang the others)."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    order = torch.randperm(n, generator=g).tolist()
-    batches = [order[i:i + batch_size] for i in range(0, n, batch_size)]
-    return batches[:len(batches) // processes * processes]
-
-
-def make_optimizer(params: list[torch.nn.Parameter], preset: Preset, device: torch.device):
-    """8-bit AdamW (bitsandbytes) on CUDA when the preset asks; plain AdamW elsewhere, with a note."""
-    kwargs = dict(lr=preset.learning_rate, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
-    if preset.optimizer == "adamw8bit":
-        if device.type == "cuda":
-            import bitsandbytes as bnb
-            return bnb.optim.AdamW8bit(params, **kwargs)
-        print("note: 8-bit AdamW needs CUDA (bitsandbytes); using torch AdamW on this device")
-    elif preset.optimizer != "adamw":
-        raise ValueError(f"unknown optimizer {preset.optimizer!r}: use 'adamw8bit' or 'adamw'")
-    return torch.optim.AdamW(params, **kwargs)
-
-
-def make_lr_scheduler(optimizer, preset: Preset):
-    from diffusers.optimization import get_scheduler
-    name = {"constant": "constant_with_warmup", "cosine": "cosine"}.get(preset.lr_schedule)
-    if name is None:
-        raise ValueError(f"unknown lr_schedule {preset.lr_schedule!r}: use 'constant' or 'cosine'")
-    return get_scheduler(name, optimizer, num_warmup_steps=preset.warmup_steps, num_training_steps=preset.max_steps)
-
-
-def nan_message(step: int, preset: Preset) -> str:
-    return (f"loss became NaN/inf at optimizer step {step + 1}; training stopped and the last good checkpoint is "
-            f"kept (no weights were written after it). Likely causes: the VAE overflowing in fp16 (use the fp16-fix "
-            f"VAE or set vae_fp32=True), a learning rate too high (now {preset.learning_rate:g}: try 2-10× lower), or "
-            f"a broken image/caption in the data. Fix it and run again: training resumes from the last checkpoint.")
-
-
-def oom_message(preset: Preset) -> str:
-    offload = []
-    if not preset.cache_latents:
-        offload.append(f"cache_latents={preset.cache_latents} (turn on: the VAE then leaves the GPU)")
-    if not preset.cache_text or preset.train_text_encoder:
-        offload.append(f"cache_text={preset.cache_text}, train_text_encoder={preset.train_text_encoder} (cached "
-                       f"text without a trained text encoder lets the text encoders leave the GPU)")
-    return (f"CUDA out of memory in a training step; training stopped and the last checkpoint is kept. Lower memory "
-            f"with these preset fields: batch_size={preset.batch_size} (halve it and double grad_accum="
-            f"{preset.grad_accum} to keep {preset.images_per_step} images/step), resolution={preset.resolution}"
-            + ("" if preset.gradient_checkpointing else ", gradient_checkpointing=False (turn on)")
-            + "".join(", " + o for o in offload) + ". Then run again: training resumes from the last checkpoint.")
-
-
-def sampling_oom_message(preset: Preset, step: int) -> str:
-    return (f"CUDA out of memory while drawing the sample images of step {step}, not in training: the checkpoint of "
-            f"this step is already safe. Sampling at {preset.resolution} px needs the VAE and text encoders back on "
-            f"the GPU next to the training state. Set sample_every=0 (no samples during training; generate after it "
-            f"in the evaluation cells) or fewer sample_prompts, then run again: training resumes from the checkpoint.")
-
-
-def skipped_message(preset: Preset, step: int, scale: float) -> str:
-    return (f"the fp16 gradients were inf/NaN in {MAX_CONSECUTIVE_SKIPS} optimizer steps in a row after step {step} "
-            f"(loss scale now {scale:g}): not an fp16 overflow but broken gradients. Likely causes: a learning rate "
-            f"too high (now {preset.learning_rate:g}), the VAE overflowing in fp16 (use the fp16-fix VAE or "
-            f"vae_fp32=True), or broken data. Training stopped; the last good checkpoint is kept.")
+def dataset_identity(dataset) -> str | None:
+    """Which images a dataset trains on (count + content digest), or None for datasets that cannot say."""
+    records = getattr(dataset, "records", None)
+    if records is None:
+        return None
+    from .caches import records_digest
+    return f"{len(records)} images, {records_digest(records)[:16]}"
 
 
 # ---------------------------------------------------------------- the loop
@@ -121,7 +63,7 @@ class Trainer:
 
     def __init__(self, preset: Preset, components: Components, dataset, run_dir: Path,
                  method: Method | None = None, hooks: list | None = None, accelerator=None,
-                 precision: Precision | None = None, loss_scale: float = 2.0**16):
+                 precision: Precision | None = None, loss_scale: float = 2.0**16, new_phase: bool = False):
         from accelerate import Accelerator
         self.preset, self.c, self.dataset, self.run_dir = preset, components, dataset, Path(run_dir)
         self.method = method or make_method(preset)
@@ -135,12 +77,34 @@ class Trainer:
                                                       gradient_accumulation_steps=preset.grad_accum)
         self.precision = precision or precision_for(preset.mixed_precision, self.accelerator.device)
         self.loss_scale = loss_scale  # GradScaler's initial scale (fp16 only)
+        self.new_phase = new_phase  # continue a run whose settings changed, as a new phase (see _check_resume)
+        self.phase_start = 0  # optimizer step at which the current LR schedule started
+        self.phase_changes: dict | None = None  # what changed when this session started a new phase
         self.state = TrainState()
         self.run_dir.mkdir(parents=True, exist_ok=True)
 
     # ---- setup
+    def _check_resume(self, found: Path) -> tuple[dict, bool]:
+        """(checkpoint meta, whether this is a new phase). Settings that may change on resume get a note; settings
+        that change what is learned stop with a diff unless `new_phase`."""
+        meta = ckpt.read_meta(found)
+        saved = {**meta["preset"], "data": meta.get("data")}
+        wanted = {**asdict(self.preset), "data": self.data_identity if meta.get("data") else None}
+        notes, blocking = ckpt.setting_changes(saved, wanted)
+        for note in notes:
+            print(f"note: resuming with a changed setting, {note}")
+        if blocking and not self.new_phase:
+            raise SettingsChanged(settings_changed_message(self.run_dir, found.name, blocking))
+        if blocking:
+            print("continuing as a new phase with changed settings:\n  " + "\n  ".join(blocking))
+        return meta, blocking
+
     def _setup(self) -> None:
         acc, c, p = self.accelerator, self.c, self.preset
+        self.data_identity = dataset_identity(self.dataset)
+        found = ckpt.latest_good(self.run_dir)
+        meta, changes = self._check_resume(found) if found is not None else ({}, [])
+        new_phase = bool(changes)
         seed_everything(p.seed)  # adapter init (LoRA A), noise and timesteps all start from the preset seed
         self.method.setup(c)
         modules = self.method.modules(c)
@@ -152,18 +116,26 @@ class Trainer:
         if not self.trainable:
             raise ValueError(f"method {self.method.name!r} left no parameter trainable")
         self.optimizer = make_optimizer(list(self.trainable.values()), p, acc.device)
-        self.lr_scheduler = make_lr_scheduler(self.optimizer, p)
+        self.phase_start = meta.get("step", 0) if new_phase else meta.get("position", {}).get("phase_start", 0)
+        self.lr_scheduler = make_lr_scheduler(self.optimizer, p, self.phase_start)
         self.scaler = self.precision.grad_scaler(self.loss_scale)
         self.models = {name: acc.prepare(module) for name, module in modules.items()}
         self._offload_cached_encoders()
-        found = ckpt.latest_good(self.run_dir)
         if found is not None:
-            info = ckpt.load_checkpoint(found, self.trainable, self.optimizer, self.lr_scheduler, self.scaler)
+            info = ckpt.load_checkpoint(found, self.trainable, self.optimizer,
+                                        None if new_phase else self.lr_scheduler, self.scaler)
+            if new_phase:  # the moments carry over; the learning rate and its schedule are the new preset's
+                for group in self.optimizer.param_groups:
+                    group["lr"] = group["initial_lr"] = p.learning_rate
+                self.lr_scheduler = make_lr_scheduler(self.optimizer, p, self.phase_start)
             position = info["position"]
             self.state.step = info["step"]
             self.state.epoch, self.state.batch_in_epoch = position["epoch"], position["batch_in_epoch"]
             self.state.skipped_steps = position.get("skipped_steps", 0)
             self.state.resumed_from = found.name
+            if new_phase:  # new settings may mean new data: start the phase on a fresh epoch
+                self.state.epoch, self.state.batch_in_epoch = self.state.epoch + 1, 0
+                self.phase_changes = {"changes": changes, "resumed_from": found.name}
             print(f"resuming from {found.name}: step {self.state.step}, epoch {self.state.epoch}, "
                   f"batch {self.state.batch_in_epoch}")
 
@@ -208,12 +180,12 @@ class Trainer:
     @property
     def position(self) -> dict:
         return {"epoch": self.state.epoch, "batch_in_epoch": self.state.batch_in_epoch,
-                "skipped_steps": self.state.skipped_steps}
+                "skipped_steps": self.state.skipped_steps, "phase_start": self.phase_start}
 
     def save_checkpoint(self) -> Path:
         return ckpt.save_checkpoint(self.run_dir, self.state.step, self.trainable, self.optimizer,
                                     self.lr_scheduler, self.scaler, self.position, self.preset,
-                                    keep=self.preset.keep_checkpoints)
+                                    keep=self.preset.keep_checkpoints, data_identity=self.data_identity)
 
     # ---- one micro-batch
     def _loss(self, batch: dict, epoch: int, seed: int | None = None) -> torch.Tensor:
@@ -273,6 +245,17 @@ class Trainer:
         return not (self.scaler.is_enabled() and self.scaler.get_scale() < scale)
 
     def run(self) -> TrainState:
+        """Train to `preset.max_steps`, holding the run folder's lock (main process) for the whole run."""
+        lock = RunLock(self.run_dir) if self.is_main_process else None
+        if lock is not None:
+            lock.acquire()
+        try:
+            return self._run()
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _run(self) -> TrainState:
         acc, p, st = self.accelerator, self.preset, self.state
         self._setup()
         self._train_mode(True)
@@ -310,7 +293,7 @@ class Trainer:
                     hook.on_step(self)
         except torch.OutOfMemoryError:
             stopped = oom_message(p)
-        except TrainingStopped as e:
+        except (TrainingStopped, ckpt.CheckpointError, NoSpaceError) as e:
             stopped = str(e)
         if stopped is not None:
             # Raised outside the handler, so the new exception chains to nothing: a notebook that keeps it (as

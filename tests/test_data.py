@@ -13,9 +13,11 @@ from PIL import Image, ImageOps
 from torch.utils.data import default_collate
 from transformers import CLIPTokenizer
 
-from helpers import data, models, sources, tiny, validation
+from helpers import captions, data, images, models, sources, tiny
+from helpers.images import open_rgb
 from helpers.presets import get_preset
-from helpers.validation import DatasetError, open_rgb, validate
+from helpers.report import DatasetError
+from helpers.validation import validate
 
 
 @pytest.fixture(autouse=True)
@@ -108,12 +110,12 @@ def test_every_bad_file_is_reported_and_skip_keeps_the_rest(bad_folder, tokenize
     assert not {n for n in GOOD} & set(by_file)  # good files are clean
     usable = {os.path.basename(r.key) for r in report.records}
     assert usable == (set(EXPECTED) | set(GOOD)) - DROPPED
-    reasons = {os.path.basename(i.key): i.reason for i in report.issues if i.code in ("long_caption", "duplicate")}
-    assert "truncated to 77 tokens" in reasons["long_caption.png"] and "the end" in reasons["long_caption.png"]
+    reasons = {os.path.basename(i.key): i.text for i in report.issues if i.code in ("long_caption", "duplicate")}
+    assert "longer than 77 tokens" in reasons["long_caption.png"] and "the end" in reasons["long_caption.png"]
     assert "good1.png" in reasons["good1_copy.png"]
-    # the report renders and saves one row per issue
+    # the report renders grouped, and saves one row per issue
     assert "truncated" in report.summary() and "notes.png" in report._repr_html_()
-    assert "orphan.txt" in report.to_markdown()
+    assert "orphan.txt" in report.summary()
     csv_path, json_path = report.save(tmp_path / "run")
     assert len(csv_path.read_text().strip().splitlines()) == len(report.issues) + 1
     saved = json.loads(json_path.read_text())
@@ -131,12 +133,12 @@ def test_stop_raises_listing_every_bad_file(bad_folder, tokenizer):
 
 def test_transparency_is_composited_on_white_and_cmyk_converted(bad_folder):
     for name in ("rgba.png", "palette.png"):
-        img, what = open_rgb((bad_folder / name).read_bytes())
-        assert img.mode == "RGB" and "white" in what
+        img, notes = open_rgb((bad_folder / name).read_bytes())
+        assert img.mode == "RGB" and [code for _, code, _, _ in notes] == ["transparency"] and "white" in notes[0][2]
         assert img.getpixel((5, 5)) == (255, 255, 255)  # transparent black became white, not black
         assert img.getpixel((60, 5)) in ((255, 0, 0), (0, 0, 255))
-    img, what = open_rgb((bad_folder / "cmyk.jpg").read_bytes())
-    assert img.mode == "RGB" and what == "mode CMYK converted to RGB"
+    img, notes = open_rgb((bad_folder / "cmyk.jpg").read_bytes())
+    assert img.mode == "RGB" and notes == [("info", "mode_converted", "converted to RGB", "mode CMYK")]
 
 
 def test_prepare_never_crashes_on_bad_input(bad_folder):
@@ -300,9 +302,9 @@ def test_cache_reused_rebuilt_on_key_change_and_on_corruption(sd15, storage, cap
     assert torch.equal(again[0]["latent_params"], params)
 
     smaller = data.prepare_dataset(get_preset(preset.name, "tiny", max_train_images=20, random_flip=True,
-                                              resolution=32), c)
+                                              resolution=128), c)
     assert smaller.cache_status == {"latents": "built", "text": "reused"}  # resolution is in the latent key only
-    assert smaller.cache_dirs["latents"] != ds.cache_dirs["latents"] and smaller[0]["latent_params"].shape[-1] == 4
+    assert smaller.cache_dirs["latents"] != ds.cache_dirs["latents"] and smaller[0]["latent_params"].shape[-1] == 16
     fewer = data.prepare_dataset(get_preset(preset.name, "tiny", max_train_images=12, random_flip=True), c)
     assert fewer.cache_status == {"latents": "built", "text": "built"}  # different records
 
@@ -361,9 +363,9 @@ def test_text_cache_off_when_training_the_text_encoder(sd15):
 
 def test_preview_and_caption_lengths(tokenizer, tmp_path):
     records = sources.load_source("naruto", "tiny/naruto", limit=6)
-    grid = validation.preview_grid(records, n=6, columns=3, tile=64, path=tmp_path / "grid.png")
+    grid = images.preview_grid(records, n=6, columns=3, tile=64, path=tmp_path / "grid.png")
     assert grid.size[0] == 3 * 64 and (tmp_path / "grid.png").is_file()
-    lengths = validation.caption_token_lengths(records, tokenizer)
+    lengths = captions.caption_token_lengths(records, tokenizer)
     assert lengths == [len(tokenizer(r.caption).input_ids) for r in records]
-    fig = validation.caption_length_figure(lengths, path=tmp_path / "hist.png")
+    fig = captions.caption_length_figure(lengths, path=tmp_path / "hist.png")
     assert (tmp_path / "hist.png").is_file() and fig.axes

@@ -18,7 +18,8 @@ from helpers.evaluate import ClipScorer
 from helpers.models import load_components, pipeline_from_components
 from helpers.precision import T4_DTYPES_ENV, cuda_fork_devices, precision_for
 from helpers.hooks import CheckpointHook, ExportHook, Hook, LogHook, SampleHook, read_log
-from helpers.train import Trainer, TrainingStopped
+from helpers.stops import TrainingStopped
+from helpers.train import Trainer
 
 
 @pytest.fixture

@@ -14,7 +14,8 @@ from torch.utils.data import default_collate
 from helpers import adapters, checkpoint, data, presets, tiny
 from helpers.models import load_components
 from helpers.hooks import CheckpointHook, ExportHook, Hook, LogHook, read_log
-from helpers.train import Trainer, TrainingStopped
+from helpers.stops import TrainingStopped
+from helpers.train import Trainer
 
 DRIVER = Path(__file__).with_name("train_driver.py")
 
@@ -209,7 +210,7 @@ def test_checkpoint_refuses_non_finite_weights(tmp_path):
 
 
 def test_oom_advice_names_the_memory_fields_that_can_still_change():
-    from helpers.train import oom_message, sampling_oom_message
+    from helpers.stops import oom_message, sampling_oom_message
     msg = oom_message(presets.get_preset("sdxl_lora_naruto_1024", "t4"))
     for field in ("batch_size=1", "grad_accum=8", "resolution=1024"):
         assert field in msg
