@@ -48,9 +48,14 @@ def _walk(root: Path) -> tuple[list[Path], list[Record]]:
     scanned before any link into it, and a link to a folder already scanned (a loop, or a second way in) is not
     followed but reported, so no image is silently missed or counted twice."""
     files, notes, scanned, tops = [], [], {}, [root]
+
+    def unreadable(error: OSError) -> None:  # os.walk skips such folders silently by default
+        notes.append(_note(error.filename, "error", "unreadable_folder", "folder cannot be read: its files are "
+                                                                         "missing", str(error)))
+
     while tops:
         links = []
-        for here, dirs, names in os.walk(tops.pop(0)):  # os.walk lists symlinked folders but does not enter them
+        for here, dirs, names in os.walk(tops.pop(0), onerror=unreadable):  # lists symlinked folders, never enters
             scanned[os.path.realpath(here)] = here
             dirs[:] = sorted(d for d in dirs if not d.startswith("."))
             links += [Path(here, d) for d in dirs if os.path.islink(os.path.join(here, d))]

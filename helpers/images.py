@@ -112,7 +112,8 @@ def open_rgb(data: bytes) -> tuple[Image.Image, list[Note]]:
 def preview_grid(records: list, n: int = 16, columns: int = 4, tile: int = 128, path=None) -> Image.Image:
     """The first `n` usable images of `records` (helpers.validation.Record: centre square crops, as trained) with
     their captions underneath, as one PIL image."""
-    font = ImageFont.load_default()
+    import matplotlib  # its DejaVu Sans has the accents Pillow's built-in font draws as boxes ("na�ve caf�")
+    font = ImageFont.truetype(f"{matplotlib.get_data_path()}/fonts/ttf/DejaVuSans.ttf", 10)
     chars, lines_per = max(8, tile // 6), 3
     shown = []
     for r in records:

@@ -46,7 +46,7 @@ class Group:
 def _folder_of(keys: list[str]) -> str:
     """The deepest folder every key lies in ("" when they share none), so the report can name files briefly."""
     try:
-        return os.path.commonpath([os.path.dirname(k) for k in keys]) if keys else ""
+        return os.path.commonpath([os.path.dirname(k) for k in keys]).rstrip(os.sep) if keys else ""
     except ValueError:  # absolute and relative keys mixed
         return ""
 
@@ -55,11 +55,11 @@ class DatasetError(ValueError):
     """The dataset cannot be used as it is; the message says which files and why."""
 
 
-@dataclass
+@dataclass(repr=False)  # the default repr would spell out every record: IPython computes it beside the HTML
 class ValidationReport:
     records: list  # usable helpers.validation.Records, in source order
     issues: list[Issue] = field(default_factory=list)
-    checked: int = 0  # examples looked at (images, and captions without one); not notes about metadata files
+    checked: int = 0  # images looked at (not caption files without an image, nor notes about metadata files)
 
     def errors(self) -> list[Issue]:
         return [i for i in self.issues if i.severity == "error"]
@@ -75,51 +75,60 @@ class ValidationReport:
     def headline(self) -> str:
         tally = ", ".join(f"{sum(i.severity == s for i in self.issues)} {s}{'s' if s != 'info' else ''}"
                           for s in SEVERITIES)
-        return (f"{self.checked} checked: {len(self.records)} usable, {self.checked - len(self.records)} dropped"
-                f" · {tally}")
+        return (f"{self.checked} images checked: {len(self.records)} usable, {self.checked - len(self.records)} "
+                f"dropped · {tally}")
 
-    def _shown(self, group: Group, limit: int, root: str) -> tuple[list[str], int]:
-        """Lines naming the first files of `group` ("name: detail") and how many are left unnamed."""
+    def _shown(self, group: Group, limit: int, root: str) -> tuple[list[tuple[str, str]], int]:
+        """(file, detail) of the first files of `group`, paths relative to `root`, and how many are left unnamed."""
         shown = group.issues if len(group.issues) <= limit + 1 else group.issues[:limit]
-        names = [os.path.relpath(i.key, root) if root else i.key for i in shown]
-        return [f"{n}: {i.detail}" if i.detail else n for n, i in zip(names, shown)], len(group.issues) - len(shown)
+        short = (lambda text: text.replace(root + os.sep, "")) if root else (lambda text: text)
+        return [(short(i.key), short(i.detail)) for i in shown], len(group.issues) - len(shown)
 
     def summary(self, severities: tuple[str, ...] = SEVERITIES, examples: int = EXAMPLES) -> str:
         """The report as text: a headline, then one block per reason with its count and first files."""
         root = _folder_of([i.key for i in self.issues])
         lines = [self.headline()]
         if self.issues:
-            lines.append(f"files under {root}/ · every file is listed in {CSV_NAME}" if root else
-                         f"every file is listed in {CSV_NAME}")
+            lines += [(f"files under {root}/ · " if root else "") + f"one row per file: {CSV_NAME} (report.save)", ""]
         for g in (g for g in self.groups() if g.severity in severities):
             lines.append(f"{g.severity.upper():<7} {len(g.issues):>5} × {g.reason}")
             named, more = self._shown(g, examples, root)
-            lines += [f"{'':16}{n}" for n in named] + ([f"{'':16}… and {more} more"] if more else [])
+            lines += [f"{'':16}{name}: {detail}" if detail else f"{'':16}{name}" for name, detail in named]
+            lines += [f"{'':16}… and {more} more"] if more else []
         return "\n".join(lines)
 
     def __str__(self) -> str:
         return self.summary()
 
+    def __repr__(self) -> str:
+        return f"<ValidationReport: {self.headline()}>"
+
     def _repr_html_(self) -> str:
         colors = {"error": "#fdd", "warning": "#ffd", "info": "#eef"}
+        left = "style='text-align:left; vertical-align:top'"  # Jupyter right-aligns table cells by default
         root = _folder_of([i.key for i in self.issues])
         rows = []
         for g in self.groups():
             named, more = self._shown(g, EXAMPLES, root)
-            files = "<br>".join(html.escape(n) for n in named) + (f"<br><i>… and {more} more</i>" if more else "")
-            rows.append(f"<tr style='background:{colors[g.severity]}'><td>{g.severity}</td>"
-                        f"<td style='text-align:right'>{len(g.issues)}</td><td>{html.escape(g.reason)}</td>"
-                        f"<td style='text-align:left'>{files}</td></tr>")
+            files = "<br>".join(f"<code>{html.escape(name)}</code> {html.escape(detail)}" for name, detail in named)
+            files += f"<br><i>… and {more} more</i>" if more else ""
+            rows.append(f"<tr style='background:{colors[g.severity]}'><td {left}>{g.severity}</td>"
+                        f"<td style='text-align:right; vertical-align:top'>{len(g.issues)}</td>"
+                        f"<td {left}>{html.escape(g.reason)}</td><td {left}>{files}</td></tr>")
         where = f"files under <code>{html.escape(root)}/</code> · " if root else ""
-        return (f"<p><b>{html.escape(self.headline())}</b><br>{where}every file is listed in {CSV_NAME}</p>"
-                f"<table><tr><th>severity</th><th>files</th><th>reason</th><th>which</th></tr>{''.join(rows)}</table>"
-                if rows else f"<p><b>{html.escape(self.headline())}</b></p>")
+        head = f"<p><b>{html.escape(self.headline())}</b>"
+        if not rows:
+            return head + "</p>"
+        return (f"{head}<br>{where}one row per file: {CSV_NAME}</p><table><tr><th {left}>severity</th>"
+                f"<th>files</th><th {left}>reason</th><th {left}>which files</th></tr>{''.join(rows)}</table>")
 
     def raise_errors(self) -> None:
         """DatasetError naming every file with an error (up to 20 per reason), grouped like the report."""
         if self.errors():
-            raise DatasetError(f"{len(self.errors())} errors (fix or remove these files, or use on_error='skip'):\n"
-                               + self.summary(severities=("error",), examples=20))
+            error = DatasetError(f"{len(self.errors())} errors (fix or remove these files, or use on_error='skip'):\n"
+                                 + self.summary(severities=("error",), examples=20))
+            error.report = self  # a caller of validate(on_error="stop") can still save() the whole table
+            raise error
 
     def save(self, folder: str | Path) -> tuple[Path, Path]:
         """Write validation_report.csv (one row per issue) and validation_report.json (issues + groups)."""

@@ -30,8 +30,8 @@ def content_hash(data: bytes) -> str:
 class Record:
     """One training example, not yet read: `load()` returns the image file's bytes, `image()` the checked image.
 
-    A record with neither image nor caption only carries `found`: a note about the dataset's files (a metadata file
-    without a text column, a symlink loop) for the report."""
+    A record without an image only carries `found` for the report: a caption file alone, a note about the dataset's
+    files (a metadata file without a text column, a symlink loop)."""
     key: str  # file path, or "<dataset>/<split>/<index>" for a Hub dataset
     load: Callable[[], bytes] | None  # None when the source found no image (e.g. a caption file alone)
     caption: str | None  # None = the source found no caption at all
@@ -130,9 +130,8 @@ def validate(records: list[Record], resolution: int, tokenizer=None, on_error: s
         try:
             if record.load is not None:
                 image_issues, digest = _check_image(record, resolution)
-                if not any(i.severity == "error" for i in found):  # the source already said what is wrong
-                    found += _check_caption(record, tokenizer, cache)
-                found[:0] = image_issues
+                said = any(i.severity == "error" for i in found)  # e.g. an unreadable caption file: said already
+                found = image_issues + found + ([] if said else _check_caption(record, tokenizer, cache))
             elif not found:
                 found.append(Issue(record.key, "error", "no image", "no_image"))
         except Exception as e:  # whatever else goes wrong with one file must not stop the others
@@ -147,8 +146,7 @@ def validate(records: list[Record], resolution: int, tokenizer=None, on_error: s
         seen[digest] = record.key
         record.content_hash = digest
         usable.append(record)
-    checked = sum(r.load is not None or r.caption is not None for r in records)
-    report = ValidationReport(usable, issues, checked=checked)
+    report = ValidationReport(usable, issues, checked=sum(r.load is not None for r in records))
     if on_error == "stop":
         report.raise_errors()
     return report
