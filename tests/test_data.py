@@ -13,7 +13,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import default_collate
 from transformers import CLIPTokenizer
 
-from helpers import captions, data, images, models, sources, tiny
+from helpers import caches, captions, data, images, models, sources, tiny
 from helpers.images import open_rgb
 from helpers.presets import get_preset
 from helpers.report import DatasetError
@@ -129,6 +129,7 @@ def test_stop_raises_listing_every_bad_file(bad_folder, tokenizer):
     for name in errors:
         assert name in str(err.value)
     assert "good1_copy.png" not in str(err.value) and "good1.png" not in str(err.value)
+    assert {os.path.basename(i.key) for i in err.value.report.errors()} == errors  # still there to save()
 
 
 def test_transparency_is_composited_on_white_and_cmyk_converted(bad_folder):
@@ -227,6 +228,38 @@ def test_folder_source_caption_layouts(tmp_path, layout):
     assert len(validate(records, 32).records) == 3
 
 
+def test_an_empty_dataset_reference_is_an_error_not_the_current_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Image.new("RGB", (40, 40)).save(tmp_path / "stray.png")  # what an empty path would have picked up
+    for kind, ref in (("folder", ""), ("folder", "  "), ("naruto", ""), ("cifar10", "")):
+        with pytest.raises(DatasetError, match="reference is empty"):
+            sources.load_source(kind, ref)
+
+
+def test_an_image_that_changes_or_disappears_after_validation_stops_with_its_path(tmp_path, sd15):
+    for name, color in (("gone.png", "red"), ("cut.png", "green"), ("swapped.png", "blue"), ("kept.png", "gray")):
+        Image.new("RGB", (48, 40), color).save(tmp_path / name)
+        (tmp_path / name).with_suffix(".txt").write_text(f"a {color} image")
+    records = validate(sources.load_source("folder", str(tmp_path)), 32).records
+    assert [os.path.basename(r.key) for r in records] == ["cut.png", "gone.png", "kept.png", "swapped.png"]
+    (tmp_path / "gone.png").unlink()
+    cut = (tmp_path / "cut.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(cut[: len(cut) // 2])  # PIL alone says only "image file is truncated"
+    Image.new("RGB", (40, 48), "yellow").save(tmp_path / "swapped.png")  # decodes fine: a different picture
+    dataset = data.TrainDataset(records, data.TrainTransform(32))
+    for index, name, why in ((0, "cut.png", "changed since validation"), (1, "gone.png", "cannot be read any more"),
+                             (3, "swapped.png", "changed since validation")):
+        with pytest.raises(DatasetError, match=why) as err:
+            dataset[index]
+        assert str(tmp_path / name) in str(err.value)
+    assert dataset[2]["pixel_values"].shape == (3, 32, 32)
+    with pytest.raises(DatasetError, match="gone.png"):  # the latent cache reads images the same way
+        caches.encode_latents(records[1:2], data.TrainTransform(32), sd15[1].vae)
+    records[0].content_hash = None  # a record never validated: still named when it does not decode
+    with pytest.raises(DatasetError, match="cut.png: cannot be decoded"):
+        dataset[0]
+
+
 # ---------------------------------------------------------------- transform
 
 def test_transform_size_and_crop_conditioning_by_hand():
@@ -301,10 +334,11 @@ def test_cache_reused_rebuilt_on_key_change_and_on_corruption(sd15, storage, cap
     assert latent_file.stat().st_mtime_ns == mtime and "reusing cache" in capsys.readouterr().out
     assert torch.equal(again[0]["latent_params"], params)
 
-    smaller = data.prepare_dataset(get_preset(preset.name, "tiny", max_train_images=20, random_flip=True,
-                                              resolution=128), c)
-    assert smaller.cache_status == {"latents": "built", "text": "reused"}  # resolution is in the latent key only
-    assert smaller.cache_dirs["latents"] != ds.cache_dirs["latents"] and smaller[0]["latent_params"].shape[-1] == 16
+    other_size = data.prepare_dataset(get_preset(preset.name, "tiny", max_train_images=20, random_flip=True,
+                                                 resolution=128), c)
+    assert other_size.cache_status == {"latents": "built", "text": "reused"}  # resolution is in the latent key only
+    assert other_size.cache_dirs["latents"] != ds.cache_dirs["latents"]
+    assert other_size[0]["latent_params"].shape[-1] == 16
     fewer = data.prepare_dataset(get_preset(preset.name, "tiny", max_train_images=12, random_flip=True), c)
     assert fewer.cache_status == {"latents": "built", "text": "built"}  # different records
 
