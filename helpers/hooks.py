@@ -182,24 +182,37 @@ def _display(image) -> None:
 
 def plot_loss(run_dir: Path, smooth: int = 10) -> Path | None:
     """loss_curve.png from log.jsonl: raw per-step loss and a moving average."""
-    rows = [r for r in read_log(run_dir) if "loss" in r]
-    if not rows:
-        return None
+    return plot_losses({"loss": Path(run_dir)}, Path(run_dir) / "loss_curve.png", smooth)
+
+
+def plot_losses(runs: dict[str, Path], path: Path, smooth: int = 10) -> Path | None:
+    """Several runs' loss curves on one plot (raw, faint, and a moving average each); a continued run's new
+    phases are marked with a dotted line. Runs without a log are left out; None when none has one."""
     import matplotlib
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
-    steps, losses = [r["step"] for r in rows], [r["loss"] for r in rows]
-    k = max(1, min(smooth, len(losses) // 5 or 1))
-    avg = [sum(losses[max(0, i - k + 1):i + 1]) / len(losses[max(0, i - k + 1):i + 1]) for i in range(len(losses))]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(steps, losses, alpha=0.35, label="loss")
-    ax.plot(steps, avg, label=f"moving average ({k})")
+    fig, ax = plt.subplots(figsize=(6.5, 3.5))
+    drawn = 0
+    for label, run_dir in runs.items():
+        log = read_log(run_dir)
+        rows = [r for r in log if "loss" in r]
+        if not rows:
+            continue
+        steps, losses = [r["step"] for r in rows], [r["loss"] for r in rows]
+        k = max(1, min(smooth, len(losses) // 5 or 1))
+        avg = [sum(losses[max(0, i - k + 1):i + 1]) / len(losses[max(0, i - k + 1):i + 1]) for i in range(len(losses))]
+        line, = ax.plot(steps, avg, label=f"{label} (moving average of {k})")
+        ax.plot(steps, losses, alpha=0.25, color=line.get_color())
+        for phase in (r for r in log if r.get("event") == "phase"):
+            ax.axvline(phase["step"], color=line.get_color(), linestyle=":", linewidth=1)
+        drawn += 1
+    if not drawn:
+        plt.close(fig)
+        return None
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("diffusion MSE")
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
-    path = Path(run_dir) / "loss_curve.png"
     fig.savefig(path, dpi=100)
     plt.close(fig)
-    return path
-
+    return Path(path)

@@ -219,4 +219,12 @@ def runtime_verdict(preset: Preset, vram_gb: float, has_cuda: bool) -> str:
     return f"{preset.name} [t4]: {'OK' if ok else 'too little GPU memory'} ({need})"
 
 
-__all__ = ["Preset", "PRESETS", "get_preset", "runtime_verdict"]
+def require_runtime(preset: Preset, vram_gb: float, has_cuda: bool) -> str:
+    """The verdict line, or a clear refusal (RuntimeError) when this runtime cannot run the preset."""
+    verdict = runtime_verdict(preset, vram_gb, has_cuda)
+    if preset.profile == "t4" and "OK" not in verdict:
+        raise RuntimeError(f"{verdict}. Attach a T4 (Runtime > Change runtime type > T4 GPU) or run PROFILE='tiny'.")
+    return verdict
+
+
+__all__ = ["Preset", "PRESETS", "get_preset", "runtime_verdict", "require_runtime"]

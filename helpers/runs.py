@@ -21,14 +21,15 @@ from .sampling import Variant
 RUN_FILE = "run.json"  # in final/: the preset the run was trained with
 
 
-def run_name(preset: Preset) -> str:
-    """The folder name of a run: preset, method and profile (`sd15_xattn_cifar10-lora-tiny`)."""
-    return f"{preset.name}-{preset.method}-{preset.profile}"
+def run_name(preset: Preset, suffix: str = "") -> str:
+    """The folder name of a run: preset, method and profile (`sd15_xattn_cifar10-lora-tiny`), and a suffix for a
+    second run of the same preset with other settings (`…-tiny-b`)."""
+    return f"{preset.name}-{preset.method}-{preset.profile}" + (f"-{suffix}" if suffix else "")
 
 
-def run_folder(preset: Preset, root: Path | None = None) -> Path:
-    """`<storage>/runs/<run_name(preset)>/`, created if needed."""
-    return run_dir(run_name(preset), root)
+def run_folder(preset: Preset, root: Path | None = None, suffix: str = "") -> Path:
+    """`<storage>/runs/<run_name(preset, suffix)>/`, created if needed."""
+    return run_dir(run_name(preset, suffix), root)
 
 
 def write_run_info(final_dir: Path, preset: Preset) -> Path:
@@ -46,6 +47,19 @@ def run_preset(folder: Path) -> Preset:
     known = {f.name for f in fields(Preset)}
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in known}
     return Preset(**values)
+
+
+def is_finished(folder: Path) -> bool:
+    return (Path(folder) / "final" / RUN_FILE).is_file()
+
+
+def load_snippet(folder: Path) -> str:
+    """Three lines that load a finished LoRA run into stock diffusers (outside this project)."""
+    preset = run_preset(folder)
+    cls = "StableDiffusionXLPipeline" if preset.family == "sdxl" else "StableDiffusionPipeline"
+    return ("import diffusers, torch\n"
+            f"pipe = diffusers.{cls}.from_pretrained({preset.model!r}, torch_dtype=torch.float16).to(\"cuda\")\n"
+            f"pipe.load_lora_weights({str(Path(folder) / 'final')!r}, weight_name=\"pytorch_lora_weights.safetensors\")")
 
 
 def finished_runs(root: Path) -> list[Path]:
@@ -93,4 +107,4 @@ class RunSet:
         return Variant(label, lambda pipe: self.use(name, scale))
 
 
-__all__ = ["run_name", "run_folder", "write_run_info", "run_preset", "finished_runs", "RunSet", "RUN_FILE"]
+__all__ = ["is_finished", "load_snippet", "run_name", "run_folder", "write_run_info", "run_preset", "finished_runs", "RunSet", "RUN_FILE"]
