@@ -239,10 +239,15 @@ def unet_inputs(c, seed=0):
     return x, t, kwargs
 
 
-def test_exported_lora_loads_in_stock_pipeline_and_kohya_roundtrips(storage, tmp_path):
+@pytest.mark.parametrize("name, overrides", [
+    ("sdxl_lora_naruto_256", dict(max_steps=6)),
+    # notebook 03's 1024 px preset in its tiny form (128 px, gradient checkpointing), shortened
+    ("sdxl_lora_naruto_1024", dict(max_steps=2, grad_accum=2)),
+])
+def test_exported_lora_loads_in_stock_pipeline_and_kohya_roundtrips(storage, tmp_path, name, overrides):
     from diffusers import StableDiffusionXLPipeline
-    preset = presets.get_preset("sdxl_lora_naruto_256", "tiny", max_steps=6, sample_every=0, max_train_images=16,
-                                lora_alpha=8)  # alpha ≠ rank: the scale must survive export
+    preset = presets.get_preset(name, "tiny", sample_every=0, max_train_images=16, lora_alpha=8,  # alpha ≠ rank:
+                                **overrides)  # the scale must survive export
     c = load_components(preset)
     ds = data.prepare_dataset(preset, c)
     export = ExportHook()
