@@ -1,7 +1,9 @@
-"""Tiny models: the real component classes, the Hub layout, loadable by the stock pipelines, deterministic."""
+"""Tiny models: the real component classes, the Hub layout, loadable by the stock pipelines, committed; generated
+data deterministic."""
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -40,21 +42,38 @@ def test_sdxl_keeps_sdxl_structure():
     assert out.shape == (1, 64, 64, 3)
 
 
-def test_builds_are_deterministic_and_reused(tmp_path, monkeypatch):
-    from safetensors.torch import load_file
-    shared = Path(tiny.resolve("tiny/sd15"))
+def test_models_are_committed_read_only_folders_in_the_repo():
+    for name in tiny.MODELS:
+        path = Path(tiny.resolve(f"tiny/{name}"))
+        assert path.parent == tiny.WORLD_DIR and (path / ".complete").is_file(), name
+    # the SDXL-like model ships fp16 variant files as the real repository does (fp16 loading prefers them)
+    assert (Path(tiny.resolve("tiny/sdxl")) / "unet" / "diffusion_pytorch_model.fp16.safetensors").is_file()
+
+
+def test_committed_weights_fit_the_budget():
+    """≤ 25 MB of distinct file contents (git stores identical files, e.g. the shared VAE, once)."""
+    import hashlib
+    unique = {hashlib.sha1(p.read_bytes()).hexdigest(): p.stat().st_size
+              for p in tiny.WORLD_DIR.rglob("*") if p.is_file()}
+    total = sum(unique.values()) / 1e6
+    print(f"tiny world: {total:.1f} MB in {len(unique)} distinct files")
+    assert total <= 25
+
+
+def test_dataset_folders_are_deterministic_and_reused(tmp_path, monkeypatch):
+    shared = Path(tiny.resolve("tiny/cifar10"))
     monkeypatch.setenv("LAB_TINY_DIR", str(tmp_path))
-    fresh = Path(tiny.resolve("tiny/sd15"))
+    fresh = Path(tiny.resolve("tiny/cifar10"))
     assert fresh.parent == tmp_path
-    a = load_file(str(shared / "unet" / "diffusion_pytorch_model.safetensors"))
-    b = load_file(str(fresh / "unet" / "diffusion_pytorch_model.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    mtime = (fresh / "model_index.json").stat().st_mtime
-    tiny.resolve("tiny/sd15")
-    assert (fresh / "model_index.json").stat().st_mtime == mtime  # built once, then reused
+    names = sorted(p.name for p in (shared / "train").iterdir())
+    assert names == sorted(p.name for p in (fresh / "train").iterdir()) and len(names) == 241
+    assert all((shared / "train" / n).read_bytes() == (fresh / "train" / n).read_bytes() for n in names)
+    mtime = (fresh / "train" / "metadata.jsonl").stat().st_mtime
+    tiny.resolve("tiny/cifar10")
+    assert (fresh / "train" / "metadata.jsonl").stat().st_mtime == mtime  # built once, then reused
     manifest = files.verify(fresh)  # written atomically, with a manifest of every file in every subfolder
-    assert "unet/diffusion_pytorch_model.safetensors" in manifest and ".tiny_build" in manifest
-    assert [p.name for p in tmp_path.iterdir()] == ["sd15"]  # no temp folder left behind
+    assert "train/metadata.jsonl" in manifest and ".tiny_build" in manifest
+    assert [p.name for p in tmp_path.iterdir()] == ["cifar10"]  # no temp folder left behind
 
 
 def test_tokenizer_is_committed_and_clip_like():
@@ -75,6 +94,25 @@ def test_clip_pair_and_open_clip_load():
     import open_clip
     from transformers import CLIPModel
     clip = CLIPModel.from_pretrained(tiny.resolve("tiny/clip"))
-    assert clip.config.projection_dim == 32
+    assert clip.config.projection_dim == tiny.CLIP_EMBED
     model, _, preprocess = open_clip.create_model_and_transforms("local-dir:" + tiny.resolve("tiny/open_clip"))
-    assert model.visual.image_size == (32, 32) or model.visual.image_size == 32
+    assert tuple(np.atleast_1d(model.visual.image_size))[0] == tiny.CLIP_IMAGE_SIZE
+
+
+def test_generated_sets_are_distinct_and_the_general_set_shows_no_fine_tuning_subject():
+    """The base models pretrain on the general set only: its captions never name a CIFAR class or the anime style,
+    and the tiny CLIP tells its pictures from the other two sets' (nearest centroid on held-out pictures)."""
+    import random
+    from helpers import evaluate, tiny_data
+    from helpers.sources import CIFAR10_CLASSES
+    rng = random.Random(tiny_data.HELD_OUT_SEED + 9)
+    general = [tiny_data.draw_general(rng, 64) for _ in range(60)]
+    words = set(CIFAR10_CLASSES) | {"ninja", "anime", "cartoon", "hair", "character"}
+    assert not any(w in caption.split() for _, caption in general for w in words)
+    sets = [[im for im, _ in general], [tiny_data.draw_cifar(CIFAR10_CLASSES[k % 10], rng) for k in range(60)],
+            [tiny_data.draw_naruto(rng)[0] for _ in range(60)]]
+    scorer = evaluate.ClipScorer.from_profile("tiny", device="cpu")
+    feats = [torch.nn.functional.normalize(scorer.image_features(images), dim=-1) for images in sets]
+    centroids = torch.stack([f[:30].mean(0) for f in feats])  # first half fits, second half is tested
+    correct = [(f[30:] @ centroids.T).argmax(1).eq(k).float().mean().item() for k, f in enumerate(feats)]
+    assert min(correct) >= 0.95, correct
