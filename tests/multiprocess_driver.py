@@ -36,7 +36,7 @@ def main() -> None:
     torch.set_num_threads(1)  # one kernel configuration in every process
     preset = presets.get_preset("sd15_xattn_cifar10", "tiny", method="lora", lora_rank=4, lora_alpha=8,
                                 lora_dropout=0.0, max_train_images=16, batch_size=args.batch_size, grad_accum=2,
-                                max_steps=args.max_steps, checkpoint_every=2, sample_every=0, learning_rate=1e-3)
+                                max_steps=args.max_steps, checkpoint_every=2, sample_every=0, learning_rate=2e-5)
     accelerator = Accelerator(gradient_accumulation_steps=preset.grad_accum)
     with accelerator.main_process_first():  # the main process builds the caches, the others then reuse them
         components = load_components(preset, accelerator.device)
