@@ -144,7 +144,7 @@ def test_base_samples_are_retrieved_by_clip_among_their_captions(name, scorer):
 
 # ---------------------------------------------------------------- fine-tuning adds what the base lacks
 
-def fine_tune_and_compare(preset, prompt_set, storage, seeds=(0, 1, 2)):
+def fine_tune_and_compare(preset, prompt_set, storage, seeds=(0, 1)):
     components = load_components(preset)
     dataset = data.prepare_dataset(preset, components)
     run = runs.run_folder(preset, storage)
@@ -159,7 +159,7 @@ def fine_tune_and_compare(preset, prompt_set, storage, seeds=(0, 1, 2)):
                                           steps=20, size=preset.resolution)
     paired = result.table.row("tuned", paired=True)
     print(f"{preset.name}: {prompt_set.name} CLIP tuned − base {paired['mean']:+.2f} "
-          f"[{paired['low']:+.2f}, {paired['high']:+.2f}], {paired['wins']} wins / {paired['losses']} losses")
+          f"[{paired['low']:+.2f}, {paired['high']:+.2f}], {paired['wins']} wins of {paired['n']}")
     return paired
 
 
