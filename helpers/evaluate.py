@@ -88,7 +88,7 @@ class ClipScorer:
         local = resolve(model)
         if model.startswith("tiny/") or Path(local).is_dir():
             spec, pretrained = "local-dir:" + local, None  # open_clip's local folder layout; weights are in it
-            self.name = "open_clip tiny (random)" if model == "tiny/open_clip" else f"open_clip {Path(local).name}"
+            self.name = "open_clip tiny (pretrained on generated images)" if model == "tiny/open_clip" else f"open_clip {Path(local).name}"
         else:
             spec = model
             self.name = f"open_clip {model} ({pretrained or 'random'})"

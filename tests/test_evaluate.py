@@ -37,7 +37,7 @@ def test_score_equals_hand_computed_cosine(scorer):
             model.encode_image(preprocess(img)[None]), model.encode_text(tokenizer([p])))[0].item()
             for img, p in zip(images, PROMPTS)]
     got = scorer.score(images, PROMPTS, batch_size=3)  # batches of 3 + 1, a repeated prompt
-    assert scorer.name == "open_clip tiny (random)"
+    assert scorer.name == "open_clip tiny (pretrained on generated images)"
     assert got.shape == (4,) and got.dtype == np.float64
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
     assert got.min() < 0  # raw 100·cos, not clamped at 0 as torchmetrics does (this random model gives negatives)
