@@ -27,10 +27,11 @@ def tiny():
 
 
 def outputs(text_encoder, vae, unet, reference_style: bool):
-    """The three parts on fixed random inputs."""
+    """The three parts on fixed random inputs (the context as wide as the text encoder's output)."""
     gen = torch.Generator().manual_seed(0)
     ids, z = torch.randint(0, 2000, (1, 77), generator=gen), torch.randn(1, 4, 8, 8, generator=gen)
-    context = torch.randn(1, 77, 32, generator=gen)
+    width = text_encoder.config.hidden_size if reference_style else text_encoder.config.width
+    context = torch.randn(1, 77, width, generator=gen)
     with torch.no_grad():
         if reference_style:
             return text_encoder(ids)[0], vae.decode(z).sample, unet(z, 21, encoder_hidden_states=context).sample
@@ -171,7 +172,10 @@ def test_fields_older_configs_omit_take_the_library_defaults(tiny):
     # the Hub's SD1.5 vae/config.json (diffusers 0.6) has no scaling_factor; old UNet configs lack norm_eps
     configs["vae"].pop("scaling_factor")
     configs["unet"].pop("norm_eps")
-    assert config_from_diffusers(**configs) == config_from_diffusers(**read_configs(folder))
+    reference = read_configs(folder)
+    reference["vae"]["scaling_factor"] = 0.18215  # diffusers' default, which an omitted field takes
+    reference["unet"]["norm_eps"] = 1e-5
+    assert config_from_diffusers(**configs) == config_from_diffusers(**reference)
     configs["unet"].pop("cross_attention_dim")
     with pytest.raises(ValueError, match="config fields missing.*cross_attention_dim"):
         config_from_diffusers(**configs)
