@@ -51,10 +51,11 @@ def snapshot(module):
 # ---------------------------------------------------------------- learning and what trains
 
 @pytest.mark.parametrize("name, method, steps, overrides, max_ratio", [
-    # cross-attention only, SD1.5-like, the 02 preset's tiny form
-    ("sd15_xattn_cifar10", "crossattn", 120, {}, 0.80),
-    # LoRA on the SDXL-like model: a random base leaves LoRA little to hold on to, so a smaller drop is expected
-    ("sdxl_lora_naruto_256", "lora", 80, dict(lora_rank=16, lora_alpha=16, learning_rate=5e-3), 0.93),
+    # cross-attention only, SD1.5-like, the 02 preset's tiny form: the pretrained tiny base already denoises the
+    # CIFAR-like images well (fixed-noise loss ≈ 0.25), and 120 steps of attn2 take it down ≈ 6 %
+    ("sd15_xattn_cifar10", "crossattn", 120, {}, 0.97),
+    # LoRA r16 on the pretrained SDXL-like base: ≈ 0.39 → 0.31 in 80 steps
+    ("sdxl_lora_naruto_256", "lora", 80, dict(lora_rank=16, lora_alpha=16, learning_rate=5e-3), 0.90),
 ])
 def test_loss_drops_and_only_the_method_parameters_change(storage, tmp_path, name, method, steps, overrides,
                                                           max_ratio):
