@@ -139,11 +139,11 @@ PRESETS: dict[str, dict[str, Preset]] = {
                      learning_rate=1e-4, lora_rank=16, lora_alpha=16, optimizer="adamw8bit",
                      gradient_checkpointing=True, random_flip=True, checkpoint_every=25, sample_every=50,
                      sample_prompts=NARUTO_PROMPTS, vram_plan_gib=11.7),
-        # 120 generated images at 64 px; 4 × 2 = 8 images/step; 60 steps = 4 epochs.
+        # 120 generated images at 64 px; 4 × 2 = 8 images/step; 30 steps = 2 epochs (notebook 03's CI budget).
         "tiny": Preset("sdxl_lora_naruto_256", "tiny", "sdxl", "tiny/sdxl", "naruto", "tiny/naruto", "lora",
-                       vae="tiny/sdxl-vae-fp16-fix", resolution=64, batch_size=4, grad_accum=2, max_steps=60,
+                       vae="tiny/sdxl-vae-fp16-fix", resolution=64, batch_size=4, grad_accum=2, max_steps=30,
                        learning_rate=1e-3, lora_rank=4, lora_alpha=4, optimizer="adamw", mixed_precision="no",
-                       checkpoint_every=20, sample_every=30, sample_prompts=NARUTO_PROMPTS, sample_steps=4),
+                       checkpoint_every=10, sample_every=30, sample_prompts=NARUTO_PROMPTS[:2], sample_steps=4),
     },
     "sdxl_lora_naruto_1024": {
         # 1 × 8 accumulation = 8 images/step; 1,221 images → 152.6 steps/epoch; 5 epochs ≈ 763 → 765 steps.
@@ -156,12 +156,12 @@ PRESETS: dict[str, dict[str, Preset]] = {
                      learning_rate=1e-4, lr_schedule="cosine", warmup_steps=0, lora_rank=16, lora_alpha=16,
                      optimizer="adamw8bit", gradient_checkpointing=True, random_flip=True, checkpoint_every=30,
                      sample_every=150, sample_prompts=NARUTO_PROMPTS, vram_plan_gib=11.7),
-        # 128 px on the tiny model (16×16 latents), 1 × 8 = 8 images/step, 30 steps = 2 epochs.
+        # 128 px on the tiny model (16×16 latents), 1 × 8 = 8 images/step, 12 steps = 0.8 epoch (CI budget).
         "tiny": Preset("sdxl_lora_naruto_1024", "tiny", "sdxl", "tiny/sdxl", "naruto", "tiny/naruto", "lora",
-                       vae="tiny/sdxl-vae-fp16-fix", resolution=128, batch_size=1, grad_accum=8, max_steps=30,
+                       vae="tiny/sdxl-vae-fp16-fix", resolution=128, batch_size=1, grad_accum=8, max_steps=12,
                        learning_rate=1e-3, lr_schedule="cosine", lora_rank=4, lora_alpha=4, optimizer="adamw",
-                       mixed_precision="no", gradient_checkpointing=True, checkpoint_every=10, sample_every=30,
-                       sample_prompts=NARUTO_PROMPTS, sample_steps=4),
+                       mixed_precision="no", gradient_checkpointing=True, checkpoint_every=6, sample_every=12,
+                       sample_prompts=NARUTO_PROMPTS[:2], sample_steps=4),
     },
     "prior_sd15": {
         # SD1.5 with LoRA r8 α16 (update scale 2) dropout 0.1 on to_q/to_k/to_v, conditioned through CLIP ViT-L/14
