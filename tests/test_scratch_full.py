@@ -10,8 +10,8 @@ from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, co
 from transformers import CLIPTextConfig as HFTextConfig, CLIPTextModel
 
 from helpers.configs import SD15_UNET, SD_VAE as SD15_VAE
-from helpers.scratch.convert import (SDConfig, config_from_diffusers, diffusers_to_original, load_model,
-                                     original_to_scratch)
+from helpers.scratch.convert import SDConfig, diffusers_to_original, load_model, original_to_scratch
+from helpers.scratch.folders import config_from_diffusers
 from helpers.scratch.parity import max_abs_diff, randomize_
 from helpers.tiny import SD15_SCHEDULER
 

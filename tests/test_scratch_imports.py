@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 SCRATCH = Path(__file__).resolve().parents[1] / "helpers" / "scratch"
-MODEL_FILES = ("attention", "clip", "convert", "ddpm", "pipeline", "unet", "vae")
+MODEL_FILES = ("attention", "clip", "convert", "ddpm", "folders", "pipeline", "unet", "vae")
 IMPORT = re.compile(r"^\s*(from|import)\s+(diffusers|transformers)\b(.*)$", re.MULTILINE)
 
 

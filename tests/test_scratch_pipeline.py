@@ -5,7 +5,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
 from PIL import Image, ImageDraw
 
-from helpers.scratch.convert import load_diffusers_folder
+from helpers.scratch.folders import load_diffusers_folder
 from helpers.scratch.parity import max_abs_diff
 from helpers.scratch.pipeline import from_pil, to_pil
 from helpers.tiny import resolve

@@ -6,7 +6,8 @@
     unet.py       the noise-predicting UNet (320/640/1280/1280, cross-attention to the text)
     ddpm.py       noise schedule, DDPM and DDIM samplers with SD1.5's timestep spacing
     pipeline.py   txt2img and img2img with classifier-free guidance
-    convert.py    weights from a diffusers folder or an original single file (and back), strictly checked
+    convert.py    weights from an original single file (and back) by generated key tables, strictly checked
+    folders.py    a diffusers folder (configs + weights) into the scratch models
     parity.py     the proof: the same weights in diffusers/transformers, compared part by part
 
 Only parity.py imports diffusers/transformers model classes; the rest uses torch, einops, safetensors and (for the
