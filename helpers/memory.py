@@ -19,10 +19,10 @@ from __future__ import annotations
 
 from math import ceil
 
+from .memory_live import text_encode_bytes, unet_inference_bytes, vae_decode_bytes, vae_encode_bytes
 from .memory_meta import (GIB, crossattn_parameter_count, full_size_clip, full_size_text_encoders,  # noqa: F401
                           full_size_unet, full_size_vae, lora_parameter_count, measure_training, parameter_counts,
-                          text_encode_bytes, text_lora_sizes, unet_inference_bytes, vae_decode_bytes,
-                          vae_encode_bytes)
+                          text_lora_sizes)
 from .caches import CACHE_ENCODE_PIXELS
 from .presets import SD15, SDXL, SDXL_VAE_FIX, Preset, get_preset
 

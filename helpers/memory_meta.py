@@ -5,26 +5,22 @@ are built in a second without weights or a download. On them we count parameters
 adapter (peft LoRA or the attn2 selection) and run forward passes that record memory:
   - training: every tensor autograd saves for the backward pass (split by gradient-checkpoint unit);
   - inference (sampling, caching): the peak of live tensors while the pass runs under `torch.no_grad()`, tracked by
-    a TorchDispatchMode that sees every allocation and, through weak references, every free.
+    a TorchDispatchMode that sees every allocation and, through weak references, every free (helpers.memory_live).
 Attention runs as PyTorch's memory-efficient SDPA kernel (what a T4 uses): q, k, v, output and log-sum-exp, never
 the N×N probabilities. `helpers.memory` turns these measurements into the T4 plan.
 """
 from __future__ import annotations
 
 import copy
-import weakref
 from contextlib import contextmanager
 from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
+
+from .configs import CLIP_L14_TEXT, CLIP_L14_VISION, OPENCLIP_BIGG_TEXT, SD_VAE, TEXT_LORA_TARGETS, UNETS
 
 GIB = 2**30
-
-from .configs import (CLIP_L14_TEXT, CLIP_L14_VISION, OPENCLIP_BIGG_TEXT, SD15_UNET, SD_VAE, SDXL_UNET,  # noqa: E402
-                      TEXT_LORA_TARGETS, UNETS)
 
 TOKENS = 77  # CLIP context length: every caption is padded to it
 
@@ -247,96 +243,6 @@ def measure_training(family: str, method: str, rank: int, targets: tuple, dropou
     return tuple(sizes), plain, checkpointed
 
 
-# ---------------------------------------------------------------- inference: peak of live tensors
-
-class _LiveBytes(TorchDispatchMode):
-    """Tracks the bytes of every storage an op creates until its last tensor is freed; `peak` is the high mark.
-    Storages of `exclude` (the weights) are not counted."""
-
-    def __init__(self, exclude: set[int]):
-        super().__init__()
-        self.exclude, self.live, self.now, self.peak = exclude, {}, 0, 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                self._track(t)
-        return out
-
-    def _track(self, t: torch.Tensor) -> None:
-        storage = t.untyped_storage()
-        key = storage._cdata
-        if key in self.exclude:
-            return
-        if key in self.live:
-            self.live[key][1] += 1
-        else:
-            self.live[key] = [storage.nbytes(), 1]
-            self.now += storage.nbytes()
-            self.peak = max(self.peak, self.now)
-        weakref.finalize(t, self._release, key)
-
-    def _release(self, key: int) -> None:
-        entry = self.live.get(key)
-        if entry is not None:
-            entry[1] -= 1
-            if entry[1] == 0:
-                self.now -= entry[0]
-                del self.live[key]
-
-
-def _peak_live(module: torch.nn.Module, run) -> int:
-    tracker = _LiveBytes(_storages(module))
-    with torch.no_grad(), _efficient_attention(), tracker:
-        run()
-    return tracker.peak
-
-
-@lru_cache(maxsize=None)
-def unet_inference_bytes(family: str, resolution: int, batch: int) -> int:
-    """Peak live bytes of one fp16 UNet forward under no_grad (a sampling step: batch = 2 × images for CFG)."""
-    unet = full_size_unet(family).half()
-    args, extra = _unet_inputs(unet, family, resolution, batch, torch.float16)
-    return _peak_live(unet, lambda: unet(*args, **extra))
-
-
-@lru_cache(maxsize=None)
-def vae_decode_bytes(resolution: int, images: int, fp32: bool, tiling: bool) -> int:
-    """Peak live bytes of `vae.decode` of `images` latents (one call: with slicing diffusers passes 1 at a time);
-    with `tiling`, diffusers' own tiled_decode decides whether and how to tile (tiles of config.sample_size px)."""
-    vae = full_size_vae()
-    vae = vae if fp32 else vae.half()
-    if tiling:
-        vae.enable_tiling()
-    size = resolution // latent_factor()
-    z = torch.randn(images, vae.config.latent_channels, size, size, device="meta",
-                    dtype=torch.float32 if fp32 else torch.float16)
-    return _peak_live(vae, lambda: vae.decode(z))
-
-
-@lru_cache(maxsize=None)
-def vae_encode_bytes(resolution: int, images: int, fp32: bool) -> int:
-    """Peak live bytes of `vae.encode` of a batch of images (the latent cache is built in such batches)."""
-    vae = full_size_vae()
-    vae = vae if fp32 else vae.half()
-    x = torch.randn(images, vae.config.in_channels, resolution, resolution, device="meta",
-                    dtype=torch.float32 if fp32 else torch.float16)
-    return _peak_live(vae, lambda: vae.encode(x))
-
-
-@lru_cache(maxsize=None)
-def text_encode_bytes(family: str, captions: int) -> int:
-    """Peak live bytes of encoding `captions` prompts with every text encoder (hidden states kept, as SDXL needs)."""
-    peak = 0
-    for encoder in full_size_text_encoders(family):
-        encoder = encoder.half()
-        ids = torch.zeros(captions, TOKENS, dtype=torch.long, device="meta")
-        peak = max(peak, _peak_live(encoder, lambda: encoder(ids, output_hidden_states=True)))
-    return peak
-
-
 __all__ = ["full_size_unet", "full_size_text_encoders", "full_size_vae", "full_size_clip", "parameter_counts",
            "crossattn_parameter_count", "lora_parameter_count", "make_trainable", "text_lora_sizes",
-           "measure_training", "unet_inference_bytes", "vae_decode_bytes", "vae_encode_bytes", "text_encode_bytes",
-           "latent_factor", "GIB"]
+           "measure_training", "latent_factor", "GIB"]

@@ -1,0 +1,105 @@
+"""Inference memory on the meta device: the peak of live tensors while a full-size model runs under
+`torch.no_grad()` (sampling, caching), tracked by a TorchDispatchMode that sees every allocation and, through weak
+references, every free. `helpers.memory` turns these into the sampling and caching phases of the T4 plan.
+"""
+from __future__ import annotations
+
+import weakref
+from functools import lru_cache
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from .memory_meta import (TOKENS, _efficient_attention, _storages, _unet_inputs, full_size_text_encoders,
+                          full_size_unet, full_size_vae, latent_factor)
+
+
+class _LiveBytes(TorchDispatchMode):
+    """Tracks the bytes of every storage an op creates until its last tensor is freed; `peak` is the high mark.
+    Storages of `exclude` (the weights) are not counted."""
+
+    def __init__(self, exclude: set[int]):
+        super().__init__()
+        self.exclude, self.live, self.now, self.peak = exclude, {}, 0, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self._track(t)
+        return out
+
+    def _track(self, t: torch.Tensor) -> None:
+        storage = t.untyped_storage()
+        key = storage._cdata
+        if key in self.exclude:
+            return
+        if key in self.live:
+            self.live[key][1] += 1
+        else:
+            self.live[key] = [storage.nbytes(), 1]
+            self.now += storage.nbytes()
+            self.peak = max(self.peak, self.now)
+        weakref.finalize(t, self._release, key)
+
+    def _release(self, key: int) -> None:
+        entry = self.live.get(key)
+        if entry is not None:
+            entry[1] -= 1
+            if entry[1] == 0:
+                self.now -= entry[0]
+                del self.live[key]
+
+
+def _peak_live(module: torch.nn.Module, run) -> int:
+    tracker = _LiveBytes(_storages(module))
+    with torch.no_grad(), _efficient_attention(), tracker:
+        run()
+    return tracker.peak
+
+
+@lru_cache(maxsize=None)
+def unet_inference_bytes(family: str, resolution: int, batch: int) -> int:
+    """Peak live bytes of one fp16 UNet forward under no_grad (a sampling step: batch = 2 × images for CFG)."""
+    unet = full_size_unet(family).half()
+    args, extra = _unet_inputs(unet, family, resolution, batch, torch.float16)
+    return _peak_live(unet, lambda: unet(*args, **extra))
+
+
+@lru_cache(maxsize=None)
+def vae_decode_bytes(resolution: int, images: int, fp32: bool, tiling: bool) -> int:
+    """Peak live bytes of `vae.decode` of `images` latents (one call: with slicing diffusers passes 1 at a time);
+    with `tiling`, diffusers' own tiled_decode decides whether and how to tile (tiles of config.sample_size px)."""
+    vae = full_size_vae()
+    vae = vae if fp32 else vae.half()
+    if tiling:
+        vae.enable_tiling()
+    size = resolution // latent_factor()
+    z = torch.randn(images, vae.config.latent_channels, size, size, device="meta",
+                    dtype=torch.float32 if fp32 else torch.float16)
+    return _peak_live(vae, lambda: vae.decode(z))
+
+
+@lru_cache(maxsize=None)
+def vae_encode_bytes(resolution: int, images: int, fp32: bool) -> int:
+    """Peak live bytes of `vae.encode` of a batch of images (the latent cache is built in such batches)."""
+    vae = full_size_vae()
+    vae = vae if fp32 else vae.half()
+    x = torch.randn(images, vae.config.in_channels, resolution, resolution, device="meta",
+                    dtype=torch.float32 if fp32 else torch.float16)
+    return _peak_live(vae, lambda: vae.encode(x))
+
+
+@lru_cache(maxsize=None)
+def text_encode_bytes(family: str, captions: int) -> int:
+    """Peak live bytes of encoding `captions` prompts with every text encoder (hidden states kept, as SDXL needs)."""
+    peak = 0
+    for encoder in full_size_text_encoders(family):
+        encoder = encoder.half()
+        ids = torch.zeros(captions, TOKENS, dtype=torch.long, device="meta")
+        peak = max(peak, _peak_live(encoder, lambda: encoder(ids, output_hidden_states=True)))
+    return peak
+
+
+__all__ = ["unet_inference_bytes", "vae_decode_bytes", "vae_encode_bytes", "text_encode_bytes"]
