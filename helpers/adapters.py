@@ -106,6 +106,12 @@ class Method:
         """Switch the pipeline to this run at `scale` (0 = the base model, 1 = as trained)."""
         raise NotImplementedError
 
+    def call_arguments(self, pipe, loaded, prompts: list[str], scale: float) -> dict:
+        """Extra pipeline arguments for one call drawing `prompts` with this run switched on, e.g. an IP-Adapter's
+        `ip_adapter_image_embeds` made by a prior from the prompts (one row per prompt; sampling draws one image
+        per call for such runs). Methods that only change weights leave this alone (no extra arguments)."""
+        return {}
+
 
 class CrossAttention(Method):
     """Only `attn2` (cross-attention: queries from the image, keys/values from the text) trains: the layers that

@@ -32,6 +32,12 @@ OPENCLIP_BIGG_TEXT = dict(vocab_size=49408, hidden_size=1280, intermediate_size=
                           num_attention_heads=20, max_position_embeddings=77, hidden_act="gelu", projection_dim=1280)
 CLIP_L14_VISION = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
                        image_size=224, patch_size=14, hidden_act="quick_gelu", projection_dim=768)
+# laion/CLIP-ViT-H-14-laion2B-s32B-b79K config.json (PickScore_v1 fine-tunes it; open_clip ViT-H-14.json agrees:
+# vision width 1280, 32 layers, head width 80, patch 14; text width 1024, 24 layers, 16 heads; embed_dim 1024).
+CLIP_H14_TEXT = dict(vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                     num_attention_heads=16, max_position_embeddings=77, hidden_act="gelu", projection_dim=1024)
+CLIP_H14_VISION = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
+                       image_size=224, patch_size=14, hidden_act="gelu", projection_dim=1024)
 TEXT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")  # as the diffusers LoRA scripts adapt CLIP
 UNETS = {"sd15": SD15_UNET, "sdxl": SDXL_UNET}
 
@@ -62,4 +68,5 @@ def check_image_size(size: int, family: str, what: str = "image size") -> int:
 
 
 __all__ = ["SD15_UNET", "SDXL_UNET", "SD_VAE", "CLIP_L14_TEXT", "OPENCLIP_BIGG_TEXT", "CLIP_L14_VISION",
+           "CLIP_H14_TEXT", "CLIP_H14_VISION",
            "TEXT_LORA_TARGETS", "UNETS", "size_multiple", "image_size_multiple", "check_image_size"]

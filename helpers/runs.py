@@ -12,7 +12,7 @@ import json
 from dataclasses import asdict, fields
 from pathlib import Path
 
-from .adapters import make_method, restore_base_attn2
+from .adapters import Method, make_method, restore_base_attn2
 from .models import family_of
 from .presets import Preset
 from .runtime import run_dir
@@ -101,10 +101,22 @@ class RunSet:
         method, loaded = self.loaded[name]
         method.apply(self.pipe, loaded, scale)
 
+    def call_args(self, name: str | None, scale: float = 1.0):
+        """The extra pipeline arguments run `name` needs per call (its method's `call_arguments`, e.g. IP-Adapter
+        image embeddings), as a Variant's `call_args`; None for the base and for runs that only change weights."""
+        if name is None:
+            return None
+        method, loaded = self.loaded[name]
+        if type(method).call_arguments is Method.call_arguments:
+            return None
+        return lambda pipe, prompts: method.call_arguments(pipe, loaded, list(prompts), scale)
+
     def variant(self, name: str | None, scale: float = 1.0, label: str | None = None) -> Variant:
-        """A Variant for evaluation: `name` at `scale` (None = "base")."""
+        """A Variant for evaluation: `name` at `scale` (None = "base"), with the run's extra call arguments."""
+        if name is not None and name not in self.loaded:
+            raise KeyError(f"no run {name!r} loaded; loaded: {sorted(self.loaded)}")
         label = label or ("base" if name is None else name if scale == 1.0 else f"{name} ×{scale:g}")
-        return Variant(label, lambda pipe: self.use(name, scale))
+        return Variant(label, lambda pipe: self.use(name, scale), self.call_args(name, scale))
 
 
 __all__ = ["is_finished", "load_snippet", "run_name", "run_folder", "write_run_info", "run_preset", "finished_runs", "RunSet", "RUN_FILE"]

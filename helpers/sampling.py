@@ -23,6 +23,7 @@ from .runtime import device as default_device
 from .tiny import resolve
 
 MANIFEST_FIELDS = ("file", "prompt", "seed")
+CallArgs = Callable[[object, list], dict]  # (pipe, the call's prompts) -> extra pipeline arguments for that call
 ONE_AT_A_TIME_PX = 768  # from this size up, one image per pipeline call: 4 × 1024² SDXL images in one fp16 call
 #                         peak ≈ 21.7 GB (≈ 15.4 GB with VAE slicing), more than a T4's 14.74 GiB
 MAX_IMAGES_PER_CALL = 4  # below it, up to 4 prompts per call (classifier-free guidance doubles the UNet batch)
@@ -76,12 +77,21 @@ def prompt_seed_pairs(prompts: list[str], seeds: list[int]) -> tuple[list[str], 
 
 def generate(pipe, prompts: list[str], seeds: list[int], steps: int, guidance: float = 7.5,
              height: int | None = None, width: int | None = None, out_dir: str | Path | None = None,
-             prefix: str = "", batch_size: int = MAX_IMAGES_PER_CALL) -> list[Image.Image]:
+             prefix: str = "", batch_size: int = MAX_IMAGES_PER_CALL, negative_prompt: str | None = None,
+             call_args: CallArgs | None = None, step_callback: Callable | None = None,
+             image: Image.Image | None = None, strength: float = 0.8) -> list[Image.Image]:
     """One image per aligned (prompt, seed) pair. With `out_dir`, saves `{prefix}{i:03d}_seed{seed}.png` and
     `{prefix}manifest.csv` (file, prompt, seed) there.
 
     At most `images_per_call(height, width)` images per pipeline call, VAE slicing/tiling as `set_vae_memory`
-    says, and fp16 autocast when the UNet holds fp16 weights (trained fp32 layers inside an fp16 UNet)."""
+    says, and fp16 autocast when the UNet holds fp16 weights (trained fp32 layers inside an fp16 UNet).
+    `negative_prompt`: one negative prompt for every image (None or "" = none). `call_args(pipe, prompts)`: extra
+    pipeline arguments for one call drawing these prompts (a Variant's, e.g. IP-Adapter image embeddings, one row
+    per prompt); with it, one image per call, so a per-prompt argument can never mix two prompts.
+    `step_callback`: the pipeline's `callback_on_step_end(pipe, step, timestep, kwargs) -> kwargs` (progress, or
+    stopping a call between denoising steps with `pipe._interrupt = True`). `image`: img2img from this picture,
+    resized to width × height (`pipe` is then an img2img pipeline, e.g. `AutoPipelineForImage2Image.from_pipe`),
+    re-noised by `strength` (1 = all of it)."""
     prompts, seeds = list(prompts), [int(s) for s in seeds]
     if not prompts or len(prompts) != len(seeds):
         raise ValueError(f"need one seed per prompt (got {len(prompts)} prompts, {len(seeds)} seeds); "
@@ -90,16 +100,26 @@ def generate(pipe, prompts: list[str], seeds: list[int], steps: int, guidance: f
         raise ValueError("batch_size and steps must be >= 1")
     default = pipe.unet.config.sample_size * pipe.vae_scale_factor  # the pipeline's own default size
     height, width = height or default, width or default
-    batch_size = min(batch_size, images_per_call(height, width))
+    batch_size = 1 if call_args is not None else min(batch_size, images_per_call(height, width))
     set_vae_memory(pipe, height, width)
+    init = image.convert("RGB").resize((width, height), Image.Resampling.LANCZOS) if image is not None else None
     images: list[Image.Image] = []
     starts = range(0, len(prompts), batch_size)
     with autocast_for(pipe.unet):
         for start in tqdm(starts, desc="generating", disable=len(starts) < 2):
             chunk = slice(start, start + batch_size)
             generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds[chunk]]
+            extra = dict(call_args(pipe, prompts[chunk])) if call_args is not None else {}
+            if negative_prompt:
+                extra["negative_prompt"] = [negative_prompt] * len(prompts[chunk])
+            if step_callback is not None:
+                extra["callback_on_step_end"] = step_callback
+            if image is not None:  # img2img: the picture sets the size; the pipelines take no height/width
+                extra.update(image=[init] * len(prompts[chunk]), strength=strength)
+            else:
+                extra.update(height=height, width=width)
             images += pipe(prompt=prompts[chunk], generator=generators, num_inference_steps=steps,
-                           guidance_scale=guidance, height=height, width=width).images
+                           guidance_scale=guidance, **extra).images
     if out_dir is not None:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -128,6 +148,8 @@ class Variant:
     name: str  # column label and folder name, e.g. "base", "crossattn", "lora ×0.5"
     apply: Callable[[object], None]  # puts the ONE shared pipeline into this variant's state (adapter on/off,
     #                                   LoRA scale, attn2 weights swapped): a T4 cannot hold two SDXL pipelines
+    call_args: CallArgs | None = None  # extra pipeline arguments per call (a run kind that conditions on more than
+    #                                     text, e.g. IP-Adapter image embeddings); None = text only
 
 
 def folder_name(name: str) -> str:
@@ -145,6 +167,8 @@ def check_variants(variants: Sequence[Variant]) -> list[Variant]:
             raise ValueError(f"{v!r} is not a Variant with a name of letters or digits")
         if not callable(v.apply):
             raise ValueError(f"variant {v.name!r}: apply must be callable (pipe) -> None")
+        if v.call_args is not None and not callable(v.call_args):
+            raise ValueError(f"variant {v.name!r}: call_args must be None or callable (pipe, prompts) -> dict")
     folders = [folder_name(v.name) for v in variants]
     repeated = sorted({v.name for v, f in zip(variants, folders) if folders.count(f) > 1})
     if repeated:
@@ -162,6 +186,6 @@ def generate_variants(pipe, variants: Sequence[Variant], prompts: list[str], see
     for variant in check_variants(variants):
         variant.apply(pipe)
         folder = Path(out_dir) / folder_name(variant.name)
-        generate(pipe, prompts, seeds, steps, guidance, height, width, out_dir=folder)
+        generate(pipe, prompts, seeds, steps, guidance, height, width, out_dir=folder, call_args=variant.call_args)
         manifests[variant.name] = folder / "manifest.csv"
     return manifests

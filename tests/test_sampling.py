@@ -110,3 +110,64 @@ def test_check_variants_rejects_bad_lists():
         sampling.check_variants(["base"])
     with pytest.raises(ValueError, match="not a Variant"):
         sampling.check_variants([sampling.Variant(" ×", print)])
+
+
+# ---------------------------------------------------------------- negative prompt, per-call arguments, callbacks
+
+def test_negative_prompt_and_per_call_arguments_reach_the_pipeline(sd15):
+    import torch
+    prompts, seeds = ["a photo of a cat", "a photo of a ship"], [3, 4]
+    plain = sampling.generate(sd15, prompts, seeds, steps=3)
+    negative = sampling.generate(sd15, prompts, seeds, steps=3, negative_prompt="a photo of a frog")
+    assert all(np.abs(_array(a) - _array(b)).mean() > 1.0 for a, b in zip(plain, negative))
+    # the same negative prompt given to the stock pipeline directly: the same pixels
+    direct = sd15(prompt=prompts[:1], negative_prompt=["a photo of a frog"], num_inference_steps=3,
+                  generator=[torch.Generator().manual_seed(3)], height=64, width=64).images[0]
+    assert np.abs(_array(direct) - _array(negative[0])).max() <= 2
+
+    calls = []
+
+    def call_args(pipe, chunk):  # a run kind's extra argument (guidance_rescale stands in for image embeddings)
+        calls.append(list(chunk))
+        return {"guidance_rescale": 0.7}
+
+    rescaled = sampling.generate(sd15, prompts, seeds, steps=3, call_args=call_args)
+    assert calls == [[p] for p in prompts]  # one call per image, each with its own prompt
+    assert all(np.abs(_array(a) - _array(b)).mean() > 0.5 for a, b in zip(plain, rescaled))
+    direct = sd15(prompt=prompts[1:], guidance_rescale=0.7, num_inference_steps=3, height=64, width=64,
+                  generator=[torch.Generator().manual_seed(4)]).images[0]
+    assert np.abs(_array(direct) - _array(rescaled[1])).max() <= 2
+
+
+def test_step_callback_sees_every_denoising_step_and_can_stop_a_call(sd15):
+    steps_seen = []
+
+    def count(pipe, step, timestep, kwargs):
+        steps_seen.append(step)
+        return kwargs
+
+    sampling.generate(sd15, ["a green frog"] * 2, [1, 2], steps=3, step_callback=count)
+    sd15.scheduler.set_timesteps(3)
+    assert len(steps_seen) == len(sd15.scheduler.timesteps)  # one call of two images: one callback per step
+
+    def stop_at_first(pipe, step, timestep, kwargs):
+        pipe._interrupt = True
+        return kwargs
+
+    stopped = sampling.generate(sd15, ["a green frog"], [1], steps=3, step_callback=stop_at_first)
+    full = sampling.generate(sd15, ["a green frog"], [1], steps=3)
+    assert np.abs(_array(stopped[0]) - _array(full[0])).mean() > 1.0  # decoded after one step, not three
+
+
+def test_img2img_from_an_init_image_on_the_loaded_components(sd15):
+    from diffusers import AutoPipelineForImage2Image
+    img2img = AutoPipelineForImage2Image.from_pipe(sd15)
+    assert img2img.unet is sd15.unet  # no second copy of the weights
+    init = Image.fromarray(np.tile(np.linspace(0, 255, 96, dtype=np.uint8)[None, :, None], (96, 1, 3)))
+    light = sampling.generate(img2img, ["a photo of a cat"], [0], steps=4, height=64, width=64, image=init,
+                              strength=0.25)[0]
+    heavy = sampling.generate(img2img, ["a photo of a cat"], [0], steps=4, height=64, width=64, image=init,
+                              strength=1.0)[0]
+    target = _array(init.resize((64, 64)))
+    assert light.size == heavy.size == (64, 64)
+    assert np.abs(_array(light) - target).mean() < np.abs(_array(heavy) - target).mean()

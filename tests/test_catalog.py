@@ -1,0 +1,207 @@
+"""helpers.catalog on tiny finished runs: what exists and what is missing, one pipeline per family with runs
+switched, validated requests with a sentence per mistake, images with CLIP scores, out-of-memory advice, stops."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from helpers import data, presets, runs, sampling
+from helpers.catalog import Catalog, Engine, Interrupted, Request, RequestError, advice_for
+from helpers.evaluate import ClipScorer
+from helpers.hooks import ExportHook
+from helpers.models import load_components
+from helpers.train import Trainer
+
+CROSSATTN, LORA = "sd15_xattn_cifar10-crossattn-tiny", "sd15_xattn_cifar10-lora-tiny"
+
+
+def train_tiny_run(root, method: str, steps: int = 2):
+    """A finished tiny SD1.5 run in `root/runs` (two optimizer steps on eight images)."""
+    preset = presets.get_preset("sd15_xattn_cifar10", "tiny", method=method, max_steps=steps, sample_every=0,
+                                max_train_images=8)
+    components = load_components(preset)
+    folder = runs.run_folder(preset, root)
+    Trainer(preset, components, data.prepare_dataset(preset, components), folder, hooks=[ExportHook()]).run()
+    return folder
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("storage")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LAB_STORAGE", str(root))
+        for method in ("crossattn", "lora"):
+            train_tiny_run(root, method)
+    # an interrupted 03 run (checkpoints, no final/), a finished run of a method this engine cannot load, and a
+    # finished run of the other profile
+    (root / "runs" / "sdxl_lora_naruto_256-lora-tiny" / "checkpoints" / "step-000010").mkdir(parents=True)
+    for name, change in (("prior_sd15-prior-tiny", dict(method="prior")),
+                         ("sd15_xattn_cifar10-lora-t4", dict(profile="t4"))):
+        final = root / "runs" / name / "final"
+        final.mkdir(parents=True)
+        info = json.loads((root / "runs" / LORA / "final" / runs.RUN_FILE).read_text())
+        info["preset"].update(change)
+        (final / runs.RUN_FILE).write_text(json.dumps(info))
+    return root
+
+
+@pytest.fixture(scope="module")
+def engine(root):
+    return Engine(Catalog.scan("tiny", root), device="cpu")
+
+
+def _array(image):
+    return np.asarray(image).astype(np.int16)
+
+
+def test_scan_lists_bases_and_finished_runs_by_family_and_says_what_is_missing(root):
+    catalog = Catalog.scan("tiny", root)
+    assert catalog.names() == ["SD1.5 base", "SDXL base", CROSSATTN, LORA]
+    assert {f: [e.name for e in es] for f, es in catalog.by_family().items()} == {
+        "sd15": ["SD1.5 base", CROSSATTN, LORA], "sdxl": ["SDXL base"]}
+    assert [e.kind for e in catalog.runs()] == ["crossattn", "lora"]
+    assert catalog.get(LORA).label == "sd15 xattn cifar10 lora"
+    why = {m.name: m.why for m in catalog.missing}
+    assert set(why) == {"sdxl_lora_naruto_256-lora-tiny", "sdxl_lora_naruto_1024-lora-tiny", "prior_sd15-prior-tiny"}
+    assert why["sdxl_lora_naruto_256-lora-tiny"].startswith("unfinished (1 checkpoint, no final/)")
+    assert why["sdxl_lora_naruto_1024-lora-tiny"] == "not trained yet: run notebook 03 (RESOLUTION = 1024; spans " \
+                                                     "sessions on a T4)"
+    assert "method 'prior' cannot be loaded here" in why["prior_sd15-prior-tiny"]
+    assert "sd15_xattn_cifar10-lora-t4" not in catalog.names() + list(why)  # another profile's run
+    assert "2 finished run(s)" in catalog.note()
+    with pytest.raises(RequestError, match="unknown model 'nope'; choose one of"):
+        catalog.get("nope")
+
+
+def test_an_empty_storage_offers_the_base_models_and_says_how_to_get_runs(tmp_path):
+    catalog = Catalog.scan("tiny", tmp_path)
+    assert catalog.names() == ["SD1.5 base", "SDXL base"] and not catalog.runs()
+    assert catalog.note().startswith("No finished runs under") and "notebook 02 or 03" in catalog.note()
+    assert len(catalog.missing) == 5
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(prompt="   "), "Type a prompt first"),
+    (dict(models=()), "Tick at least one model"),
+    (dict(models=("SD1.5 base", "SD1.5 base")), "each model once"),
+    (dict(models=("SD1.5 base", "nope")), "unknown model 'nope'"),
+    (dict(size=100), r"image size 100 is not allowed for sd15: use a multiple of 64 px \(e.g. 128\)"),
+    (dict(models=("SDXL base", "SD1.5 base"), size=96), "not allowed for sd15"),  # SDXL alone would take 96
+    (dict(size=4096), "above 2048 px"),
+    (dict(size="64"), "not allowed"),
+    (dict(steps=0), r"steps 0 is out of range: use 1 to 150"),
+    (dict(steps=2.5), "steps must be a whole number"),
+    (dict(guidance=-1), "guidance -1 is out of range"),
+    (dict(seed=-3), "seed -3 is out of range"),
+    (dict(scale=float("nan")), "scale must be a number"),
+    (dict(count=5), "count 5 is out of range: use 1 to 4"),
+    (dict(strength=0.0, init_image=Image.new("RGB", (8, 8))), "strength 0.0 is out of range"),
+    (dict(init_image="/no/such/file.png"), "cannot read the init image"),
+])
+def test_bad_requests_get_one_sentence_before_anything_loads(root, change, message):
+    engine = Engine(Catalog.scan("tiny", root), device="cpu")
+    request = Request(**{**dict(prompt="a photo of a cat", models=("SD1.5 base",), steps=2), **change})
+    with pytest.raises(RequestError, match=message):
+        engine.generate(request)
+    assert engine.loaded() == [] and engine._scorer == "auto"  # nothing was loaded for a bad request
+
+
+def test_check_normalises_numbers_from_a_form(tmp_path):
+    engine = Engine(Catalog.scan("tiny", tmp_path), device="cpu")
+    checked = engine.check(Request(" a cat ", ["SD1.5 base"], seed=3.0, steps=4.0, size=128.0, count=2.0))
+    assert (checked.prompt, checked.models, checked.seed, checked.steps, checked.size, checked.count) == (
+        "a cat", ("SD1.5 base",), 3, 4, 128, 2)
+    assert isinstance(checked.seed, int) and isinstance(checked.guidance, float)
+
+
+def test_generate_switches_runs_in_one_pipeline_same_noise_and_scores(engine, root):
+    request = Request("a photo of a cat", ("SD1.5 base", CROSSATTN, LORA), seed=5, steps=3, count=2)
+    seen = []
+    result = engine.generate(request, progress=lambda fraction, text: seen.append((fraction, text)))
+    assert [(d.model, d.seed, d.size) for d in result.images] == [
+        (m, s, 64) for m in request.models for s in (5, 6)]
+    assert engine.loaded() == ["SD1.5 base"]  # one pipeline for the family, both runs inside it
+    assert seen[-1][0] == pytest.approx(1.0) and all(a[0] < b[0] for a, b in zip(seen, seen[1:]))
+    assert seen[0][1].startswith("SD1.5 base: step 1")
+    # the base images are exactly what the stock pipeline draws for (prompt, seed); runs differ from it
+    fresh = sampling.load_pipeline(presets.get_preset("sd15_xattn_cifar10", "tiny"), "cpu", progress=False)
+    reference = sampling.generate(fresh, [request.prompt] * 2, [5, 6], steps=3)
+    by_model = result.by_model()
+    for drawn, ref in zip(by_model["SD1.5 base"], reference):
+        assert np.abs(_array(drawn.image) - _array(ref)).max() <= 2
+    for run in (CROSSATTN, LORA):
+        assert np.abs(_array(by_model[run][0].image) - _array(reference[0])).mean() > 1.0
+    # CLIP scores are the profile scorer's on these very images
+    scores = ClipScorer.from_profile("tiny", device="cpu").score([d.image for d in result.images],
+                                                                  [request.prompt] * 6)
+    np.testing.assert_allclose([d.clip_score for d in result.images], scores, atol=1e-4)
+    assert result.clip_model == engine.scorer.name
+    # scale 0 is the base model again, for both kinds of run
+    zero = engine.generate(Request("a photo of a cat", (CROSSATTN, LORA), seed=5, steps=3, scale=0.0))
+    for drawn in zero.images:
+        assert np.abs(_array(drawn.image) - _array(reference[0])).max() <= 2
+
+
+def test_families_keep_their_own_pipelines_and_sizes(engine):
+    result = engine.generate(Request("a green frog", ("SDXL base", "SD1.5 base"), steps=2))
+    assert [(d.model, d.size, d.image.size) for d in result.images] == [("SDXL base", 128, (128, 128)),
+                                                                        ("SD1.5 base", 64, (64, 64))]
+    assert sorted(engine.loaded()) == ["SD1.5 base", "SDXL base"]  # a CPU holds both
+    same = engine.generate(Request("a green frog", ("SDXL base", "SD1.5 base"), steps=2, size=128))
+    assert {d.image.size for d in same.images} == {(128, 128)}
+    assert engine.pipeline("SDXL base") is engine.pipeline("SDXL base")
+    variant = engine.variant(LORA, 0.5)
+    assert variant.name == f"{LORA} ×0.5" and variant.call_args is None
+
+
+def test_negative_prompt_and_img2img_go_through_the_same_path(engine):
+    base = Request("a photo of a cat", ("SD1.5 base",), seed=1, steps=3)
+    plain = engine.generate(base).images[0].image
+    negative = engine.generate(Request(**{**base.__dict__, "negative_prompt": "a photo of a frog"})).images[0].image
+    assert np.abs(_array(plain) - _array(negative)).mean() > 1.0
+    init = Image.new("RGB", (80, 80), (20, 200, 40))
+    light = engine.generate(Request(**{**base.__dict__, "init_image": init, "strength": 0.2, "steps": 5}))
+    heavy = engine.generate(Request(**{**base.__dict__, "init_image": init, "strength": 1.0, "steps": 5}))
+    green = _array(init.resize((64, 64)))
+    assert np.abs(_array(light.images[0].image) - green).mean() < np.abs(_array(heavy.images[0].image) - green).mean()
+    assert light.settings()["request"]["init_image"] == "given"
+
+
+def test_should_stop_interrupts_between_steps_and_the_engine_still_works(engine):
+    with pytest.raises(Interrupted, match="stopped while drawing with SD1.5 base"):
+        engine.generate(Request("a photo of a ship", ("SD1.5 base", LORA), steps=10), should_stop=lambda: True)
+    assert len(engine.generate(Request("a photo of a ship", ("SD1.5 base",), steps=2)).images) == 1
+
+
+def test_out_of_memory_becomes_advice_other_errors_stay_errors(engine):
+    def oom(fraction, text):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    with pytest.raises(RequestError, match="Out of GPU memory at 128 px. Draw a smaller size") as caught:
+        engine.generate(Request("a photo of a ship", ("SD1.5 base",), steps=2, size=128), progress=oom)
+    assert isinstance(caught.value.__cause__, torch.OutOfMemoryError)
+    assert advice_for(RuntimeError("CUDA error: out of memory")) is not None
+    assert advice_for(RuntimeError("shape mismatch")) is None
+
+    def broken(fraction, text):
+        raise RuntimeError("shape mismatch")
+
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        engine.generate(Request("a photo of a ship", ("SD1.5 base",), steps=2), progress=broken)
+
+
+def test_save_writes_a_sheet_and_the_settings(engine, root, tmp_path):
+    request = Request("a photo of a cat", ("SD1.5 base", LORA), seed=2, steps=2, count=2)
+    result = engine.generate(request)
+    assert engine.save_folder(request) == root / "runs" / LORA / "explorer"
+    assert engine.save_folder(Request("x", ("SD1.5 base",))) == root / "explorer"
+    sheet, settings = result.save(tmp_path, "cat")
+    assert sheet == tmp_path / "cat_1.png" and Image.open(sheet).size[0] > 2 * 128
+    saved = json.loads(settings.read_text())
+    assert saved["request"]["models"] == ["SD1.5 base", LORA] and saved["request"]["seed"] == 2
+    assert [(i["model"], i["seed"]) for i in saved["images"]] == [(m, s) for m in request.models for s in (2, 3)]
+    assert saved["images"][0]["clip_score"] == pytest.approx(result.images[0].clip_score)

@@ -1,0 +1,38 @@
+"""helpers.evalplan: notebook 05's T4 plan from the real architectures (meta device), phase by phase."""
+import pytest
+
+from helpers import evalplan, presets
+from helpers.memory import MARGIN_GIB, T4_USABLE_GIB, error_band
+
+
+def test_weights_are_the_real_parameter_counts_in_fp16():
+    gib = 2**30
+    assert evalplan.weights_gib("sd15") * gib / 2 == pytest.approx(1.066e9, rel=0.01)  # UNet 860M + VAE + text
+    assert evalplan.weights_gib("sdxl") * gib / 2 == pytest.approx(3.469e9, rel=0.01)  # UNet 2.57B + two texts
+    assert evalplan.weights_gib("clip") * gib / 2 == pytest.approx(427.6e6, rel=0.01)  # ViT-L/14
+    assert evalplan.weights_gib("pickscore") * gib / 2 == pytest.approx(986e6, rel=0.01)  # CLIP-H/14
+    assert evalplan.scorer_tflop("pickscore") > 2 * 0.9 * evalplan.scorer_tflop("clip")  # wider and deeper
+
+
+def test_phases_fit_one_at_a_time_but_not_all_at_once_and_the_counts_fit_the_budget():
+    runs = {"sd15": [presets.get_preset("sd15_xattn_cifar10", "t4")],
+            "sdxl": [presets.get_preset("sdxl_lora_naruto_256", "t4"), presets.get_preset("sdxl_lora_naruto_1024", "t4")]}
+    sets, sizes, steps = {"sd15": 3, "sdxl": 3}, {"sd15": 256, "sdxl": 1024}, {"sd15": 25, "sdxl": 20}
+    prompts, seeds, phases = evalplan.choose_counts(runs, sets, sizes, steps, budget_seconds=1800)
+    assert [p.name for p in phases] == ["sd15", "sdxl", "clip", "pickscore", "all at once"]
+    assert all(p.fits for p in phases[:-1]) and not phases[-1].fits
+    assert phases[-1].gib == pytest.approx(sum(p.gib for p in phases[:-1]) - 3 * evalplan.CUDA_OVERHEAD_GIB)
+    assert sum(p.seconds for p in phases) <= 1800
+    ladder = list(evalplan.LADDER)
+    bigger = ladder[ladder.index((prompts, seeds)) - 1]  # the next larger set would not finish in 30 minutes
+    images = {f: (1 + len(runs[f])) * sets[f] * bigger[0] * bigger[1] for f in runs}
+    assert sum(p.seconds for p in evalplan.evaluation_plan(runs, images, sizes, steps)) > 1800
+    text = evalplan.plan_text(phases)
+    assert "DOES NOT FIT" in text and "all at once" in text
+
+
+def test_explorer_keeps_both_families_at_native_sizes_only_when_the_plan_says_so():
+    both = evalplan.explorer_gib(["sd15", "sdxl"])
+    assert both > evalplan.weights_gib("sd15") + evalplan.weights_gib("sdxl") + evalplan.weights_gib("clip")
+    assert evalplan.explorer_fits(["sd15", "sdxl"]) == (both * (1 + error_band()) + MARGIN_GIB <= T4_USABLE_GIB)
+    assert evalplan.explorer_fits(["sd15"]) and not evalplan.explorer_fits(["sd15", "sdxl"], {"sdxl": 2048})
