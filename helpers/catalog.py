@@ -36,7 +36,8 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -284,6 +285,21 @@ def _open_image(image) -> Image.Image:
 
 # ---------------------------------------------------------------- the engine
 
+@contextmanager
+def _quiet():
+    import warnings
+
+    from diffusers.utils import logging as diffusers_logging
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+            yield
+    finally:
+        diffusers_logging.set_verbosity(level)
+
+
 class Engine:
     """Pipelines per base model, runs switched inside them, validated generation with CLIP scores."""
 
@@ -332,9 +348,10 @@ class Engine:
         from .sampling import load_pipeline
         pipe = load_pipeline(self._base_entry(entry).preset, self.device, progress=False)
         board = runs_.RunSet(pipe)
-        for run in self.catalog.runs():
-            if run.base_key == key:
-                board.add(run.folder, run.name)
+        with _quiet():  # diffusers/peft say a UNet-only LoRA has no text-encoder keys, once per run: expected
+            for run in self.catalog.runs():
+                if run.base_key == key:
+                    board.add(run.folder, run.name)
         self._pipes[key] = (pipe, board)
         return self._pipes[key]
 

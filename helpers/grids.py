@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,11 +47,23 @@ def _line_height(font) -> int:
 _MEASURE = ImageDraw.Draw(Image.new("RGB", (1, 1)))
 
 
+def _pieces(text: str, font, width: int) -> list[tuple[str, str]]:
+    """(joiner, piece): words, and a word wider than `width` cut after its "-", "_" or "/" (a run folder's name
+    such as sdxl_lora_naruto_1024-lora-tiny), so it wraps instead of running into the next column."""
+    out = []
+    for word in text.split():
+        if _MEASURE.textlength(word, font=font) <= width:
+            out.append((" ", word))
+        else:
+            out += [(" " if k == 0 else "", part) for k, part in enumerate(re.split(r"(?<=[-_/])", word)) if part]
+    return out
+
+
 def _wrap(text: str, font, width: int, max_lines: int = 3) -> list[str]:
     """Greedy word wrap to `width` pixels; overlong text ends with an ellipsis."""
     lines, line = [], ""
-    for word in text.split():
-        candidate = f"{line} {word}".strip()
+    for joiner, word in _pieces(text, font, width):
+        candidate = f"{line}{joiner}{word}" if line else word
         if _MEASURE.textlength(candidate, font=font) <= width or not line:
             line = candidate
         else:

@@ -109,6 +109,8 @@ SDXL_VAE_FIX = "madebyollin/sdxl-vae-fp16-fix"
 CLIP_L14 = "openai/clip-vit-large-patch14"
 CIFAR10 = "uoft-cs/cifar10"
 NARUTO = "lambdalabs/naruto-blip-captions"
+PICKSCORE = "yuvalkirstain/PickScore_v1"  # CLIP-H fine-tuned on Pick-a-Pic preferences (≈ 3.9 GB fp32)
+PICKSCORE_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"  # the processor PickScore's model card uses
 
 PRESETS: dict[str, dict[str, Preset]] = {
     "sd15_xattn_cifar10": {
