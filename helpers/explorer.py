@@ -20,7 +20,7 @@ import ipywidgets as widgets
 from PIL import Image
 
 from .catalog import LIMITS, Engine, Request, RequestError
-from .prompts import STANDARD, PromptSet, get_prompt_set
+from .prompts import STANDARD, get_prompt_set, spread
 from .study import Study, generate_pairs, pairs_from_scores, scripted_choice, study_csv
 
 EVALUATED = "every prompt set of the evaluation"  # the study's choice that reuses all of notebook 05's images
@@ -218,8 +218,7 @@ class StudyPanel:
         prompts, seeds = int(self.prompts.value), int(self.seeds.value)
         if not 1 <= prompts <= 50 or not 1 <= seeds <= 10:
             raise ValueError("prompts must be 1 to 50 and seeds 1 to 10")
-        full = get_prompt_set(name)
-        chosen = PromptSet(full.name, full.prompts[::max(1, len(full) // prompts)][:prompts], full.split)
+        chosen = spread(get_prompt_set(name), prompts)
         csv_path = study_csv(self.engine, a, b)
         return generate_pairs(self.engine, a, b, chosen, list(range(seeds)), csv_path.parent / "images")
 

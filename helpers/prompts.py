@@ -73,6 +73,20 @@ class PromptSet:
         return len(self.prompts)
 
 
+def spread(prompt_set: PromptSet, n: int) -> PromptSet:
+    """`n` prompts of the set spread over it with a stride of len // n + 1 (a CIFAR set lists every class per
+    template, so a stride one past the even spacing changes class and template at each pick), same name and split."""
+    if n < 1:
+        raise ValueError(f"need at least one prompt, got {n}")
+    n, size = min(n, len(prompt_set)), len(prompt_set)
+    stride = size // n + 1
+    indices = [k * stride for k in range(n)]
+    if indices[-1] >= size:  # the stride would wrap around: plain even spacing
+        indices = [k * size // n for k in range(n)]
+    picks = tuple(prompt_set.prompts[i] for i in indices)
+    return PromptSet(prompt_set.name, picks, prompt_set.split)
+
+
 def cifar_prompts(split: str = "train", classes: Sequence[str] = CIFAR10_CLASSES,
                   n_templates: int | None = None) -> PromptSet:
     """Caption templates × CIFAR classes (template-major): the training templates for split="train", templates

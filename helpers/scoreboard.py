@@ -34,17 +34,13 @@ T4_STEPS = {"sd15": 25, "sdxl": 20}  # denoising steps on a T4 (DPM-Solver++ nee
 
 def family_sets(runs: list[Entry], prompts_per_set: int) -> list[prompt_sets.PromptSet]:
     """The prompt sets a family is drawn on: each run's data source's sets (once), then generic; each cut to
-    `prompts_per_set` prompts spread evenly over the set (CIFAR sets run class by class within a template)."""
+    `prompts_per_set` prompts (helpers.prompts.spread)."""
     chosen: dict[str, prompt_sets.PromptSet] = {}
     for run in runs:
         for s in SOURCE_SETS.get(run.preset.data_source, SOURCE_SETS["folder"])():
             chosen.setdefault(s.name, s)
     chosen.setdefault("generic", prompt_sets.generic_prompts())
-    out = []
-    for s in chosen.values():
-        step = max(1, len(s) // prompts_per_set)
-        out.append(prompt_sets.PromptSet(s.name, s.prompts[::step][:prompts_per_set], s.split))
-    return out
+    return [prompt_sets.spread(s, prompts_per_set) for s in chosen.values()]
 
 
 TINY_COUNTS = (3, 2)  # prompts per set × seeds in the tiny profile (notebook 05's CI budget)

@@ -9,24 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import data, presets, runs, sampling
+from helpers import presets, runs, sampling
 from helpers.catalog import Catalog, Engine, Interrupted, Request, RequestError, advice_for
 from helpers.evaluate import ClipScorer
-from helpers.hooks import ExportHook
-from helpers.models import load_components
-from helpers.train import Trainer
+from tiny_runs import train_tiny_run
 
 CROSSATTN, LORA = "sd15_xattn_cifar10-crossattn-tiny", "sd15_xattn_cifar10-lora-tiny"
-
-
-def train_tiny_run(root, method: str, steps: int = 2):
-    """A finished tiny SD1.5 run in `root/runs` (two optimizer steps on eight images)."""
-    preset = presets.get_preset("sd15_xattn_cifar10", "tiny", method=method, max_steps=steps, sample_every=0,
-                                max_train_images=8)
-    components = load_components(preset)
-    folder = runs.run_folder(preset, root)
-    Trainer(preset, components, data.prepare_dataset(preset, components), folder, hooks=[ExportHook()]).run()
-    return folder
 
 
 @pytest.fixture(scope="module")

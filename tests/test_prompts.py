@@ -51,3 +51,19 @@ def test_user_list_is_checked():
         prompts.user_prompts(["a cat"], name="")
     with pytest.raises(ValueError, match="split"):
         prompts.user_prompts(["a cat"], split=" ")
+
+
+def test_spread_picks_from_first_to_last_across_classes_and_templates():
+    from helpers.prompts import spread
+    full = prompts.cifar_prompts("train")
+    three = spread(full, 3)
+    assert three.name == full.name and three.prompts[0] == full.prompts[0] and len(set(three.prompts)) == 3
+    assert len({p.split()[-1] for p in three.prompts}) == 3  # three classes
+    assert len({p.rsplit(" ", 1)[0].replace(" an", " a") for p in three.prompts}) == 3  # three templates
+    for size in range(1, 8):  # never a repeat, whatever the sizes
+        for n in range(1, size + 1):
+            picked = spread(prompts.PromptSet("s", [f"p{i}" for i in range(size)]), n).prompts
+            assert len(set(picked)) == n
+    assert spread(full, 999).prompts == full.prompts
+    with pytest.raises(ValueError):
+        spread(full, 0)

@@ -1,0 +1,59 @@
+"""helpers.scoreboard: every finished run against its own base, both scores, the files, the missing runs."""
+import pandas as pd
+import pytest
+
+from helpers import evaluate
+from helpers.catalog import Catalog, Engine
+from helpers.pickscore import PickScorer
+from helpers.scoreboard import evaluate_runs, family_sets, t4_plan
+from tiny_runs import train_tiny_run
+
+
+@pytest.fixture(scope="module")
+def board(tmp_path_factory):
+    root = tmp_path_factory.mktemp("storage")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LAB_STORAGE", str(root))
+        for method in ("crossattn", "lora"):
+            train_tiny_run(root, method)
+    engine = Engine(Catalog.scan("tiny", root), device="cpu")
+    return evaluate_runs(engine, 2, [0, 1], root / "results", lambda: PickScorer.from_profile("tiny", "cpu"))
+
+
+def test_the_summary_covers_every_run_with_both_scores_and_lists_the_missing(board):
+    s = board.summary
+    runs = ["sd15_xattn_cifar10-crossattn-tiny", "sd15_xattn_cifar10-lora-tiny"]
+    assert list(dict.fromkeys(s["variant"])) == ["SD1.5 base"] + runs
+    assert len(set(s["score_model"])) == 2 and len(s) == 6
+    assert (s[s["variant"].isin(runs)]["reference"] == "SD1.5 base").all()
+    assert s["n"].eq(3 * 2 * 2).all()  # 3 prompt sets × 2 prompts × 2 seeds
+    assert {m.name for m in board.missing} == {"sdxl_lora_naruto_256-lora-tiny", "sdxl_lora_naruto_1024-lora-tiny",
+                                               "prior_sd15-prior-tiny"}
+    text = str(board)
+    assert "Δ vs base" in text and "missing: prior_sd15-prior-tiny" in text
+    for name in ("scores.csv", "summary.csv", "summary.md", "chart.png", "missing.csv", "sd15/table.md"):
+        assert (board.out_dir / name).is_file(), name
+
+
+def test_paired_differences_match_a_hand_computation_from_scores_csv(board):
+    scores = pd.read_csv(board.out_dir / "scores.csv")
+    run = "sd15_xattn_cifar10-lora-tiny"
+    for model in set(scores["clip_model"]):
+        part = scores[scores["clip_model"] == model]
+        key = ["prompt_set", "prompt", "seed"]
+        pairs = part[part["variant"] == run].merge(part[part["variant"] == "SD1.5 base"], on=key)
+        diff = pairs["score_x"] - pairs["score_y"]
+        row = board.summary[(board.summary["variant"] == run) & (board.summary["score_model"] == model)].iloc[0]
+        assert row["diff"] == pytest.approx(diff.mean()) and row["wins"] == (diff > 0).sum()
+        assert row["p"] == pytest.approx(evaluate.sign_test(int((diff > 0).sum()), int((diff < 0).sum())))
+        assert row["diff_low"] <= row["diff"] <= row["diff_high"]
+
+
+def test_prompt_sets_follow_the_runs_data_and_the_t4_plan_sizes_them(board, tmp_path):
+    catalog = Catalog.scan("tiny", board.out_dir.parent)
+    sets = family_sets(catalog.runs(), 3)
+    assert [s.name for s in sets] == ["cifar train", "cifar held-out", "generic"] and all(len(s) == 3 for s in sets)
+    assert len({p.split()[-1] for p in sets[0].prompts}) == 3  # spread over the classes, not one class thrice
+    prompts, seeds, phases = t4_plan(catalog)
+    assert phases[0].name == "sd15" and f"drawing {3 * 3 * prompts * seeds} images" in phases[0].resident
+    assert t4_plan(Catalog.scan("tiny", tmp_path)) is None
