@@ -25,7 +25,8 @@ Rules this module owns:
   empty prompt, unknown or no model, a size the family's size rule (helpers.configs.check_image_size) refuses or
   above MAX_SIZE, steps / guidance / seed / scale / count / strength outside LIMITS, an unreadable init image.
   An out-of-memory error while drawing becomes a RequestError with advice (`advice_for`), never a traceback;
-  `should_stop()` returning True stops between denoising steps and raises `Interrupted`.
+  `should_stop()` returning True stops between denoising steps and raises `Interrupted`; so does a request that
+  runs past its `time_limit` (seconds from the call), raising `TimeLimit` (the app's per-request limit).
 - A request draws `count` images per model with seeds seed, seed+1, …: every model starts from the same noise per
   seed (one CPU generator per image, helpers.sampling), so the images differ only by the weights.
 - All drawing goes through helpers.sampling.generate. A run whose method supplies extra pipeline arguments
@@ -72,6 +73,10 @@ class RequestError(ValueError):
 
 class Interrupted(RequestError):
     """`should_stop()` said stop: the pipeline stopped between denoising steps."""
+
+
+class TimeLimit(Interrupted):
+    """The request ran past its time limit: the pipeline stopped between denoising steps."""
 
 
 @dataclass(frozen=True)
@@ -426,24 +431,28 @@ class Engine:
                        strength=float(_number(request.strength, "strength", False)))
 
     def generate(self, request: Request, progress: Callable[[float, str], None] | None = None,
-                 should_stop: Callable[[], bool] | None = None) -> Result:
+                 should_stop: Callable[[], bool] | None = None, time_limit: float | None = None) -> Result:
         """Draw `request.count` images per model (checked first), score them, and return them in request order.
-        `progress(fraction, text)` after every denoising step; `should_stop()` is asked there too."""
+        `progress(fraction, text)` after every denoising step; `should_stop()` is asked there too, and past
+        `time_limit` seconds from this call (loading included) the drawing stops there with `TimeLimit`."""
         from .models import release_cuda_cache
         from .sampling import generate, images_per_call
         request = self.check(request)
         start, drawn = time.perf_counter(), []
         seeds = [request.seed + k for k in range(request.count)]
         entries = [self.catalog.get(m) for m in request.models]
-        state = {"done": 0, "total": 1, "model": "", "stopped": False}
+        state = {"done": 0, "total": 1, "model": "", "stopped": None}
 
         def on_step(pipe, step, timestep, kwargs):
             state["done"] += 1
             if progress is not None:
                 progress(min(1.0, state["done"] / state["total"]), f"{state['model']}: step {step + 1}")
-            if should_stop is not None and should_stop():
-                state["stopped"] = True
-                pipe._interrupt = True  # diffusers skips the remaining steps of this call
+            if time_limit is not None and time.perf_counter() - start > time_limit:
+                state["stopped"] = "time"
+            elif should_stop is not None and should_stop():
+                state["stopped"] = "asked"
+            if state["stopped"]:
+                pipe._interrupt = True  # diffusers skips the remaining steps of this call (and generate the rest)
             return kwargs
 
         try:
@@ -461,6 +470,10 @@ class Engine:
                 images = generate(pipe, [request.prompt] * request.count, seeds, request.steps, request.guidance,
                                   size, size, negative_prompt=request.negative_prompt, call_args=variant.call_args,
                                   step_callback=on_step, image=request.init_image, strength=request.strength)
+                if state["stopped"] == "time":
+                    raise TimeLimit(f"This request took longer than the {time_limit:g} s limit and was stopped "
+                                    f"while drawing with {entry.name} (after {state['done']} of {state['total']} "
+                                    "steps): ask for fewer steps or images, or a smaller size.")
                 if state["stopped"]:
                     raise Interrupted(f"stopped while drawing with {entry.name} (after {state['done']} of "
                                       f"{state['total']} steps)")
@@ -487,5 +500,5 @@ class Engine:
         return (run.folder if run is not None else self.catalog.root) / "explorer"
 
 
-__all__ = ["BASES", "SERIES_RUNS", "LIMITS", "MAX_SIZE", "RequestError", "Interrupted", "Entry", "MissingRun",
-           "Catalog", "Request", "Drawn", "Result", "Engine", "advice_for"]
+__all__ = ["BASES", "SERIES_RUNS", "LIMITS", "MAX_SIZE", "RequestError", "Interrupted", "TimeLimit", "Entry",
+           "MissingRun", "Catalog", "Request", "Drawn", "Result", "Engine", "advice_for"]

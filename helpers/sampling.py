@@ -89,7 +89,8 @@ def generate(pipe, prompts: list[str], seeds: list[int], steps: int, guidance: f
     pipeline arguments for one call drawing these prompts (a Variant's, e.g. IP-Adapter image embeddings, one row
     per prompt); with it, one image per call, so a per-prompt argument can never mix two prompts.
     `step_callback`: the pipeline's `callback_on_step_end(pipe, step, timestep, kwargs) -> kwargs` (progress, or
-    stopping a call between denoising steps with `pipe._interrupt = True`). `image`: img2img from this picture,
+    stopping a call between denoising steps with `pipe._interrupt = True`; a stopped call is the last one, so fewer
+    images than pairs come back). `image`: img2img from this picture,
     resized to width × height (`pipe` is then an img2img pipeline, e.g. `AutoPipelineForImage2Image.from_pipe`),
     re-noised by `strength` (1 = all of it)."""
     prompts, seeds = list(prompts), [int(s) for s in seeds]
@@ -120,6 +121,8 @@ def generate(pipe, prompts: list[str], seeds: list[int], steps: int, guidance: f
                 extra.update(height=height, width=width)
             images += pipe(prompt=prompts[chunk], generator=generators, num_inference_steps=steps,
                            guidance_scale=guidance, **extra).images
+            if getattr(pipe, "_interrupt", False):  # stopped by step_callback: draw no further calls
+                break
     if out_dir is not None:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -3,6 +3,7 @@ switched, validated requests with a sentence per mistake, images with CLIP score
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ import torch
 from PIL import Image
 
 from helpers import presets, runs, sampling
-from helpers.catalog import Catalog, Engine, Interrupted, Request, RequestError, advice_for
+from helpers.catalog import Catalog, Engine, Interrupted, Request, RequestError, TimeLimit, advice_for
 from helpers.evaluate import ClipScorer
 from tiny_runs import train_tiny_run
 
@@ -163,6 +164,18 @@ def test_should_stop_interrupts_between_steps_and_the_engine_still_works(engine)
     with pytest.raises(Interrupted, match="stopped while drawing with SD1.5 base"):
         engine.generate(Request("a photo of a ship", ("SD1.5 base", LORA), steps=10), should_stop=lambda: True)
     assert len(engine.generate(Request("a photo of a ship", ("SD1.5 base",), steps=2)).images) == 1
+
+
+def test_a_time_limit_stops_between_steps_says_so_and_the_engine_still_works(engine):
+    request = Request("a photo of a ship", ("SD1.5 base", LORA), steps=40, count=2)
+    engine.generate(Request("a photo of a ship", ("SD1.5 base",), steps=1))  # loaded: the limit meets the steps
+    seen = []
+    with pytest.raises(TimeLimit, match=r"took longer than the 0.01 s limit and was stopped while drawing with "
+                                        r"SD1.5 base \(after 1 of \d+ steps\): ask for fewer steps") as caught:
+        engine.generate(request, progress=lambda fraction, text: (seen.append(text), time.sleep(0.02)),
+                        time_limit=0.01)
+    assert isinstance(caught.value, Interrupted) and seen == ["SD1.5 base: step 1"]  # the second model never ran
+    assert len(engine.generate(request, time_limit=600).images) == 4  # a limit it meets changes nothing
 
 
 def test_out_of_memory_becomes_advice_other_errors_stay_errors(engine):

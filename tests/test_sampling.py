@@ -157,6 +157,12 @@ def test_step_callback_sees_every_denoising_step_and_can_stop_a_call(sd15):
     stopped = sampling.generate(sd15, ["a green frog"], [1], steps=3, step_callback=stop_at_first)
     full = sampling.generate(sd15, ["a green frog"], [1], steps=3)
     assert np.abs(_array(stopped[0]) - _array(full[0])).mean() > 1.0  # decoded after one step, not three
+    # a stopped call is the last one: no further calls are drawn (a time limit frees the GPU at once)
+    steps_seen.clear()
+    assert len(sampling.generate(sd15, ["a green frog"] * 3, [1, 2, 3], steps=3, batch_size=1,
+                                 step_callback=lambda *a: (count(*a), stop_at_first(*a))[1])) == 1
+    assert steps_seen == [0]
+    assert len(sampling.generate(sd15, ["a green frog"] * 2, [1, 2], steps=2, batch_size=1)) == 2  # not sticky
 
 
 def test_img2img_from_an_init_image_on_the_loaded_components(sd15):
