@@ -36,6 +36,8 @@ def _cast_trainable_fp32(modules) -> None:
 class Method:
     """Base: the denoising loss with text conditioning, shared by SD1.5 and SDXL. Subclasses choose what trains."""
     name = "base"
+    uses_lora = False  # its runs load as peft LoRA adapters (RunSet switches them off for other variants)
+    needs_image_embeds = False  # its runs generate from one CLIP image embedding per image (helpers.sampling)
 
     def __init__(self, preset: Preset):
         self.preset = preset
@@ -111,6 +113,10 @@ class Method:
         `ip_adapter_image_embeds` made by a prior from the prompts (one row per prompt; sampling draws one image
         per call for such runs). Methods that only change weights leave this alone (no extra arguments)."""
         return {}
+
+    def switch_off(self, pipe, loaded) -> None:
+        """Undo what `apply` added to the pipeline beyond weights RunSet resets itself (LoRA, attn2): called for
+        every loaded run before switching to another variant."""
 
 
 class CrossAttention(Method):
@@ -216,6 +222,7 @@ def _fresh_adapter(module: torch.nn.Module, config) -> None:
 class Lora(Method):
     """peft LoRA on the UNet attention projections; text-encoder LoRA when preset.train_text_encoder."""
     name = "lora"
+    uses_lora = True
 
     def _config(self, targets):
         from peft import LoraConfig
@@ -268,8 +275,10 @@ class Lora(Method):
         layers = self.peft_state_dicts(components)
         modules = self.modules(components)
         kwargs = {f"{prefix}_lora_layers": sd for prefix, sd in layers.items()}
-        kwargs.update({f"{prefix}_lora_adapter_metadata": modules[prefix].peft_config["default"].to_dict()
-                       for prefix in layers})
+        # Dropout is saved as 0: diffusers injects loaded LoRA layers in train mode and never calls eval(), so a
+        # stock pipeline would drop LoRA inputs at inference (r8 α16 dropout 0.1: outputs differ call to call)
+        kwargs.update({f"{prefix}_lora_adapter_metadata": {**modules[prefix].peft_config["default"].to_dict(),
+                                                           "lora_dropout": 0.0} for prefix in layers})
         pipeline_class(components.family).save_lora_weights(out_dir, **kwargs)
         # Kohya layout: lora_unet_<path>.lora_down/up.weight + .alpha. diffusers' converter writes alpha = rank
         # (scale 1); ours may differ (r8 α16 → scale 2), so alpha is set from the preset.
@@ -295,6 +304,8 @@ class Lora(Method):
 
 
 METHODS: dict[str, type[Method]] = {"crossattn": CrossAttention, "lora": Lora}
+# Methods that live in their own module and register themselves when it is imported (on first use)
+METHOD_MODULES: dict[str, str] = {"ip_adapter": "helpers.ip_adapter"}
 
 
 def register_method(name: str, cls: type[Method]) -> None:
@@ -303,6 +314,9 @@ def register_method(name: str, cls: type[Method]) -> None:
 
 
 def make_method(preset: Preset) -> Method:
+    if preset.method not in METHODS and preset.method in METHOD_MODULES:
+        import importlib
+        importlib.import_module(METHOD_MODULES[preset.method])
     if preset.method not in METHODS:
         raise ValueError(f"unknown method {preset.method!r}; known: {sorted(METHODS)}")
     return METHODS[preset.method](preset)

@@ -15,7 +15,8 @@ import hashlib
 import torch
 import torch.nn.functional as F
 
-PURPOSES = ("latent", "noise", "offset", "timestep")  # one independent stream per kind of draw
+PURPOSES = ("latent", "noise", "offset", "timestep", "condition")  # one independent stream per kind of draw
+#   ("condition": which conditioning a sample drops, for methods trained with condition dropout)
 
 
 def sample_seed(seed: int, epoch: int, index: int, purpose: str) -> int:

@@ -145,8 +145,9 @@ class SampleHook(Hook):
             with forked_rng(device), on_device([*t.c.text_encoders, t.c.vae], device):
                 t.c.unet.eval()
                 pipe = pipeline_from_components(t.c)
+                embeds = t.method.sample_image_embeds(t, prompts, seeds) if t.method.needs_image_embeds else None
                 images = generate(pipe, prompts, seeds, steps=t.preset.sample_steps, height=t.preset.resolution,
-                                  width=t.preset.resolution)
+                                  width=t.preset.resolution, image_embeds=embeds)
         except torch.OutOfMemoryError:
             oom = True
         else:

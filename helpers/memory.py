@@ -5,6 +5,8 @@ parameter counts, the preset's real adapter, measured activations) and modelled 
 runs on a T4 (GiB = 2**30 bytes; the peak is the largest phase):
   caching   UNet + VAE + text encoders in fp16 (VAE fp32 if vae_fp32 / force_upcast) while the latent cache
             (VAE batches of max(1, 32·256²/px²) images) and the text cache (batches of 32 captions) are built;
+            with a CLIP (notebook 04) also its fp16 weights and the image-embedding cache (helpers.embeddings:
+            batches of IMAGE_BATCH images at the CLIP's size), the largest of these batches setting the peak;
             loading puts the same weights on the GPU one module at a time, so it never exceeds this phase;
   training  cached encoders leave the GPU; UNet frozen fp16 + trainable fp32 + fp32 grads + optimizer state +
             ACTIVATION_SLACK × measured saved activations. autocast's fp16 copies of trainable weights live in the
@@ -19,7 +21,8 @@ from __future__ import annotations
 
 from math import ceil
 
-from .memory_live import text_encode_bytes, unet_inference_bytes, vae_decode_bytes, vae_encode_bytes
+from .memory_live import (clip_image_encode_bytes, text_encode_bytes, unet_inference_bytes, vae_decode_bytes,
+                          vae_encode_bytes)
 from .memory_meta import (GIB, crossattn_parameter_count, full_size_clip, full_size_text_encoders,  # noqa: F401
                           full_size_unet, full_size_vae, lora_parameter_count, measure_training, parameter_counts,
                           text_lora_sizes)
@@ -98,7 +101,7 @@ def activation_gib(preset: Preset, gradient_checkpointing: bool | None = None) -
     """Measured saved activations of one training forward pass of `preset` (GiB, before ACTIVATION_SLACK)."""
     _, plain, checkpointed = measure_training(preset.family, preset.method, preset.lora_rank,
                                               tuple(preset.lora_targets), preset.lora_dropout, preset.resolution,
-                                              preset.batch_size, preset.mixed_precision == "fp16")
+                                              preset.batch_size, preset.mixed_precision == "fp16", preset.clip_model)
     ckpt = preset.gradient_checkpointing if gradient_checkpointing is None else gradient_checkpointing
     return _gib(checkpointed if ckpt else plain)
 
@@ -126,7 +129,7 @@ def estimate_vram(preset: Preset, encode_pixels: int = CACHE_ENCODE_PIXELS) -> d
     counts = parameter_counts(preset.family)
     sizes, plain, checkpointed = measure_training(preset.family, preset.method, preset.lora_rank,
                                                   tuple(preset.lora_targets), preset.lora_dropout,
-                                                  preset.resolution, preset.batch_size, fp16)
+                                                  preset.resolution, preset.batch_size, fp16, preset.clip_model)
     sizes = list(sizes)
     in_unet = sum(sizes) if preset.method in ("crossattn", "full") else 0  # LoRA adds parameters, attn2 converts
     if preset.train_text_encoder:
@@ -152,6 +155,11 @@ def estimate_vram(preset: Preset, encode_pixels: int = CACHE_ENCODE_PIXELS) -> d
         encode = _gib(vae_encode_bytes(preset.resolution, batch, vae_fp32))
     if preset.cache_text and not preset.train_text_encoder:
         encode = max(encode, _gib(text_encode_bytes(preset.family, 32)))
+    clip_encode = 0.0
+    if preset.clip_model:
+        from .embeddings import IMAGE_BATCH
+        clip_encode = _gib(clip_image_encode_bytes(IMAGE_BATCH))
+        encode = max(encode, clip_encode)
     all_weights = _gib(frozen_bytes * counts["unet"]) + part["text_encoders"] + part["vae"] + part["clip"]
     caching = all_weights + INFERENCE_SLACK * encode + CUDA_OVERHEAD_GIB
     resident = part["unet"] + part["clip"] + trainable_gib + optimizer_gib + CUDA_OVERHEAD_GIB
@@ -170,6 +178,7 @@ def estimate_vram(preset: Preset, encode_pixels: int = CACHE_ENCODE_PIXELS) -> d
             "trainable_params": trainable, "trainable_gib": trainable_gib,
             "grads_gib": grads_gib, "optimizer_gib": optimizer_gib, "autocast_copy_gib": autocast_gib,
             "activation_gib": activations, "sampling_activation_gib": sample, "images_per_call": per_call,
+            "clip_encode_gib": INFERENCE_SLACK * clip_encode,
             "overhead_gib": CUDA_OVERHEAD_GIB, "phases_gib": phases, "peak_phase": peak_phase, "total_gib": total,
             "band_gib": band, "spare_gib": spare, "usable_gib": T4_USABLE_GIB,
             "verdict": "fits" if spare >= MARGIN_GIB else "does not fit",

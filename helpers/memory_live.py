@@ -102,4 +102,15 @@ def text_encode_bytes(family: str, captions: int) -> int:
     return peak
 
 
-__all__ = ["unet_inference_bytes", "vae_decode_bytes", "vae_encode_bytes", "text_encode_bytes"]
+@lru_cache(maxsize=None)
+def clip_image_encode_bytes(images: int) -> int:
+    """Peak live bytes of embedding a batch of images with fp16 CLIP ViT-L/14 (the embedding cache, notebook 04)."""
+    from .memory_meta import full_size_clip
+    clip = full_size_clip().half()
+    size = clip.config.vision_config.image_size
+    x = torch.randn(images, 3, size, size, device="meta", dtype=torch.float16)
+    return _peak_live(clip, lambda: clip.visual_projection(clip.vision_model(x).pooler_output))
+
+
+__all__ = ["unet_inference_bytes", "vae_decode_bytes", "vae_encode_bytes", "text_encode_bytes",
+           "clip_image_encode_bytes"]

@@ -110,20 +110,20 @@ def lora_parameter_count(unet: torch.nn.Module, rank: int, targets) -> int:
     return sum(lora_tensor_sizes(_add_lora(copy.deepcopy(unet), rank, targets)))
 
 
-def make_trainable(unet: torch.nn.Module, method: str, rank: int, targets, dropout: float) -> list[int]:
+def make_trainable(unet: torch.nn.Module, method: str, rank: int, targets, dropout: float,
+                   clip_model: str | None = None) -> list[int]:
     """Apply the method's OWN setup (helpers.adapters) to `unet` and return each trainable tensor's size, so the
-    plan counts exactly what training trains. "full" (every UNet weight) exists only for the calibration reports."""
-    from .adapters import METHODS, make_method
+    plan counts exactly what training trains. "full" (every UNet weight) exists only for the calibration reports.
+    `clip_model` sets the image-embedding width of an image-conditioned method (ip_adapter)."""
+    from .adapters import make_method
     from .models import Components
     from .presets import Preset
     if method == "full":
         unet.requires_grad_(True)
         return [p.numel() for p in unet.parameters()]
-    if method == "prior" and "prior" not in METHODS:  # until notebook 04 registers it: its UNet side is a LoRA
-        method = "lora"
     preset = Preset("memory-plan", "t4", "sd15", "", "", "", method, resolution=512, batch_size=1, grad_accum=1,
                     max_steps=1, learning_rate=1e-4, lora_rank=rank, lora_alpha=rank, lora_dropout=dropout,
-                    lora_targets=tuple(targets))
+                    lora_targets=tuple(targets), clip_model=clip_model)
     components = Components("sd15", unet, vae=None)
     trainer_method = make_method(preset)
     trainer_method.setup(components)
@@ -190,15 +190,18 @@ def _unet_inputs(unet, family: str, resolution: int, batch: int, dtype: torch.dt
             extra["added_cond_kwargs"] = {"text_embeds": torch.randn(batch, 1280, dtype=dtype),
                                           "time_ids": torch.randn(batch, 6, dtype=dtype)}
         timesteps = torch.full((batch,), 500)
+        if getattr(unet.config, "encoder_hid_dim_type", None) == "ip_image_proj":  # an IP-Adapter is installed
+            width = unet.encoder_hid_proj.image_projection_layers[0].image_embeds.in_features
+            extra["added_cond_kwargs"] = {"image_embeds": [torch.randn(batch, 1, width, dtype=dtype)]}
     return (latents, timesteps, context), extra
 
 
 @lru_cache(maxsize=None)
 def measure_training(family: str, method: str, rank: int, targets: tuple, dropout: float, resolution: int,
-                     batch: int, fp16: bool) -> tuple[tuple[int, ...], int, int]:
+                     batch: int, fp16: bool, clip_model: str | None = None) -> tuple[tuple[int, ...], int, int]:
     """(trainable tensor sizes, saved bytes without checkpointing, saved bytes with diffusers' checkpointing)."""
     unet = full_size_unet(family)
-    sizes = make_trainable(unet, method, rank, targets, dropout)
+    sizes = make_trainable(unet, method, rank, targets, dropout, clip_model)
     unet = unet.half() if fp16 else unet  # keeps requires_grad: frozen layers save less (no weight grads)
     unet.train()  # dropout masks (LoRA dropout) are saved too
     weights = _storages(unet)  # saved weights are not activations

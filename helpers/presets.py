@@ -17,7 +17,7 @@ class Preset:
     model: str  # Hub id of the base pipeline, or "tiny/<name>" (helpers.tiny builds it)
     data_source: str  # kind of data source: "cifar10", "naruto" or "folder" (helpers.sources)
     data_ref: str  # the source's Hub dataset id or local image folder ("tiny/<name>" for generated data)
-    method: str  # what trains: "crossattn" (UNet attn2 only), "lora" (peft LoRA), "prior" (later issue)
+    method: str  # what trains: "crossattn" (UNet attn2 only), "lora" (peft LoRA), "ip_adapter" (IP-Adapter + LoRA)
     resolution: int  # square training size in pixels; latents are resolution / the VAE's factor (8 for SD)
     batch_size: int  # images per forward pass
     grad_accum: int  # forward passes per optimizer step; images/step = batch_size × grad_accum
@@ -49,7 +49,7 @@ class Preset:
     sample_prompts: tuple[str, ...] = ()  # fixed prompts for the sample grids
     sample_steps: int = 25  # inference steps per sample image
     seed: int = 42  # one seed for data order, noise and samples
-    clip_model: str | None = None  # CLIP vision+text model (the prior's embedding space)
+    clip_model: str | None = None  # CLIP vision+text model whose embeddings condition the UNet (ip_adapter, priors)
     vram_plan_gib: float = 0.0  # planned peak VRAM on a T4 + the plan's error band, GiB (an estimate from
     #                            helpers.memory, not a measurement; tests/test_memory.py keeps it up to date)
 
@@ -166,18 +166,24 @@ PRESETS: dict[str, dict[str, Preset]] = {
                        sample_prompts=NARUTO_PROMPTS[:2], sample_steps=4),
     },
     "prior_sd15": {
-        # SD1.5 with LoRA r8 α16 (update scale 2) dropout 0.1 on to_q/to_k/to_v, conditioned through CLIP ViT-L/14
-        # image embeddings from the prior. 8 × 2 = 16 images/step at 256 px; memory as sd15_xattn_cifar10 plus
-        # CLIP ViT-L/14 fp16 (0.9 GB) ≈ 8 GB. Fields are refined with the prior's own issue.
-        "t4": Preset("prior_sd15", "t4", "sd15", SD15, "cifar10", CIFAR10, "prior", clip_model=CLIP_L14,
-                     resolution=256, batch_size=8, grad_accum=2, max_steps=400, learning_rate=1e-4,
+        # SD1.5 conditioned on CLIP ViT-L/14 image embeddings (notebook 04, helpers.ip_adapter): an IP-Adapter trained
+        # from scratch (768-d → 4 tokens; to_k_ip/to_v_ip in the 16 cross-attentions: 21.5M parameters) with the
+        # reference project's LoRA r8 α16 (update scale 2) dropout 0.1 on to_q/to_k/to_v (1.2M); tutorial_train.py's
+        # lr 1e-4. 10,000 CIFAR images, 9,000 after the 10 % held-out split; 8 × 2 = 16 images/step at 256 px;
+        # 1,500 steps = 24,000 images ≈ 2.7 epochs. Memory (helpers.memory): UNet fp16 1.6 GiB + CLIP fp16 0.8 GiB
+        # + 23M trainable fp32 with 8-bit Adam ≈ 0.2 GiB + activations ≈ 3.7 GiB → ≈ 7 GiB while training.
+        "t4": Preset("prior_sd15", "t4", "sd15", SD15, "cifar10", CIFAR10, "ip_adapter", clip_model=CLIP_L14,
+                     resolution=256, batch_size=8, grad_accum=2, max_steps=1500, learning_rate=1e-4,
                      lora_rank=8, lora_alpha=16, lora_dropout=0.1, lora_targets=("to_q", "to_k", "to_v"),
-                     optimizer="adamw8bit", checkpoint_every=50, sample_prompts=CIFAR_PROMPTS, vram_plan_gib=8.5),
-        "tiny": Preset("prior_sd15", "tiny", "sd15", "tiny/sd15", "cifar10", "tiny/cifar10", "prior",
-                       clip_model="tiny/clip", resolution=64, batch_size=4, grad_accum=1, max_steps=60,
-                       learning_rate=1e-3, lora_rank=8, lora_alpha=16, lora_dropout=0.1,
+                     optimizer="adamw8bit", random_flip=False, max_train_images=10_000, checkpoint_every=100,
+                     sample_every=500, sample_prompts=CIFAR_PROMPTS, vram_plan_gib=8.9),
+        # 240 generated images at 64 px (latents 8×8), 210 train + 30 held out (3 per class); 8 × 1 = 8 images/step;
+        # 150 steps ≈ 5.7 epochs. The adapter is new, so it gets a high learning rate on the tiny models.
+        "tiny": Preset("prior_sd15", "tiny", "sd15", "tiny/sd15", "cifar10", "tiny/cifar10", "ip_adapter",
+                       clip_model="tiny/clip", resolution=64, batch_size=8, grad_accum=1, max_steps=150,
+                       learning_rate=2e-3, lora_rank=8, lora_alpha=16, lora_dropout=0.1,
                        lora_targets=("to_q", "to_k", "to_v"), optimizer="adamw", mixed_precision="no",
-                       checkpoint_every=20, sample_prompts=CIFAR_PROMPTS, sample_steps=4),
+                       checkpoint_every=50, sample_every=150, sample_prompts=CIFAR_PROMPTS[:2], sample_steps=4),
     },
 }
 

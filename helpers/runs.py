@@ -54,12 +54,21 @@ def is_finished(folder: Path) -> bool:
 
 
 def load_snippet(folder: Path) -> str:
-    """Three lines that load a finished LoRA run into stock diffusers (outside this project)."""
+    """Three lines that load a finished LoRA run into stock diffusers (outside this project); an IP-Adapter run
+    adds its adapter file and shows how to generate from an image embedding."""
     preset = run_preset(folder)
     cls = "StableDiffusionXLPipeline" if preset.family == "sdxl" else "StableDiffusionPipeline"
-    return ("import diffusers, torch\n"
-            f"pipe = diffusers.{cls}.from_pretrained({preset.model!r}, torch_dtype=torch.float16).to(\"cuda\")\n"
-            f"pipe.load_lora_weights({str(Path(folder) / 'final')!r}, weight_name=\"pytorch_lora_weights.safetensors\")")
+    final = str(Path(folder) / "final")
+    lines = ("import diffusers, torch\n"
+             f"pipe = diffusers.{cls}.from_pretrained({preset.model!r}, torch_dtype=torch.float16).to(\"cuda\")\n"
+             f"pipe.load_lora_weights({final!r}, weight_name=\"pytorch_lora_weights.safetensors\")")
+    if preset.method == "ip_adapter":
+        lines += (f"\npipe.load_ip_adapter({final!r}, subfolder=\"\", weight_name=\"ip_adapter.safetensors\", "
+                  "image_encoder_folder=None)\n"
+                  f"# emb: (1, D) CLIP image embedding of {preset.clip_model}; zeros = the unconditional half\n"
+                  "embeds = torch.cat([torch.zeros_like(emb), emb])[:, None].half().cuda()\n"
+                  "image = pipe(\"a prompt\", ip_adapter_image_embeds=[embeds]).images[0]")
+    return lines
 
 
 def finished_runs(root: Path) -> list[Path]:
@@ -92,7 +101,9 @@ class RunSet:
     def use(self, name: str | None, scale: float = 1.0) -> None:
         """Switch the pipeline to run `name` at LoRA/weight scale `scale`; None = the base model."""
         restore_base_attn2(self.pipe.unet)
-        if any(m.name == "lora" for m, _ in self.loaded.values()):
+        for method, loaded in self.loaded.values():
+            method.switch_off(self.pipe, loaded)
+        if any(m.uses_lora for m, _ in self.loaded.values()):
             self.pipe.disable_lora()
         if name is None:
             return
@@ -111,12 +122,28 @@ class RunSet:
             return None
         return lambda pipe, prompts: method.call_arguments(pipe, loaded, list(prompts), scale)
 
-    def variant(self, name: str | None, scale: float = 1.0, label: str | None = None) -> Variant:
-        """A Variant for evaluation: `name` at `scale` (None = "base"), with the run's extra call arguments."""
+    def needs_image_embeds(self, name: str | None) -> bool:
+        """Whether run `name` generates from CLIP image embeddings (notebook 04's IP-Adapter runs)."""
+        return name is not None and self.loaded[name][0].needs_image_embeds
+
+    def variant(self, name: str | None, scale: float = 1.0, label: str | None = None,
+                image_embeds=None) -> Variant:
+        """A Variant for evaluation: `name` at `scale` (None = "base"), with the run's extra call arguments. A run
+        that `needs_image_embeds` takes `image_embeds`: (prompts, seeds) → one CLIP image embedding per image
+        (N, D), e.g. a prior's prediction from the prompt, true embeddings (helpers.ip_adapter.fixed_embeddings) or
+        zeros for the caption alone (helpers.ip_adapter.caption_only)."""
         if name is not None and name not in self.loaded:
             raise KeyError(f"no run {name!r} loaded; loaded: {sorted(self.loaded)}")
         label = label or ("base" if name is None else name if scale == 1.0 else f"{name} ×{scale:g}")
-        return Variant(label, lambda pipe: self.use(name, scale), self.call_args(name, scale))
+        call_args = self.call_args(name, scale)
+        if image_embeds is not None:
+            if not self.needs_image_embeds(name):
+                raise ValueError(f"{label!r} takes no image embeddings (only image-conditioned runs do)")
+            return Variant(label, lambda pipe: self.use(name, scale), None, image_embeds)
+        if self.needs_image_embeds(name) and call_args is None:
+            raise ValueError(f"run {name!r} is conditioned on CLIP image embeddings: pass image_embeds=(prompts, "
+                             "seeds) → (N, D), e.g. a prior's embeddings or helpers.ip_adapter.caption_only(dim)")
+        return Variant(label, lambda pipe: self.use(name, scale), call_args)
 
 
 __all__ = ["is_finished", "load_snippet", "run_name", "run_folder", "write_run_info", "run_preset", "finished_runs", "RunSet", "RUN_FILE"]

@@ -75,11 +75,49 @@ def prompt_seed_pairs(prompts: list[str], seeds: list[int]) -> tuple[list[str], 
     return [p for p in prompts for _ in seeds], [s for _ in prompts for s in seeds]
 
 
+def ip_adapter_width(pipe) -> int | None:
+    """The image-embedding width D of the IP-Adapter loaded into `pipe` (None when none is loaded)."""
+    unet = pipe.unet
+    if (getattr(unet, "encoder_hid_proj", None) is None
+            or getattr(unet.config, "encoder_hid_dim_type", None) != "ip_image_proj"):
+        return None
+    return unet.encoder_hid_proj.image_projection_layers[0].image_embeds.in_features
+
+
+def _check_image_embeds(pipe, image_embeds, n: int) -> torch.Tensor | None:
+    width = ip_adapter_width(pipe)
+    if image_embeds is None:
+        if width is not None:
+            raise ValueError(f"this pipeline has an IP-Adapter loaded (an image-conditioned run): pass image_embeds, "
+                             f"one CLIP image embedding ({width} wide) per image; zeros for the caption alone")
+        return None
+    if width is None:
+        raise ValueError("image_embeds were given but this pipeline has no IP-Adapter loaded: they would be ignored "
+                         "(switch to an image-conditioned run first)")
+    image_embeds = torch.as_tensor(image_embeds).float().cpu()
+    if image_embeds.shape != (n, width):
+        raise ValueError(f"image_embeds must be ({n}, {width}): one {width}-wide embedding per image, got "
+                         f"{tuple(image_embeds.shape)}")
+    return image_embeds
+
+
+def _calls(n: int, batch_size: int, image_embeds: torch.Tensor | None) -> list[list[int]]:
+    """Image indices of each pipeline call: runs of `batch_size`; with image embeddings, only images that share
+    one embedding go into a call (diffusers folds extra embedding rows into tokens and would mix them)."""
+    if image_embeds is None:
+        return [list(range(s, min(s + batch_size, n))) for s in range(0, n, batch_size)]
+    groups: dict[bytes, list[int]] = {}
+    for i in range(n):
+        groups.setdefault(image_embeds[i].numpy().tobytes(), []).append(i)
+    return [g[s:s + batch_size] for g in groups.values() for s in range(0, len(g), batch_size)]
+
+
 def generate(pipe, prompts: list[str], seeds: list[int], steps: int, guidance: float = 7.5,
              height: int | None = None, width: int | None = None, out_dir: str | Path | None = None,
              prefix: str = "", batch_size: int = MAX_IMAGES_PER_CALL, negative_prompt: str | None = None,
              call_args: CallArgs | None = None, step_callback: Callable | None = None,
-             image: Image.Image | None = None, strength: float = 0.8) -> list[Image.Image]:
+             image: Image.Image | None = None, strength: float = 0.8,
+             image_embeds: torch.Tensor | None = None) -> list[Image.Image]:
     """One image per aligned (prompt, seed) pair. With `out_dir`, saves `{prefix}{i:03d}_seed{seed}.png` and
     `{prefix}manifest.csv` (file, prompt, seed) there.
 
@@ -92,37 +130,54 @@ def generate(pipe, prompts: list[str], seeds: list[int], steps: int, guidance: f
     stopping a call between denoising steps with `pipe._interrupt = True`; a stopped call is the last one, so fewer
     images than pairs come back). `image`: img2img from this picture,
     resized to width × height (`pipe` is then an img2img pipeline, e.g. `AutoPipelineForImage2Image.from_pipe`),
-    re-noised by `strength` (1 = all of it)."""
+    re-noised by `strength` (1 = all of it).
+
+    `image_embeds` (N, D): one CLIP image embedding per image, for a pipeline with an IP-Adapter loaded (an
+    image-conditioned run, notebook 04). Passed as `ip_adapter_image_embeds`, with a zero embedding as the
+    unconditional half of classifier-free guidance (as the adapter was trained: a dropped image is a zero
+    embedding). One pipeline call per distinct embedding (see `_calls`); an image is the same whatever it shares a
+    call with."""
     prompts, seeds = list(prompts), [int(s) for s in seeds]
     if not prompts or len(prompts) != len(seeds):
         raise ValueError(f"need one seed per prompt (got {len(prompts)} prompts, {len(seeds)} seeds); "
                          "use prompt_seed_pairs(prompts, seeds) for every combination")
     if batch_size < 1 or steps < 1:
         raise ValueError("batch_size and steps must be >= 1")
+    if image_embeds is not None and call_args is not None:
+        raise ValueError("pass image embeddings either as image_embeds or through call_args, not both")
+    image_embeds = _check_image_embeds(pipe, image_embeds, len(prompts)) if call_args is None else None
     default = pipe.unet.config.sample_size * pipe.vae_scale_factor  # the pipeline's own default size
     height, width = height or default, width or default
     batch_size = 1 if call_args is not None else min(batch_size, images_per_call(height, width))
     set_vae_memory(pipe, height, width)
     init = image.convert("RGB").resize((width, height), Image.Resampling.LANCZOS) if image is not None else None
-    images: list[Image.Image] = []
-    starts = range(0, len(prompts), batch_size)
+    images: list[Image.Image | None] = [None] * len(prompts)
+    calls = _calls(len(prompts), batch_size, image_embeds)
     with autocast_for(pipe.unet):
-        for start in tqdm(starts, desc="generating", disable=len(starts) < 2):
-            chunk = slice(start, start + batch_size)
-            generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds[chunk]]
-            extra = dict(call_args(pipe, prompts[chunk])) if call_args is not None else {}
+        for chunk in tqdm(calls, desc="generating", disable=len(calls) < 2):
+            generators = [torch.Generator(device="cpu").manual_seed(seeds[i]) for i in chunk]
+            chunk_prompts = [prompts[i] for i in chunk]
+            extra = dict(call_args(pipe, chunk_prompts)) if call_args is not None else {}
+            if image_embeds is not None:
+                rows = image_embeds[chunk][:, None, :]  # (images, 1 image each, D)
+                if guidance > 1.0:  # diffusers' classifier-free guidance test; it splits [negative, positive]
+                    rows = torch.cat([torch.zeros_like(rows), rows])
+                extra["ip_adapter_image_embeds"] = [rows.to(pipe.device)]
             if negative_prompt:
-                extra["negative_prompt"] = [negative_prompt] * len(prompts[chunk])
+                extra["negative_prompt"] = [negative_prompt] * len(chunk)
             if step_callback is not None:
                 extra["callback_on_step_end"] = step_callback
             if image is not None:  # img2img: the picture sets the size; the pipelines take no height/width
-                extra.update(image=[init] * len(prompts[chunk]), strength=strength)
+                extra.update(image=[init] * len(chunk), strength=strength)
             else:
                 extra.update(height=height, width=width)
-            images += pipe(prompt=prompts[chunk], generator=generators, num_inference_steps=steps,
-                           guidance_scale=guidance, **extra).images
+            out = pipe(prompt=chunk_prompts, generator=generators, num_inference_steps=steps,
+                       guidance_scale=guidance, **extra).images
+            for i, drawn in zip(chunk, out):
+                images[i] = drawn
             if getattr(pipe, "_interrupt", False):  # stopped by step_callback: draw no further calls
                 break
+    images = [drawn for drawn in images if drawn is not None]  # the calls drawn (all of them unless stopped)
     if out_dir is not None:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -153,6 +208,9 @@ class Variant:
     #                                   LoRA scale, attn2 weights swapped): a T4 cannot hold two SDXL pipelines
     call_args: CallArgs | None = None  # extra pipeline arguments per call (a run kind that conditions on more than
     #                                     text, e.g. IP-Adapter image embeddings); None = text only
+    image_embeds: Callable[[list[str], list[int]], torch.Tensor] | None = None  # for an image-conditioned run
+    #   (notebook 04's IP-Adapter): (prompts, seeds) → one CLIP image embedding per image (N, D), e.g. a prior's
+    #   prediction from the prompt, a true image's embedding, or zeros for the caption alone. None = text only.
 
 
 def folder_name(name: str) -> str:
@@ -172,6 +230,8 @@ def check_variants(variants: Sequence[Variant]) -> list[Variant]:
             raise ValueError(f"variant {v.name!r}: apply must be callable (pipe) -> None")
         if v.call_args is not None and not callable(v.call_args):
             raise ValueError(f"variant {v.name!r}: call_args must be None or callable (pipe, prompts) -> dict")
+        if v.image_embeds is not None and not callable(v.image_embeds):
+            raise ValueError(f"variant {v.name!r}: image_embeds must be callable (prompts, seeds) -> (N, D) tensor")
     folders = [folder_name(v.name) for v in variants]
     repeated = sorted({v.name for v, f in zip(variants, folders) if folders.count(f) > 1})
     if repeated:
@@ -184,11 +244,14 @@ def generate_variants(pipe, variants: Sequence[Variant], prompts: list[str], see
                       width: int | None = None) -> dict[str, Path]:
     """Each variant in turn: `variant.apply(pipe)`, then `generate` every aligned (prompt, seed) pair into
     `out_dir/<variant folder>/` with its manifest.csv. One pipeline for all, so a pair starts from the same noise in
-    every variant. Returns {variant name: its manifest path}; the pipeline is left in the last variant's state."""
+    every variant. A variant with `image_embeds` gets one embedding per image from it. Returns {variant name: its
+    manifest path}; the pipeline is left in the last variant's state."""
     manifests = {}
     for variant in check_variants(variants):
         variant.apply(pipe)
         folder = Path(out_dir) / folder_name(variant.name)
-        generate(pipe, prompts, seeds, steps, guidance, height, width, out_dir=folder, call_args=variant.call_args)
+        embeds = variant.image_embeds(list(prompts), list(seeds)) if variant.image_embeds is not None else None
+        generate(pipe, prompts, seeds, steps, guidance, height, width, out_dir=folder, call_args=variant.call_args,
+                 image_embeds=embeds)
         manifests[variant.name] = folder / "manifest.csv"
     return manifests
