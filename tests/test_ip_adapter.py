@@ -10,7 +10,7 @@ import torch
 
 from helpers import data, presets, runs, sampling, tiny
 from helpers.checkpoint import checkpoint_dirs
-from helpers.embeddings import embedding_set
+from helpers.embeddings import cosine_matrix, embedding_set
 from helpers.hooks import CheckpointHook, ExportHook, Hook, LogHook, SampleHook, read_log
 from helpers.ip_adapter import (IP_ADAPTER_FILE, NUM_TOKENS, EmbeddedDataset, IPAdapter, caption_only,
                                 condition_drops, fixed_embeddings, fresh_ip_adapter)
@@ -234,6 +234,54 @@ def test_runset_switches_base_and_adapter_run_in_one_pipeline(trained, pipe, tmp
 
 
 # ---------------------------------------------------------------- what the result must show
+
+TINY_BASE_CANNOT_DRAW = pytest.mark.xfail(strict=False, reason=(
+    "the committed tiny SD1.5-like base does not yet draw the CIFAR-like pictures: base + class caption is "
+    "classified 20 %; after 150 steps (600 steps) the adapter from true held-out embeddings reaches 22 % (37 %), "
+    "variations 50 % of pairs closer to their own source; the adapter does learn the embedding (fixed-noise loss "
+    "true 0.197 < zero 0.200 < shuffled 0.204 at 600 steps) and the VAE reconstructions are classified 100 %: "
+    "re-measure on the rebuilt tiny world (issue 11)"))
+
+
+@TINY_BASE_CANNOT_DRAW
+def test_images_from_true_held_out_embeddings_keep_their_class(trained, pipe):
+    p, board, name = pipe
+    es = trained["es"]
+    held = es.held_out_indices
+    labels = es.labels[held]
+    seeds = [0, 1]
+    board.use(name)
+    images = sampling.generate(p, [""] * len(held) * len(seeds), [s for _ in held for s in seeds],
+                               steps=EVAL_STEPS, image_embeds=es.image_embeds[held].repeat_interleave(len(seeds), 0))
+    adapter = float((es.zero_shot(images) == labels.repeat_interleave(len(seeds))).float().mean())
+    board.use(None)
+    captions = [f"a photo of a {es.class_names[int(y)]}" for y in labels]
+    base_images = sampling.generate(p, [c for c in captions for _ in seeds], [s for _ in held for s in seeds],
+                                    steps=EVAL_STEPS)
+    base = float((es.zero_shot(base_images) == labels.repeat_interleave(len(seeds))).float().mean())
+    print(f"classified as the source class: adapter from the true image embedding (empty prompt) {adapter:.0%}, "
+          f"base SD1.5 from the class caption {base:.0%} ({len(images)} images each)")
+    assert adapter >= 0.70
+
+
+@TINY_BASE_CANNOT_DRAW
+def test_variations_stay_closer_to_their_own_source(trained, pipe):
+    p, board, name = pipe
+    es = trained["es"]
+    held = es.held_out_indices
+    sources = torch.stack([held[es.labels[held] == c][0] for c in range(6)])  # one held-out image of 6 classes
+    seeds = [0, 1, 2]
+    board.use(name)
+    variations = sampling.generate(p, [""] * len(sources) * len(seeds), seeds * len(sources), steps=EVAL_STEPS,
+                                   image_embeds=es.image_embeds[sources].repeat_interleave(len(seeds), 0))
+    sims = cosine_matrix(es.encode_images(variations), es.image_embeds[sources])  # (variations, sources)
+    own = torch.arange(len(sources)).repeat_interleave(len(seeds))
+    own_sim = sims[torch.arange(len(own)), own]
+    closer = [bool(own_sim[i] > sims[i, j]) for i in range(len(own)) for j in range(len(sources)) if j != own[i]]
+    rate = sum(closer) / len(closer)
+    print(f"variations closer to their own source than to another: {rate:.0%} of {len(closer)} pairs")
+    assert rate >= 0.80
+
 
 def test_the_t4_plan_counts_the_adapter_and_fits():
     from helpers import memory
