@@ -262,7 +262,7 @@ class StudyPanel:
                                   f"<b>{escape(self.shown.pair.prompt)}</b>")
         self.left_image.value = png_bytes(Image.open(self.shown.pair.images[self.shown.left]))
         self.right_image.value = png_bytes(Image.open(self.shown.pair.images[self.shown.right]))
-        self._enable(True)
+        self._enable(True)  # only now: an answer always belongs to the pair on screen
 
     def _enable(self, on: bool) -> None:
         for button in self.buttons.values():
