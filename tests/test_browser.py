@@ -44,7 +44,7 @@ def served(tmp_path_factory):
                HF_DATASETS_OFFLINE="1")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LAB_STORAGE", str(storage))
-        train_tiny_run(storage, "lora")
+        train_tiny_run(storage, "lora", steps=8)  # enough steps for the LoRA image to differ visibly
     port = free_port()
     SHOTS.mkdir(parents=True, exist_ok=True)
     log = open(SHOTS / "voila.log", "w")  # kept beside the screenshots: what the server and kernel said
