@@ -46,7 +46,8 @@ import torch
 from PIL import Image
 
 from . import runs as runs_
-from .adapters import METHODS
+from . import ip_adapter  # noqa: F401  (registers notebook 04's "ip_adapter" method)
+from .adapters import METHODS, Method
 from .checkpoint import checkpoint_dirs
 from .configs import check_image_size
 from .presets import Preset, get_preset
@@ -60,7 +61,7 @@ SERIES_RUNS = (
     ("02", "sd15_xattn_cifar10", "lora", "run notebook 02 with METHOD = 'lora'"),
     ("03", "sdxl_lora_naruto_256", "lora", "run notebook 03 (RESOLUTION = 256)"),
     ("03", "sdxl_lora_naruto_1024", "lora", "run notebook 03 (RESOLUTION = 1024; spans sessions on a T4)"),
-    ("04", "prior_sd15", "prior", "run notebook 04"),
+    ("04", "prior_sd15", "ip_adapter", "run notebook 04"),
 )
 LIMITS = dict(steps=(1, 150), guidance=(0.0, 30.0), seed=(0, 2**32 - 1), scale=(0.0, 2.0), count=(1, 4),
               strength=(0.05, 1.0))
@@ -142,6 +143,12 @@ class Catalog:
             if preset.method not in METHODS:
                 missing.append(MissingRun(folder.name, notebook, f"finished, but its method {preset.method!r} "
                                           f"cannot be loaded here yet (known: {sorted(METHODS)})"))
+                continue
+            method = METHODS[preset.method]
+            if method.needs_image_embeds and method.call_arguments is Method.call_arguments:
+                missing.append(MissingRun(folder.name, notebook, "finished, but it draws from a CLIP image embedding "
+                                          "per image and nothing turns a prompt into one yet (the prior of "
+                                          "notebook 04, part 2)"))
                 continue
             entries.append(Entry(folder.name, preset.family, preset.method, preset, folder))
         found = {e.name for e in entries} | {m.name for m in missing}

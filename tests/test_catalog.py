@@ -29,6 +29,7 @@ def root(tmp_path_factory):
     # finished run of the other profile
     (root / "runs" / "sdxl_lora_naruto_256-lora-tiny" / "checkpoints" / "step-000010").mkdir(parents=True)
     for name, change in (("prior_sd15-prior-tiny", dict(method="prior")),
+                         ("prior_sd15-ip_adapter-tiny", dict(method="ip_adapter", name="prior_sd15")),
                          ("sd15_xattn_cifar10-lora-t4", dict(profile="t4"))):
         final = root / "runs" / name / "final"
         final.mkdir(parents=True)
@@ -55,7 +56,10 @@ def test_scan_lists_bases_and_finished_runs_by_family_and_says_what_is_missing(r
     assert [e.kind for e in catalog.runs()] == ["crossattn", "lora"]
     assert catalog.get(LORA).label == "sd15 xattn cifar10 lora"
     why = {m.name: m.why for m in catalog.missing}
-    assert set(why) == {"sdxl_lora_naruto_256-lora-tiny", "sdxl_lora_naruto_1024-lora-tiny", "prior_sd15-prior-tiny"}
+    assert set(why) == {"sdxl_lora_naruto_256-lora-tiny", "sdxl_lora_naruto_1024-lora-tiny", "prior_sd15-prior-tiny",
+                        "prior_sd15-ip_adapter-tiny"}
+    assert why["prior_sd15-ip_adapter-tiny"].startswith("finished, but it draws from a CLIP image embedding")
+    assert next(m.notebook for m in catalog.missing if m.name == "prior_sd15-ip_adapter-tiny") == "04"
     assert why["sdxl_lora_naruto_256-lora-tiny"].startswith("unfinished (1 checkpoint, no final/)")
     assert why["sdxl_lora_naruto_1024-lora-tiny"] == "not trained yet: run notebook 03 (RESOLUTION = 1024; spans " \
                                                      "sessions on a T4)"

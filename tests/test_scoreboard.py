@@ -28,9 +28,9 @@ def test_the_summary_covers_every_run_with_both_scores_and_lists_the_missing(boa
     assert (s[s["variant"].isin(runs)]["reference"] == "SD1.5 base").all()
     assert s["n"].eq(3 * 2 * 2).all()  # 3 prompt sets × 2 prompts × 2 seeds
     assert {m.name for m in board.missing} == {"sdxl_lora_naruto_256-lora-tiny", "sdxl_lora_naruto_1024-lora-tiny",
-                                               "prior_sd15-prior-tiny"}
+                                               "prior_sd15-ip_adapter-tiny"}
     text = str(board)
-    assert "Δ vs base" in text and "missing: prior_sd15-prior-tiny" in text
+    assert "Δ vs base" in text and "missing: prior_sd15-ip_adapter-tiny" in text
     for name in ("scores.csv", "summary.csv", "summary.md", "chart.png", "missing.csv", "sd15/table.md"):
         assert (board.out_dir / name).is_file(), name
 
