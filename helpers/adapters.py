@@ -56,6 +56,16 @@ class Method:
         return {f"{prefix}.{name}": p for prefix, module in self.modules(components).items()
                 for name, p in module.named_parameters() if p.requires_grad}
 
+    def extra_state(self, components: Components) -> dict[str, torch.Tensor]:
+        """Name → tensor a checkpoint must hold besides the trainable weights for an exact resume (e.g. EMA
+        weights and their update count). The Trainer saves them with the weights and restores them IN PLACE, so
+        return the live tensors. Names must not clash with `trainable_parameters`."""
+        return {}
+
+    def after_step(self, components: Components) -> None:
+        """Called after every optimizer step that changed the weights (not after fp16-skipped ones), before the
+        hooks, so a checkpoint written at this step already holds what this call updated (e.g. an EMA)."""
+
     # ---- the loss
     def loss(self, components: Components, batch: dict, models: dict[str, torch.nn.Module], draws: SampleDraws,
              dtype: torch.dtype) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """Atomic checkpoints of everything a run needs to continue exactly, and resume from the newest good one.
 
 A checkpoint is a folder `checkpoints/step-NNNNNN/`:
-  trainable.safetensors  trainable weights only (LoRA or attn2: MBs, not the 5 GB UNet)
+  trainable.safetensors  trainable weights only (LoRA or attn2: MBs, not the 5 GB UNet), plus the method's extra
+                         state (a prior's EMA weights and update count)
   optimizer.pt           optimizer state (AdamW moments or 8-bit Adam states)
   state.pt               LR scheduler, GradScaler, RNG states (python, numpy, torch CPU + CUDA), data position, step
   meta.json              step, preset, library versions

@@ -36,7 +36,8 @@ class Preset:
     mixed_precision: str = "fp16"  # "fp16" on CUDA (a T4 has no fast bf16); CPU always runs fp32
     gradient_checkpointing: bool = False  # recompute activations in backward: ~30% slower, much less memory
     max_grad_norm: float = 1.0  # gradient-norm clipping
-    snr_gamma: float | None = None  # Min-SNR weighting γ (5.0 is the paper's value); None = plain MSE
+    snr_gamma: float | None = None  # Min-SNR weighting γ (5.0 is the paper's value); None = plain MSE. The
+    #                                 diffusion prior weighs its x0 loss by 1 + min(SNR, γ) (helpers.prior)
     noise_offset: float = 0.0  # offset noise strength (0.05 helps very dark/bright images); 0 = off
     cache_latents: bool = True  # encode images once with the VAE and train from cached latents
     cache_text: bool = True  # encode captions once and train from cached text embeddings
@@ -50,6 +51,17 @@ class Preset:
     sample_steps: int = 25  # inference steps per sample image
     seed: int = 42  # one seed for data order, noise and samples
     clip_model: str | None = None  # CLIP vision+text model whose embeddings condition the UNet (ip_adapter, priors)
+    prior_width: int = 0  # a prior's width: the MLP's hidden units, the diffusion prior's heads × head size
+    prior_layers: int = 0  # transformer blocks of the diffusion prior (the MLP has 3 linear layers, always)
+    prior_heads: int = 0  # attention heads of the diffusion prior
+    prior_text_tokens: int = 77  # CLIP token states the diffusion prior reads (the first N of 77; 0 = only the
+    #                              pooled text embedding). CLIP's text attention is causal, so the first N states
+    #                              are exact for a caption of ≤ N tokens (start and end included)
+    prior_timesteps: int = 1000  # noise levels of the diffusion prior's cosine schedule
+    prior_sample_steps: int = 64  # DDIM steps when the diffusion prior samples
+    cond_drop_prob: float = 0.0  # classifier-free dropout: share of samples trained without their text
+    ema_decay: float = 0.0  # EMA of the trained weights, sampled and exported (0 = none); warmup as diffusers'
+    #                         EMAModel: decay = min(ema_decay, (1 + n) / (10 + n)) after n updates
     vram_plan_gib: float = 0.0  # planned peak VRAM on a T4 + the plan's error band, GiB (an estimate from
     #                            helpers.memory, not a measurement; tests/test_memory.py keeps it up to date)
 
@@ -94,6 +106,18 @@ def preset_problems(p: Preset) -> list[str]:
             problems.append(str(e))
     need(p.mixed_precision in ("fp16", "no"), "mixed_precision", "'fp16' or 'no' (a T4 has no fast bf16)")
     need(isinstance(p.lora_dropout, (int, float)) and 0 <= p.lora_dropout < 1, "lora_dropout", "from 0 to < 1")
+    for field in ("prior_width", "prior_layers", "prior_heads", "prior_text_tokens"):
+        need(_is_int(getattr(p, field)) and getattr(p, field) >= 0, field, "a whole number ≥ 0")
+    for field in ("prior_timesteps", "prior_sample_steps"):
+        need(_is_int(getattr(p, field)) and getattr(p, field) >= 1, field, "a whole number ≥ 1")
+    if _is_int(p.prior_timesteps) and _is_int(p.prior_sample_steps):
+        need(p.prior_sample_steps <= p.prior_timesteps, "prior_sample_steps",
+             f"at most prior_timesteps ({p.prior_timesteps})")
+    if p.method == "diffusion_prior" and _is_int(p.prior_width) and _is_int(p.prior_heads):
+        need(p.prior_heads >= 1 and p.prior_width % p.prior_heads == 0, "prior_heads",
+             f"≥ 1 and a divisor of prior_width ({p.prior_width})")
+    need(isinstance(p.cond_drop_prob, (int, float)) and 0 <= p.cond_drop_prob < 1, "cond_drop_prob", "from 0 to < 1")
+    need(isinstance(p.ema_decay, (int, float)) and 0 <= p.ema_decay < 1, "ema_decay", "from 0 (no EMA) to < 1")
     need(p.max_train_images is None or (_is_int(p.max_train_images) and p.max_train_images >= 1),
          "max_train_images", "None (all) or a whole number ≥ 1")
     return problems
@@ -184,6 +208,53 @@ PRESETS: dict[str, dict[str, Preset]] = {
                        learning_rate=2e-3, lora_rank=8, lora_alpha=16, lora_dropout=0.1,
                        lora_targets=("to_q", "to_k", "to_v"), optimizer="adamw", mixed_precision="no",
                        checkpoint_every=50, sample_every=150, sample_prompts=CIFAR_PROMPTS[:2], sample_steps=4),
+    },
+    "prior_mlp_cifar10": {
+        # The reference project's MLP prior: CLIP ViT-L/14 text embedding 768 → 1024 → 1024 → 768 (2.6M weights),
+        # MSE on the L2-normalised, √768-scaled image embedding. Trains on the CLIP embedding pairs of prior_sd15's
+        # data (same data fields and seed, so the same cache): 10,000 images − 10 % held out = 9,000 pairs;
+        # 256 × 1 = 256 images/step (their embedding pairs), 1,000 steps = 256,000 pairs ≈ 28 epochs.
+        # Memory: 2.6M × 16 B (fp32 weight, grad, 2 Adam moments) = 42 MB beside the adapter's loaded SD1.5 + CLIP;
+        # the embedding cache sets the peak.
+        "t4": Preset("prior_mlp_cifar10", "t4", "sd15", SD15, "cifar10", CIFAR10, "mlp_prior", clip_model=CLIP_L14,
+                     max_train_images=10_000, resolution=256, batch_size=256, grad_accum=1, max_steps=1000,
+                     learning_rate=3e-4, optimizer="adamw", prior_width=1024, checkpoint_every=500, sample_every=0,
+                     vram_plan_gib=7.1),
+        # 240 generated images − 30 held out = 210 pairs of 64-d tiny CLIP embeddings; 32 × 1 = 32 pairs/step,
+        # 200 steps ≈ 30 epochs (≈ 1.5 s on a CPU core).
+        "tiny": Preset("prior_mlp_cifar10", "tiny", "sd15", "tiny/sd15", "cifar10", "tiny/cifar10", "mlp_prior",
+                       clip_model="tiny/clip", resolution=64, batch_size=32, grad_accum=1, max_steps=200,
+                       learning_rate=1e-3, optimizer="adamw", mixed_precision="no", prior_width=256,
+                       checkpoint_every=100, sample_every=0),
+    },
+    "prior_diffusion_cifar10": {
+        # DALL·E 2's diffusion prior (DALLE2-pytorch's recipe) on diffusers' PriorTransformer: 6 blocks of width
+        # 512 (8 heads × 64) over 77 token states + text embedding + timestep + noised embedding + prediction token
+        # = 81 tokens; 768-d in and out. Cosine schedule of 1,000 steps, x0 prediction with the loss weighted by
+        # 1 + min(SNR, 20) (helpers.prior says why), text dropped for 10 % of the samples, EMA 0.999 (≈ the last
+        # 1,000 of 3,000 steps), DDIM with 64 steps to sample.
+        # 128 × 1 = 128 images/step (embedding pairs), 3,000 steps = 384,000 pairs ≈ 43 epochs of 9,000; lr 1.1e-4
+        # as DALLE2-pytorch.
+        # Memory (helpers.memory.prior_plan): 21M weights × 20 B (fp32 weight, grad, 2 Adam moments, EMA) = 0.4 GiB
+        # + activations of 128 × 81 tokens × 512 wide × 6 blocks ≈ 2.1 GiB (× 2 slack), beside the adapter's
+        # loaded SD1.5 + CLIP (3.5 GiB); batch 256 would need 8.6 GiB of activations. A checkpoint ≈ 21M × 16 B.
+        "t4": Preset("prior_diffusion_cifar10", "t4", "sd15", SD15, "cifar10", CIFAR10, "diffusion_prior",
+                     clip_model=CLIP_L14, max_train_images=10_000, resolution=256, batch_size=128, grad_accum=1,
+                     max_steps=3000,
+                     learning_rate=1.1e-4, lr_schedule="cosine", warmup_steps=100, optimizer="adamw",
+                     prior_width=512, prior_layers=6, prior_heads=8, prior_text_tokens=77, prior_timesteps=1000,
+                     prior_sample_steps=64, cond_drop_prob=0.1, ema_decay=0.999, snr_gamma=20.0,
+                     checkpoint_every=500, sample_every=0, vram_plan_gib=10.6),
+        # Width 64 (4 heads × 16), 2 blocks, the first 16 token states (the longest tiny CIFAR caption has 15 with
+        # start and end); 32 × 1 = 32 pairs/step, 400 steps ≈ 60 epochs of 210 pairs (≈ 9 s on a CPU core); 16 DDIM
+        # steps to sample.
+        "tiny": Preset("prior_diffusion_cifar10", "tiny", "sd15", "tiny/sd15", "cifar10", "tiny/cifar10",
+                       "diffusion_prior", clip_model="tiny/clip", resolution=64, batch_size=32, grad_accum=1,
+                       max_steps=400, learning_rate=1e-3, lr_schedule="cosine", warmup_steps=20, optimizer="adamw",
+                       mixed_precision="no", prior_width=64, prior_layers=2, prior_heads=4, prior_text_tokens=16,
+                       prior_timesteps=1000, prior_sample_steps=16, cond_drop_prob=0.1, ema_decay=0.99,
+                       snr_gamma=20.0,
+                       checkpoint_every=100, sample_every=0),
     },
 }
 

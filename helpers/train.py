@@ -115,6 +115,10 @@ class Trainer:
         self.trainable = self.method.trainable_parameters(c)
         if not self.trainable:
             raise ValueError(f"method {self.method.name!r} left no parameter trainable")
+        self.extra_state = self.method.extra_state(c)
+        clash = sorted(set(self.extra_state) & set(self.trainable))
+        if clash:
+            raise ValueError(f"method {self.method.name!r}: extra state names clash with trainable ones: {clash[:3]}")
         self.optimizer = make_optimizer(list(self.trainable.values()), p, acc.device)
         self.phase_start = meta.get("step", 0) if new_phase else meta.get("position", {}).get("phase_start", 0)
         self.lr_scheduler = make_lr_scheduler(self.optimizer, p, self.phase_start)
@@ -122,7 +126,7 @@ class Trainer:
         self.models = {name: acc.prepare(module) for name, module in modules.items()}
         self._offload_cached_encoders()
         if found is not None:
-            info = ckpt.load_checkpoint(found, self.trainable, self.optimizer,
+            info = ckpt.load_checkpoint(found, {**self.trainable, **self.extra_state}, self.optimizer,
                                         None if new_phase else self.lr_scheduler, self.scaler)
             if new_phase:  # the moments carry over; the learning rate and its schedule are the new preset's
                 for group in self.optimizer.param_groups:
@@ -183,8 +187,8 @@ class Trainer:
                 "skipped_steps": self.state.skipped_steps, "phase_start": self.phase_start}
 
     def save_checkpoint(self) -> Path:
-        return ckpt.save_checkpoint(self.run_dir, self.state.step, self.trainable, self.optimizer,
-                                    self.lr_scheduler, self.scaler, self.position, self.preset,
+        return ckpt.save_checkpoint(self.run_dir, self.state.step, {**self.trainable, **self.extra_state},
+                                    self.optimizer, self.lr_scheduler, self.scaler, self.position, self.preset,
                                     keep=self.preset.keep_checkpoints, data_identity=self.data_identity)
 
     # ---- one micro-batch
@@ -289,6 +293,7 @@ class Trainer:
                 st.last_lr = self.lr_scheduler.get_last_lr()[0]
                 st.losses.append(st.last_loss)
                 micro_losses = []
+                self.method.after_step(self.c)
                 for hook in self.hooks:
                     hook.on_step(self)
         except torch.OutOfMemoryError:

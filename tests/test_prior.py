@@ -1,0 +1,249 @@
+"""The priors (helpers.prior, helpers.prior_eval) on the tiny world: both learn text → image embedding on the
+tiny CLIP's embedding pairs through the Trainer, the diffusion prior's samples differ across seeds while the MLP's
+do not, a shuffled caption gives a far worse match, a killed run resumes exactly, the export loads in stock
+diffusers, and bad input is refused up front."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helpers import checkpoint
+from helpers.embeddings import embedding_set
+from helpers.evaluate import paired_difference
+from helpers.hooks import CheckpointHook, ExportHook, Hook, LogHook, read_log
+from helpers.presets import PRESETS, get_preset
+from helpers.prior import Ema, PriorPairs, make_network, to_prior_space, train_prior
+from helpers.prior_eval import COLUMNS, load_prior, prior_metrics, shuffled_order
+
+DRIVER = Path(__file__).with_name("prior_driver.py")
+PRIORS = ("prior_mlp_cifar10", "prior_diffusion_cifar10")
+
+
+@pytest.fixture(scope="module")
+def storage(tmp_path_factory):
+    root = tmp_path_factory.mktemp("prior-storage")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LAB_STORAGE", str(root))
+        yield root
+
+
+@pytest.fixture(scope="module")
+def embeddings(storage):
+    return embedding_set(get_preset(PRIORS[0], "tiny"), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def trained(storage, embeddings):
+    """Both tiny priors trained once by their presets: name → (Prior, Trainer)."""
+    out = {}
+    for name in PRIORS:
+        prior, trainer = train_prior(get_preset(name, "tiny"), embeddings, storage / "runs" / name, device="cpu")
+        prior.name = name
+        out[name] = (prior, trainer)
+    return out
+
+
+@pytest.fixture(scope="module")
+def metrics(trained, embeddings):
+    table = prior_metrics([prior for prior, _ in trained.values()], embeddings)
+    print(table)
+    return table
+
+
+# ---------------------------------------------------------------- presets
+
+def test_prior_presets_train_on_the_adapters_embedding_pairs():
+    """Same data, caption seed and CLIP as the image-conditioned SD1.5: one embedding cache, one held-out split."""
+    for profile in ("t4", "tiny"):
+        adapter = get_preset("prior_sd15", profile)
+        for name in PRIORS:
+            p = get_preset(name, profile)
+            assert (p.data_source, p.data_ref, p.max_train_images, p.seed, p.clip_model) == (
+                adapter.data_source, adapter.data_ref, adapter.max_train_images, adapter.seed, adapter.clip_model)
+    d = get_preset("prior_diffusion_cifar10", "t4")
+    assert (d.prior_timesteps, d.prior_text_tokens, d.cond_drop_prob) == (1000, 77, 0.1) and d.ema_decay > 0
+    assert get_preset("prior_mlp_cifar10", "t4").ema_decay == 0  # the reference MLP: plain weights
+    with pytest.raises(ValueError, match="prior_heads"):
+        get_preset("prior_diffusion_cifar10", "tiny", prior_heads=3)
+    with pytest.raises(ValueError, match="prior_sample_steps"):
+        get_preset("prior_diffusion_cifar10", "tiny", prior_sample_steps=2000)
+    assert set(PRIORS) <= set(PRESETS)
+
+
+# ---------------------------------------------------------------- learning and the DALLE2-pytorch metrics
+
+def test_both_priors_learn_and_predict_the_image_better_than_the_text_does(trained, metrics):
+    for name, (prior, trainer) in trained.items():
+        losses = trainer.state.losses
+        first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
+        print(f"{name}: loss {first:.3f} → {last:.3f}")
+        assert last < 0.2 * first, name
+        # the prediction is closer to the caption's true image than the caption's own text embedding is
+        assert metrics.mean(name, "cos(pred, image)") > metrics.mean(name, "cos(text, image)") + 0.03, name
+
+
+def test_shuffled_caption_cosine_stays_well_below_the_matched_one(metrics):
+    for name in PRIORS:
+        matched, shuffled = metrics.values[name]["cos(pred, text)"], metrics.values[name]["cos(text, shuffled)"]
+        print(f"{name}: matched {matched.mean():.3f}, shuffled {shuffled.mean():.3f}")
+        assert shuffled.mean() < 0.5 * matched.mean(), name
+        assert paired_difference(matched.numpy(), shuffled.numpy())["low"] > 0.3, name
+
+
+def test_diffusion_predictions_differ_across_seeds_while_the_mlps_do_not(metrics):
+    mlp = metrics.values["prior_mlp_cifar10"]["seed spread"]
+    diffusion = metrics.values["prior_diffusion_cifar10"]["seed spread"]
+    true = metrics.values["true images"]["seed spread"]
+    print(f"seed spread: MLP {mlp.max():.2e} (max), diffusion {diffusion.mean():.4f} (min {diffusion.min():.4f}), "
+          f"true images {true.mean():.4f}")
+    assert mlp.abs().max() < 1e-6  # one answer per caption
+    assert diffusion.min() > 1e-4  # every held-out caption gets different embeddings from different seeds
+    assert diffusion.mean() > 0.1 * true.mean()  # a visible share of the spread real images of a caption have
+
+
+def test_prediction_scale_matches_the_clip_image_embeddings(trained, embeddings):
+    """The adapter was trained on raw CLIP image embeddings: predictions come at their typical norm."""
+    rows = embeddings.held_out_indices[:8]
+    typical = embeddings.image_embeds[embeddings.train_indices].norm(dim=-1).mean()
+    for prior, _ in trained.values():
+        states, masks = embeddings.states_of(rows)
+        norms = prior.predict(embeddings.text_embeds[rows], states, masks).norm(dim=-1)
+        assert torch.allclose(norms, typical.expand_as(norms), rtol=1e-4)
+
+
+# ---------------------------------------------------------------- exports, EMA, resume
+
+def test_export_loads_in_stock_diffusers_with_the_ema_weights_and_clip_stats(trained, embeddings):
+    from diffusers import DDPMScheduler, PriorTransformer
+    prior, trainer = trained["prior_diffusion_cifar10"]
+    final = trainer.run_dir / "final"
+    stock = PriorTransformer.from_pretrained(final / "prior")
+    scheduler = DDPMScheduler.from_pretrained(final / "scheduler")
+    assert scheduler.config.beta_schedule == "squaredcos_cap_v2" and scheduler.config.prediction_type == "sample"
+    typical = embeddings.image_embeds[embeddings.train_indices].norm(dim=-1).mean()
+    dim = embeddings.dim
+    assert torch.allclose(stock.clip_std, torch.full((1, dim), float(typical) / dim**0.5))  # set, not diffusers' 0
+    assert torch.equal(stock.clip_mean, torch.zeros(1, dim))
+    # the exported weights are the EMA, not the last step's weights
+    ema = trainer.method.extra_state(trainer.c)
+    for name, p in stock.named_parameters():
+        if name.startswith("clip_"):
+            continue
+        assert torch.equal(p, ema[f"ema.prior.{name}"].cpu()), name
+    live = dict(trainer.c.network.named_parameters())
+    assert any(not torch.equal(live[n], p) for n, p in stock.named_parameters() if not n.startswith("clip_"))
+    # ... and the stock model gives the loaded prior's output
+    rows = embeddings.held_out_indices[:4]
+    x = torch.randn(4, dim, generator=torch.Generator().manual_seed(0))
+    states, masks = embeddings.states_of(rows)
+    tokens = prior.text_tokens
+    kwargs = dict(proj_embedding=to_prior_space(embeddings.text_embeds[rows]),
+                  encoder_hidden_states=states[:, :tokens], attention_mask=masks[:, :tokens])
+    with torch.no_grad():
+        a = stock(x, 500, **kwargs).predicted_image_embedding
+        b = prior.network(x, 500, **kwargs).predicted_image_embedding
+    assert torch.equal(a, b)
+
+
+def test_ema_follows_diffusers_emamodel():
+    from diffusers.training_utils import EMAModel
+    torch.manual_seed(0)
+    net = torch.nn.Linear(4, 3)
+    ours, theirs = Ema(dict(net.named_parameters()), 0.95), EMAModel(net.parameters(), decay=0.95)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    for _ in range(30):
+        net(torch.randn(5, 4)).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+        ours.step()
+        theirs.step(net.parameters())
+    for (name, shadow), reference in zip(ours.shadow.items(), theirs.shadow_params):
+        assert torch.allclose(shadow, reference, atol=1e-6), name
+    assert int(ours.updates) == theirs.optimization_step == 30
+
+
+def run_driver(run_dir, storage, *flags):
+    proc = subprocess.run([sys.executable, str(DRIVER), str(run_dir), str(storage), *flags],
+                          capture_output=True, text=True, timeout=600)
+    if proc.returncode not in (0, -9):
+        print(proc.stdout[-2000:], proc.stderr[-4000:])
+    return proc.returncode
+
+
+def newest(run_dir):
+    last = checkpoint.checkpoint_dirs(run_dir)[-1]
+    return last.name, load_file(str(last / "trainable.safetensors")), torch.load(last / "optimizer.pt",
+                                                                                  weights_only=False)
+
+
+def test_killed_prior_run_resumes_to_the_uninterrupted_one(tmp_path, monkeypatch):
+    sys.path.insert(0, str(DRIVER.parent))
+    from prior_driver import OVERRIDES
+    storage = tmp_path / "storage"
+    monkeypatch.setenv("LAB_STORAGE", str(storage))
+    preset = get_preset("prior_diffusion_cifar10", "tiny", **OVERRIDES)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the driver's kernels, so the runs are bitwise comparable
+    try:
+        es = embedding_set(preset, device="cpu")
+        reference, resumed = tmp_path / "uninterrupted", tmp_path / "killed"
+        hooks = lambda: [LogHook(), CheckpointHook(), ExportHook()]  # noqa: E731
+        train_prior(preset, es, reference, hooks=hooks(), device="cpu")
+        assert run_driver(resumed, storage, "--kill-after-step", "6") == -9  # last checkpoint: step 4
+        assert [p.name for p in checkpoint.checkpoint_dirs(resumed)] == ["step-000004"]
+        train_prior(preset, es, resumed, hooks=hooks(), device="cpu")
+    finally:
+        torch.set_num_threads(threads)
+    (name_a, weights_a, opt_a), (name_b, weights_b, opt_b) = newest(reference), newest(resumed)
+    assert name_a == name_b == "step-000012"
+    assert weights_a.keys() == weights_b.keys() and "ema.updates" in weights_a
+    assert int(weights_a["ema.updates"]) == 12
+    for k in weights_a:
+        assert torch.equal(weights_a[k], weights_b[k]), k
+    assert opt_a["param_groups"] == opt_b["param_groups"]
+    for k, state in opt_a["state"].items():
+        for field, value in state.items():
+            assert torch.equal(value, opt_b["state"][k][field]), (k, field)
+    losses = [[r["loss"] for r in read_log(run) if "loss" in r] for run in (reference, resumed)]
+    assert losses[0] == losses[1] and len(losses[0]) == 12
+    a, b = (load_file(str(run / "final" / "prior" / "diffusion_pytorch_model.safetensors"))
+            for run in (reference, resumed))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---------------------------------------------------------------- bad input, refused up front
+
+def test_bad_input_is_refused_with_a_clear_message(trained, embeddings, tmp_path):
+    prior = trained["prior_diffusion_cifar10"][0]
+    rows = embeddings.held_out_indices[:2]
+    with pytest.raises(ValueError, match="token states"):
+        prior.predict(embeddings.text_embeds[rows])
+    with pytest.raises(ValueError, match="one seed per text"):
+        prior.predict(embeddings.text_embeds[rows], *embeddings.states_of(rows), seeds=[0, 1, 2])
+    with pytest.raises(ValueError, match="token states"):
+        PriorPairs(embeddings, rows, tokens=78)
+    with pytest.raises(ValueError, match="no embedding pairs"):
+        PriorPairs(embeddings, [], tokens=0)
+    with pytest.raises(ValueError, match="not a prior"):
+        train_prior(get_preset("prior_sd15", "tiny"), embeddings, tmp_path / "x", device="cpu")
+    with pytest.raises(ValueError, match="at least two different captions"):
+        shuffled_order(["a cat", "a cat"])
+    (tmp_path / "lora" / "final").mkdir(parents=True)
+    from helpers.runs import write_run_info
+    write_run_info(tmp_path / "lora" / "final", get_preset("sd15_xattn_cifar10", "tiny"))
+    with pytest.raises(ValueError, match="not a prior"):
+        load_prior(tmp_path / "lora")
+
+
+def test_networks_have_the_preset_shapes():
+    mlp = make_network(get_preset("prior_mlp_cifar10", "t4"), 768)
+    assert [m.out_features for m in mlp.net if isinstance(m, torch.nn.Linear)] == [1024, 1024, 768]
+    d = make_network(get_preset("prior_diffusion_cifar10", "t4"), 768)
+    assert (len(d.transformer_blocks), d.config.num_attention_heads * d.config.attention_head_dim) == (6, 512)
+    assert d.positional_embedding.shape[1] == 77 + 4
+    assert set(COLUMNS) >= {"cos(text, image)", "cos(pred, image)", "cos(pred, text)", "cos(text, shuffled)"}
