@@ -14,11 +14,15 @@ runs on a T4 (GiB = 2**30 bytes; the peak is the largest phase):
   sampling  grads freed, cache emptied, text encoders + VAE back on the GPU; CFG UNet batch = 2 × images per call
             (1 from 768 px up, else up to 4), VAE slicing + tiling: INFERENCE_SLACK × the larger of the UNet pass
             and one image's decode (measured live tensors under no_grad), on top of the training state.
+A prior preset (notebook 04, helpers.prior) trains on cached CLIP embeddings while notebook 04's image-conditioned
+SD1.5 (the adapter preset, planned as above) may still be loaded: its phases are that plan's (`prior_plan`) plus the
+prior's fp32 weights, grads, Adam moments, EMA and measured activations.
 The plan's error band is the worst relative error of this model on published peak-memory reports
 (`calibration_table`); a preset fits when peak + band + 1 GiB ≤ T4_USABLE_GIB.
 """
 from __future__ import annotations
 
+from functools import lru_cache
 from math import ceil
 
 from .memory_live import (clip_image_encode_bytes, text_encode_bytes, unet_inference_bytes, vae_decode_bytes,
@@ -124,6 +128,8 @@ def estimate_vram(preset: Preset, encode_pixels: int = CACHE_ENCODE_PIXELS) -> d
                          f"(get_preset({preset.name!r}, 't4')), not its {preset.profile!r} form")
     if preset.optimizer not in ("adamw", "adamw8bit"):
         raise ValueError(f"unknown optimizer {preset.optimizer!r}; known: ['adamw', 'adamw8bit']")
+    if preset.method in PRIOR_METHODS:
+        return prior_plan(preset, encode_pixels)
     fp16 = preset.mixed_precision == "fp16"
     frozen_bytes = 2 if fp16 else 4
     counts = parameter_counts(preset.family)
@@ -188,6 +194,77 @@ def estimate_vram(preset: Preset, encode_pixels: int = CACHE_ENCODE_PIXELS) -> d
 
 def parameter_counts_clip() -> int:
     return sum(p.numel() for p in full_size_clip().parameters())
+
+
+# ---------------------------------------------------------------- a prior on top of the adapter's plan
+
+PRIOR_METHODS = ("mlp_prior", "diffusion_prior")
+
+
+@lru_cache(maxsize=None)
+def _prior_measure(preset: Preset) -> tuple[tuple[int, ...], int]:
+    """(trainable tensor sizes, saved activation bytes of one fp16 training forward) of the prior of `preset`, built
+    by helpers.prior itself on the meta device for the CLIP's embedding width."""
+    import torch
+    from .memory_meta import _efficient_attention, _storages
+    from .prior import condition, make_network
+    dim = full_size_clip().config.projection_dim
+    with torch.device("meta"):
+        net = make_network(preset, dim).half().train()
+    sizes = tuple(p.numel() for n, p in net.named_parameters() if not n.startswith("clip_"))
+    weights, saved = _storages(net), {}
+
+    def pack(tensor):
+        if tensor.untyped_storage()._cdata not in weights:
+            saved[tensor.untyped_storage()._cdata] = tensor.untyped_storage()
+        return tensor
+
+    b, tokens, half = preset.batch_size, preset.prior_text_tokens, torch.float16
+    with torch.device("meta"):
+        x, text = torch.randn(b, dim, dtype=half), torch.randn(b, dim, dtype=half)
+        states, masks = torch.randn(b, tokens, dim, dtype=half), torch.ones(b, tokens, dtype=torch.bool)
+        with _efficient_attention(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            if preset.method == "mlp_prior":
+                net(text)
+            else:
+                net(x, torch.full((b,), 500), **condition(text, states if tokens else None, masks))
+    return sizes, sum(s.nbytes() for s in saved.values())
+
+
+def prior_plan(preset: Preset, encode_pixels: int = CACHE_ENCODE_PIXELS) -> dict:
+    """The T4 plan of a prior preset, in `estimate_vram`'s terms: the embedding cache is the adapter's caching phase;
+    training and generation keep the adapter plan's loaded state (SD1.5 + adapter run + CLIP; its sampling phase
+    without the sampling activations) and add the prior's weights, optimizer state and EMA (fp32), plus its grads
+    and ACTIVATION_SLACK × measured activations while training, or the adapter's sampling activations while
+    generating (the prior's own inference tensors are a few MB)."""
+    from .prior import ADAPTER_PRESET
+    adapter = estimate_vram(get_preset(ADAPTER_PRESET, "t4"), encode_pixels)
+    sizes, saved = _prior_measure(preset)
+    trainable = sum(sizes)
+    weights_gib = grads_gib = ema_gib = _gib(4 * trainable)
+    ema_gib *= preset.ema_decay > 0
+    optimizer_gib = _gib(optimizer_state_bytes(sizes, preset.optimizer))
+    activations = ACTIVATION_SLACK * _gib(saved)
+    loaded = adapter["phases_gib"]["sampling"] - adapter["sampling_activation_gib"]
+    prior_state = weights_gib + optimizer_gib + ema_gib
+    phases = {"caching": adapter["phases_gib"]["caching"],
+              "training": loaded + prior_state + grads_gib + activations,
+              "sampling": loaded + prior_state + adapter["sampling_activation_gib"]}
+    peak_phase = max(phases, key=phases.get)
+    total = phases[peak_phase]
+    band = error_band() * total
+    spare = T4_USABLE_GIB - total - band
+    ckpt = checkpoint_mb(sizes, preset.optimizer) + (4 * trainable + SAFETENSORS_TENSOR_BYTES * len(sizes)) / 1e6 * (
+        preset.ema_decay > 0)
+    writes = ceil(preset.max_steps / preset.checkpoint_every)
+    return {**{k: adapter[k] for k in ("parts_gib", "images_per_call", "sampling_activation_gib", "host_ram_gib",
+                                       "host_ram_no_variant_gib", "encode_batch")},
+            "preset": preset.name, "trainable_params": trainable, "trainable_gib": weights_gib,
+            "grads_gib": grads_gib, "optimizer_gib": optimizer_gib, "ema_gib": ema_gib, "autocast_copy_gib": 0.0,
+            "activation_gib": activations, "adapter_loaded_gib": loaded, "overhead_gib": CUDA_OVERHEAD_GIB,
+            "phases_gib": phases, "peak_phase": peak_phase, "total_gib": total, "band_gib": band, "spare_gib": spare,
+            "usable_gib": T4_USABLE_GIB, "verdict": "fits" if spare >= MARGIN_GIB else "does not fit",
+            "checkpoint_mb": ckpt, "checkpoints_written": writes, "drive_mb": ckpt * min(writes, preset.keep_checkpoints)}
 
 
 # ---------------------------------------------------------------- calibration against published peaks

@@ -39,6 +39,7 @@ from .diffusion import SampleDraws
 from .presets import Preset
 
 PRIOR_DIR, SCHEDULER_DIR = "prior", "scheduler"  # final/ subfolders: the network (save_pretrained), its schedule
+ADAPTER_PRESET = "prior_sd15"  # the image-conditioned SD1.5 (helpers.ip_adapter) whose embedding space priors fill
 
 
 # ---------------------------------------------------------------- the embedding space

@@ -247,3 +247,29 @@ def test_networks_have_the_preset_shapes():
     assert (len(d.transformer_blocks), d.config.num_attention_heads * d.config.attention_head_dim) == (6, 512)
     assert d.positional_embedding.shape[1] == 77 + 4
     assert set(COLUMNS) >= {"cos(text, image)", "cos(pred, image)", "cos(pred, text)", "cos(text, shuffled)"}
+
+
+# ---------------------------------------------------------------- the T4 plan
+
+def test_t4_plan_of_both_priors_fits_with_a_gib_to_spare():
+    from helpers import memory
+    adapter = memory.estimate_vram(get_preset("prior_sd15", "t4"))
+    band = memory.error_band()
+    for name in PRIORS:
+        preset = get_preset(name, "t4")
+        e = memory.estimate_vram(preset)
+        print(name, {k: round(v, 2) for k, v in e["phases_gib"].items()}, f"band {e['band_gib']:.2f}",
+              f"spare {e['spare_gib']:.2f}", f"params {e['trainable_params']:,}", f"ckpt {e['checkpoint_mb']:.0f} MB")
+        for phase in ("training", "sampling"):  # training the prior; generating text → prior → SD1.5 + adapter
+            assert e["phases_gib"][phase] * (1 + band) + memory.MARGIN_GIB <= memory.T4_USABLE_GIB, (name, phase)
+        assert e["verdict"] == "fits"
+        # the plan counts the network helpers.prior builds, on top of what the adapter keeps loaded
+        with torch.device("meta"):
+            net = make_network(preset, 768)
+        assert e["trainable_params"] == sum(p.numel() for n, p in net.named_parameters() if not n.startswith("clip_"))
+        assert e["phases_gib"]["sampling"] > adapter["phases_gib"]["sampling"] - adapter["sampling_activation_gib"]
+        assert e["phases_gib"]["caching"] == adapter["phases_gib"]["caching"]  # one embedding cache for both
+    small = memory.estimate_vram(get_preset("prior_diffusion_cifar10", "t4"))
+    double = memory.estimate_vram(get_preset("prior_diffusion_cifar10", "t4", batch_size=256))
+    assert double["activation_gib"] == pytest.approx(2 * small["activation_gib"], rel=0.05)
+    assert double["verdict"] == "does not fit"  # why the preset trains 128 pairs per step
