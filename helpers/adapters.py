@@ -315,7 +315,8 @@ class Lora(Method):
 
 METHODS: dict[str, type[Method]] = {"crossattn": CrossAttention, "lora": Lora}
 # Methods that live in their own module and register themselves when it is imported (on first use)
-METHOD_MODULES: dict[str, str] = {"ip_adapter": "helpers.ip_adapter"}
+METHOD_MODULES: dict[str, str] = {"ip_adapter": "helpers.ip_adapter", "mlp_prior": "helpers.prior",
+                                  "diffusion_prior": "helpers.prior"}
 
 
 def register_method(name: str, cls: type[Method]) -> None:

@@ -278,26 +278,41 @@ register_method(MlpPriorMethod.name, MlpPriorMethod)
 register_method(DiffusionPriorMethod.name, DiffusionPriorMethod)
 
 
+PRIORS_DIR = "priors"  # <storage>/priors/<run name>/: a prior draws no image, so its runs stay out of runs/ (where
+#                       helpers.runs and helpers.catalog list the runs a pipeline can load)
+
+
+def prior_folder(preset: Preset, root: str | Path | None = None) -> Path:
+    """`<storage>/priors/<run name>/` (helpers.runs' naming rule), created if needed."""
+    from .runs import run_name
+    from .runtime import storage_root
+    path = Path(root or storage_root()) / PRIORS_DIR / run_name(preset)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def train_prior(preset: Preset, embeddings, run_dir: str | Path | None = None, hooks: list | None = None,
                 device: torch.device | str | None = None):
     """Train `preset`'s prior on the training pairs of `embeddings` (an EmbeddingSet) through the Trainer, into
-    `run_dir` (default: the preset's run folder), resuming from its newest checkpoint. Returns (Prior, Trainer)."""
-    from .runs import run_folder
+    `run_dir` (default: `prior_folder(preset)`), resuming from its newest checkpoint. Returns (Prior, Trainer)."""
     from .runtime import device as default_device
     from .train import Trainer
     if preset.method not in ("mlp_prior", "diffusion_prior"):
         raise ValueError(f"preset {preset.name!r} trains {preset.method!r}, not a prior")
+    if preset.clip_model and getattr(embeddings, "clip_ref", preset.clip_model) != preset.clip_model:
+        raise ValueError(f"preset {preset.name!r} is for {preset.clip_model!r} embeddings, these come from "
+                         f"{embeddings.clip_ref!r}")
     device = torch.device(device or default_device())
     tokens = preset.prior_text_tokens if preset.method == "diffusion_prior" else 0
     train = embeddings.train_indices
     dataset = PriorPairs(embeddings, train, tokens)
     parts = PriorParts(embeddings.image_embeds[train], device)
-    run_dir = Path(run_dir) if run_dir is not None else run_folder(preset)
+    run_dir = Path(run_dir) if run_dir is not None else prior_folder(preset)
     trainer = Trainer(preset, parts, dataset, run_dir, hooks=hooks)
     trainer.run()
     from .prior_eval import load_prior
     return load_prior(run_dir, device), trainer
 
 
-__all__ = ["MlpPrior", "PriorPairs", "PriorParts", "Ema", "train_prior", "make_network", "noise_scheduler",
+__all__ = ["MlpPrior", "PriorPairs", "PriorParts", "Ema", "train_prior", "prior_folder", "PRIORS_DIR", "make_network", "noise_scheduler",
            "to_prior_space", "from_prior_space", "set_clip_stats", "condition", "PRIOR_DIR", "SCHEDULER_DIR"]

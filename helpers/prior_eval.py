@@ -110,6 +110,15 @@ class Prior:
         return x
 
 
+def finished_priors(root: str | Path | None = None) -> list[Path]:
+    """Finished prior runs under `<root>/priors` (default: the storage root), sorted by name."""
+    from .prior import PRIORS_DIR
+    from .runs import is_finished
+    from .runtime import storage_root
+    folder = Path(root or storage_root()) / PRIORS_DIR
+    return sorted(p for p in folder.iterdir() if is_finished(p)) if folder.is_dir() else []
+
+
 def load_prior(run_dir: str | Path, device: torch.device | str = "cpu") -> Prior:
     """A finished prior run (its final/ folder: the exported, EMA-averaged network) ready to predict."""
     from .runs import run_preset
@@ -294,5 +303,18 @@ def prior_image_embeds(prior: Prior, embeddings, guidance: float = 1.0) -> Calla
     return embeds
 
 
-__all__ = ["Prior", "load_prior", "CANDIDATES", "prior_metrics", "MetricsTable", "seed_spread", "true_spread",
+def comparison_variants(board, run: str, embeddings, priors: Sequence[Prior]) -> list:
+    """The variants of notebook 04's comparison, on the ONE pipeline of `board` (helpers.runs.RunSet) with the
+    image-conditioned run `run` loaded: base SD1.5; the run with the caption only (a zero image embedding, what
+    the adapter learned for "no image"); with each held-out caption's TRUE image embedding (the upper bound a prior
+    could reach); with each prior's prediction from the caption."""
+    from .ip_adapter import caption_only
+    return [board.variant(None, label="base SD1.5"),
+            board.variant(run, label="caption only", image_embeds=caption_only(embeddings.dim)),
+            board.variant(run, label="true image embedding", image_embeds=true_image_embeds(embeddings)),
+            *[board.variant(run, label=p.name or p.kind, image_embeds=prior_image_embeds(p, embeddings))
+              for p in priors]]
+
+
+__all__ = ["Prior", "load_prior", "finished_priors", "CANDIDATES", "prior_metrics", "MetricsTable", "seed_spread", "true_spread",
            "shuffled_order", "held_out_prompts", "true_image_embeds", "prior_image_embeds", "SPREAD_SEEDS", "COLUMNS"]
