@@ -330,12 +330,12 @@ def test_prior_driven_images_score_like_the_true_embeddings(compared):
 
 
 TINY_ADAPTER_CANNOT_DRAW = pytest.mark.xfail(strict=False, reason=(
-    "the committed tiny SD1.5-like base + 150-step adapter do not draw the CIFAR-like classes (see "
-    "tests/test_ip_adapter.py): on 25 held-out captions × 2 seeds at 10 steps, tiny-CLIP score base 32.1 "
-    "[21.5, 42.7], true image embedding 16.7 [4.9, 29.2], MLP prior 16.0 [3.6, 28.2], diffusion prior 17.3 [5.1, "
-    "29.6]; prior − base −16.1 [−24.7, −8.1] (MLP) and −14.8 [−23.9, −6.3] (diffusion), while prior − true is "
-    "−0.8 [−3.5, +2.2] and +0.5 [−1.9, +2.9]: the adapter, not the prior, is what loses. Re-measure on the "
-    "rebuilt tiny world (issue 11)"))
+    "the committed tiny SD1.5-like base + the 150-step tiny adapter do not draw the CIFAR-like classes (see "
+    "tests/test_ip_adapter.py): on one held-out caption per class × 2 seeds at 10 steps the tiny-CLIP score is "
+    "base 29.4 [11.0, 47.4], true image embedding 16.7 [−3.3, 36.0], MLP prior 14.4 [−6.1, 34.3], diffusion "
+    "prior 17.6 [−2.2, 36.4]; prior − base −15.0 [−28.5, −1.3] (MLP), −11.8 [−25.7, +1.9] (diffusion), while "
+    "prior − true is −2.3 [−7.0, +2.0] and +0.9 [−2.4, +4.4]: the adapter, not the prior, loses against the base. "
+    "Re-measure on the rebuilt tiny world (issue 11)"))
 
 
 @TINY_ADAPTER_CANNOT_DRAW
