@@ -266,9 +266,19 @@ def prior_metrics(priors: Sequence[Prior], embeddings, seed: int = 0, spread_see
 
 # ---------------------------------------------------------------- what the prior feeds SD1.5
 
-def held_out_prompts(embeddings, limit: int | None = None, name: str = "held-out captions") -> PromptSet:
-    """The distinct captions of the held-out pairs (first `limit`), as a prompt set for the image comparison."""
-    captions = list(dict.fromkeys(embeddings.captions[i] for i in embeddings.held_out_indices.tolist()))
+def held_out_prompts(embeddings, limit: int | None = None, per_class: bool = False,
+                     name: str = "held-out captions") -> PromptSet:
+    """The distinct captions of the held-out pairs (the first `limit`), as a prompt set for the image comparison;
+    `per_class`: only the first caption of each class (sources with labels)."""
+    rows = embeddings.held_out_indices.tolist()
+    if per_class:
+        if not bool((embeddings.labels[rows] >= 0).all()):
+            raise ValueError("per_class needs labels: this source has none")
+        firsts = {}
+        for i in rows:
+            firsts.setdefault(int(embeddings.labels[i]), i)
+        rows = [firsts[k] for k in sorted(firsts)]
+    captions = list(dict.fromkeys(embeddings.captions[i] for i in rows))
     return PromptSet(name, tuple(captions[:limit]), "held-out")
 
 
