@@ -37,7 +37,10 @@ class Method:
     """Base: the denoising loss with text conditioning, shared by SD1.5 and SDXL. Subclasses choose what trains."""
     name = "base"
     uses_lora = False  # its runs load as peft LoRA adapters (RunSet switches them off for other variants)
-    needs_image_embeds = False  # its runs generate from one CLIP image embedding per image (helpers.sampling)
+    needs_image_embeds = False  # its runs draw from one CLIP image embedding per image beside the prompt
+    #                             (notebook 04's IP-Adapter; helpers.sampling says how that input travels)
+    makes_image_embeds = False  # its runs draw nothing themselves but turn prompts into CLIP image embeddings (a
+    #                             prior, notebook 04 part 2): `image_embeds_source`
 
     def __init__(self, preset: Preset):
         self.preset = preset
@@ -118,11 +121,13 @@ class Method:
         """Switch the pipeline to this run at `scale` (0 = the base model, 1 = as trained)."""
         raise NotImplementedError
 
-    def call_arguments(self, pipe, loaded, prompts: list[str], scale: float) -> dict:
-        """Extra pipeline arguments for one call drawing `prompts` with this run switched on, e.g. an IP-Adapter's
-        `ip_adapter_image_embeds` made by a prior from the prompts (one row per prompt; sampling draws one image
-        per call for such runs). Methods that only change weights leave this alone (no extra arguments)."""
-        return {}
+    def image_embeds_source(self, final_dir: Path, device: torch.device | str):
+        """For a method that `makes_image_embeds`: its finished run (`final_dir`) as a
+        `helpers.sampling.ImageEmbeds`, (prompts, seeds) → one CLIP image embedding per image (N, D) in the space
+        of `preset.clip_model`, at the scale of the raw embeddings an image-conditioned run trained on. The seed
+        lets a sampling prior give each image its own embedding. This is how the catalog draws an
+        image-conditioned run of the same CLIP from a typed prompt (helpers.catalog)."""
+        raise NotImplementedError(f"the {self.name!r} method makes no image embeddings")
 
     def switch_off(self, pipe, loaded) -> None:
         """Undo what `apply` added to the pipeline beyond weights RunSet resets itself (LoRA, attn2): called for
@@ -324,10 +329,16 @@ def register_method(name: str, cls: type[Method]) -> None:
     METHODS[name] = cls
 
 
-def make_method(preset: Preset) -> Method:
-    if preset.method not in METHODS and preset.method in METHOD_MODULES:
+def method_class(name: str) -> type[Method] | None:
+    """The class of method `name` (importing the module that registers it on first use), None if unknown."""
+    if name not in METHODS and name in METHOD_MODULES:
         import importlib
-        importlib.import_module(METHOD_MODULES[preset.method])
-    if preset.method not in METHODS:
+        importlib.import_module(METHOD_MODULES[name])
+    return METHODS.get(name)
+
+
+def make_method(preset: Preset) -> Method:
+    cls = method_class(preset.method)
+    if cls is None:
         raise ValueError(f"unknown method {preset.method!r}; known: {sorted(METHODS)}")
-    return METHODS[preset.method](preset)
+    return cls(preset)

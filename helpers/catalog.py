@@ -29,9 +29,15 @@ Rules this module owns:
   runs past its `time_limit` (seconds from the call), raising `TimeLimit` (the app's per-request limit).
 - A request draws `count` images per model with seeds seed, seed+1, …: every model starts from the same noise per
   seed (one CPU generator per image, helpers.sampling), so the images differ only by the weights.
-- All drawing goes through helpers.sampling.generate. A run whose method supplies extra pipeline arguments
-  (adapters.Method.call_arguments, e.g. IP-Adapter image embeddings) gets them through the Variant; with an
-  init image the same call runs the family's img2img pipeline built from the loaded components (no weight copy).
+- All drawing goes through helpers.sampling.generate; with an init image the same call runs the family's img2img
+  pipeline built from the loaded components (no weight copy).
+- An image-conditioned run (notebook 04: `Method.needs_image_embeds`) draws from one CLIP image embedding per
+  image, which a typed prompt does not give. It is drawable once a finished run of a method that
+  `makes_image_embeds` (a prior, notebook 04 part 2) with the same CLIP and profile exists under `runs/` or
+  `priors/`: then it is listed once per such source, named "<run> + <source>", and the source's
+  `image_embeds_source` turns each (prompt, seed) into the embedding (helpers.sampling's one per-image input).
+  Without a source it is in `missing` as "not drawable from a prompt"; a source alone draws nothing and is listed
+  nowhere.
 """
 from __future__ import annotations
 
@@ -47,7 +53,7 @@ from PIL import Image
 
 from . import runs as runs_
 from . import ip_adapter  # noqa: F401  (registers notebook 04's "ip_adapter" method)
-from .adapters import METHODS, Method
+from .adapters import METHODS, make_method, method_class
 from .checkpoint import checkpoint_dirs
 from .configs import check_image_size
 from .presets import Preset, get_preset
@@ -66,6 +72,8 @@ SERIES_RUNS = (
 LIMITS = dict(steps=(1, 150), guidance=(0.0, 30.0), seed=(0, 2**32 - 1), scale=(0.0, 2.0), count=(1, 4),
               strength=(0.05, 1.0))
 MAX_SIZE = 2048  # px a side; the size rule has no upper end, a T4 has (SDXL at 1024 is its native size)
+RUN_FOLDERS = ("runs", "priors")  # where finished runs live under the storage root: runs/ for what a pipeline
+#                                   loads, priors/ for runs that only make image embeddings (notebook 04 part 2)
 
 
 class RequestError(ValueError):
@@ -87,6 +95,8 @@ class Entry:
     kind: str  # "base" or the run's method ("crossattn", "lora", …)
     preset: Preset  # base: the preset that loads its pipeline; run: the preset it was trained with
     folder: Path | None = None  # the run folder (None for a base model)
+    source: Path | None = None  # image-conditioned run: the finished run (a prior) whose `image_embeds_source`
+    #                             turns each prompt into the image embedding it draws from (None: text only)
 
     @property
     def is_run(self) -> bool:
@@ -105,7 +115,7 @@ class Entry:
     @property
     def label(self) -> str:
         """A short name that wraps on a sheet: the run folder's name without its profile, in words."""
-        name = self.name.replace(f"-{self.preset.profile}", "", 1) if self.is_run else self.name
+        name = self.name.replace(f"-{self.preset.profile}", "") if self.is_run else self.name
         return name.replace("_", " ").replace("-", " ")
 
 
@@ -130,28 +140,38 @@ class Catalog:
     @classmethod
     def scan(cls, profile: str, root: Path | None = None) -> "Catalog":
         """The base models of `profile` and every finished run under `root/runs` (default: storage_root()) that
-        this profile can load; the series' runs that are not there (or not loadable) go to `missing`."""
+        this profile can load, an image-conditioned one once per prompt → embedding source (a prior under
+        `root/runs` or `root/priors` with the same CLIP); the series' runs that are not there (or not loadable or
+        drawable) go to `missing`."""
         root = Path(root) if root is not None else storage_root()
         entries = [Entry(label, family, "base", get_preset(preset, profile)) for family, (label, preset)
                    in BASES.items()]
-        missing = []
-        for folder in runs_.finished_runs(root):
+        missing, sources, conditioned = [], [], []
+        for folder in [f for under in RUN_FOLDERS for f in runs_.finished_runs(root, under)]:
             preset = runs_.run_preset(folder)
             notebook = next((nb for nb, p, m, _ in SERIES_RUNS if (p, m) == (preset.name, preset.method)), "")
             if preset.profile != profile:
                 continue  # another profile's run (tiny models next to real ones): not this catalog's
-            if preset.method not in METHODS:
+            method = method_class(preset.method)
+            if method is None:
                 missing.append(MissingRun(folder.name, notebook, f"finished, but its method {preset.method!r} "
                                           f"cannot be loaded here yet (known: {sorted(METHODS)})"))
-                continue
-            method = METHODS[preset.method]
-            if method.needs_image_embeds and method.call_arguments is Method.call_arguments:
+            elif method.makes_image_embeds:
+                sources.append((folder, preset))
+            elif method.needs_image_embeds:
+                conditioned.append((folder, preset, notebook))
+            else:
+                entries.append(Entry(folder.name, preset.family, preset.method, preset, folder))
+        for folder, preset, notebook in conditioned:
+            usable = [f for f, p in sources if p.clip_model == preset.clip_model]
+            if not usable:
                 missing.append(MissingRun(folder.name, notebook, "finished, but it draws from a CLIP image embedding "
-                                          "per image and nothing turns a prompt into one yet (the prior of "
-                                          "notebook 04, part 2)"))
-                continue
-            entries.append(Entry(folder.name, preset.family, preset.method, preset, folder))
-        found = {e.name for e in entries} | {m.name for m in missing}
+                                          "per image and nothing turns a prompt into one yet: not drawable from a "
+                                          f"prompt until a prior on {preset.clip_model} embeddings is trained "
+                                          "(notebook 04, part 2)"))
+            entries += [Entry(f"{folder.name} + {source.name}", preset.family, preset.method, preset, folder, source)
+                        for source in usable]
+        found = {e.folder.name for e in entries if e.is_run} | {m.name for m in missing}
         for notebook, preset, method, how in SERIES_RUNS:
             name = _series_name(preset, method, profile)
             if name in found:
@@ -322,6 +342,7 @@ class Engine:
         self._scorer = scorer  # "auto" = the profile's ClipScorer on first use; None = no scores
         self._pipes: dict[tuple, tuple] = {}  # base key → (pipe, RunSet), most recently used last
         self._img2img: dict[tuple, object] = {}
+        self._sources: dict[Path, object] = {}  # source run folder → its ImageEmbeds (a loaded prior)
 
     # ---- scorer
     @property
@@ -361,9 +382,9 @@ class Engine:
         pipe = load_pipeline(self._base_entry(entry).preset, self.device, progress=False)
         board = runs_.RunSet(pipe)
         with _quiet():  # diffusers/peft say a UNet-only LoRA has no text-encoder keys, once per run: expected
-            for run in self.catalog.runs():
-                if run.base_key == key:
-                    board.add(run.folder, run.name)
+            for run in self.catalog.runs():  # once per run folder, also when several sources draw it
+                if run.base_key == key and run.folder.name not in board.loaded:
+                    board.add(run.folder, run.folder.name)
         self._pipes[key] = (pipe, board)
         return self._pipes[key]
 
@@ -379,13 +400,22 @@ class Engine:
         entry = self.catalog.get(name)
         _, board = self._runset(entry)
         label = label or (name if scale == 1.0 or not entry.is_run else f"{name} ×{scale:g}")
-        return board.variant(name if entry.is_run else None, scale, label)
+        embeds = self._image_embeds(entry.source) if entry.source is not None else None
+        return board.variant(entry.folder.name if entry.is_run else None, scale, label, image_embeds=embeds)
+
+    def _image_embeds(self, source: Path):
+        """The ImageEmbeds of a source run (a prior), loaded on first use and kept."""
+        if source not in self._sources:
+            method = make_method(runs_.run_preset(source))
+            self._sources[source] = method.image_embeds_source(source / "final", self.device)
+        return self._sources[source]
 
     def unload(self) -> None:
         """Free every pipeline (they load again on next use)."""
         from .models import release_cuda_cache
         self._pipes.clear()
         self._img2img.clear()
+        self._sources.clear()
         release_cuda_cache()
 
     def _img2img_pipe(self, entry: Entry, pipe):
@@ -443,7 +473,7 @@ class Engine:
         `progress(fraction, text)` after every denoising step; `should_stop()` is asked there too, and past
         `time_limit` seconds from this call (loading included) the drawing stops there with `TimeLimit`."""
         from .models import release_cuda_cache
-        from .sampling import generate, images_per_call
+        from .sampling import generate, images_per_call, pipeline_calls
         request = self.check(request)
         start, drawn = time.perf_counter(), []
         seeds = [request.seed + k for k in range(request.count)]
@@ -465,18 +495,19 @@ class Engine:
         try:
             variants = [self.variant(e.name, request.scale) for e in entries]
             sizes = [request.size or e.default_size for e in entries]
-            calls = [request.count if v.call_args else -(-request.count // images_per_call(s, s))
-                     for v, s in zip(variants, sizes)]
+            prompts = [request.prompt] * request.count
+            embeds = [v.image_embeds(prompts, seeds) if v.image_embeds is not None else None for v in variants]
+            calls = [len(pipeline_calls(request.count, images_per_call(s, s), e)) for s, e in zip(sizes, embeds)]
             state["total"] = max(1, sum(n * self._steps_per_call(e, request) for n, e in zip(calls, entries)))
-            for entry, variant, size in zip(entries, variants, sizes):
+            for entry, variant, size, image_embeds in zip(entries, variants, sizes, embeds):
                 pipe, _ = self._runset(entry)
                 variant.apply(pipe)
                 if request.init_image is not None:
                     pipe = self._img2img_pipe(entry, pipe)
                 state["model"] = entry.name
-                images = generate(pipe, [request.prompt] * request.count, seeds, request.steps, request.guidance,
-                                  size, size, negative_prompt=request.negative_prompt, call_args=variant.call_args,
-                                  step_callback=on_step, image=request.init_image, strength=request.strength)
+                images = generate(pipe, prompts, seeds, request.steps, request.guidance, size, size,
+                                  negative_prompt=request.negative_prompt, step_callback=on_step,
+                                  image=request.init_image, strength=request.strength, image_embeds=image_embeds)
                 if state["stopped"] == "time":
                     raise TimeLimit(f"This request took longer than the {time_limit:g} s limit and was stopped "
                                     f"while drawing with {entry.name} (after {state['done']} of {state['total']} "
@@ -507,5 +538,5 @@ class Engine:
         return (run.folder if run is not None else self.catalog.root) / "explorer"
 
 
-__all__ = ["BASES", "SERIES_RUNS", "LIMITS", "MAX_SIZE", "RequestError", "Interrupted", "TimeLimit", "Entry",
+__all__ = ["BASES", "SERIES_RUNS", "LIMITS", "MAX_SIZE", "RUN_FOLDERS", "RequestError", "Interrupted", "TimeLimit", "Entry",
            "MissingRun", "Catalog", "Request", "Drawn", "Result", "Engine", "advice_for"]

@@ -182,10 +182,7 @@ class IPAdapter(Lora):
         es = getattr(trainer.dataset, "embeddings", None)
         if es is None:
             return torch.zeros(len(prompts), self.embed_dim)
-        from .embeddings import cosine_matrix
-        pool = es.held_out_indices if len(es.held_out_indices) else torch.arange(len(es))
-        best = cosine_matrix(es.encode_text(list(prompts)), es.text_embeds[pool]).argmax(dim=1)
-        return es.image_embeds[pool[best]]
+        return nearest_true_embeds(es)(list(prompts), list(seeds))
 
     # ---- export and load back
     def export(self, components: Components, out_dir: Path) -> list[Path]:
@@ -265,6 +262,24 @@ def fixed_embeddings(embeds: torch.Tensor):
     return source
 
 
+def nearest_true_embeds(embeddings, pool=None):
+    """An `image_embeds` source that needs no prior: for each prompt, the TRUE image embedding of the pair in
+    `pool` (default: the held-out pairs, all pairs if none is held out) whose caption is closest to the prompt
+    (CLIP text cosine, ties to the first pair). A retrieval stand-in, NOT text → image: every prompt gets one of
+    the pool's real images, whatever the seed."""
+    from .embeddings import cosine_matrix
+    if pool is None:
+        pool = embeddings.held_out_indices if len(embeddings.held_out_indices) else torch.arange(len(embeddings))
+    pool = torch.as_tensor(pool, dtype=torch.long)
+    if len(pool) == 0:
+        raise ValueError("no pairs to retrieve image embeddings from")
+
+    def source(prompts, seeds):
+        best = cosine_matrix(embeddings.encode_text(list(prompts)), embeddings.text_embeds[pool]).argmax(dim=1)
+        return embeddings.image_embeds[pool[best]].float()
+    return source
+
+
 __all__ = ["IPAdapter", "EmbeddedDataset", "fresh_ip_adapter", "install_ip_adapter", "remove_ip_adapter",
            "ip_adapter_state", "read_ip_adapter", "condition_drops", "caption_only", "fixed_embeddings",
-           "IP_ADAPTER_FILE", "NUM_TOKENS"]
+           "nearest_true_embeds", "IP_ADAPTER_FILE", "NUM_TOKENS"]

@@ -12,11 +12,11 @@ import json
 from dataclasses import asdict, fields
 from pathlib import Path
 
-from .adapters import Method, make_method, restore_base_attn2
+from .adapters import make_method, restore_base_attn2
 from .models import family_of
 from .presets import Preset
 from .runtime import run_dir
-from .sampling import Variant
+from .sampling import ImageEmbeds, Variant
 
 RUN_FILE = "run.json"  # in final/: the preset the run was trained with
 
@@ -71,9 +71,9 @@ def load_snippet(folder: Path) -> str:
     return lines
 
 
-def finished_runs(root: Path) -> list[Path]:
-    """Run folders under `root/runs` with a final/run.json, sorted by name."""
-    runs = Path(root) / "runs"
+def finished_runs(root: Path, under: str = "runs") -> list[Path]:
+    """Run folders under `root/<under>` (default `runs`) with a final/run.json, sorted by name."""
+    runs = Path(root) / under
     return sorted(p for p in runs.iterdir() if (p / "final" / RUN_FILE).is_file()) if runs.is_dir() else []
 
 
@@ -112,38 +112,26 @@ class RunSet:
         method, loaded = self.loaded[name]
         method.apply(self.pipe, loaded, scale)
 
-    def call_args(self, name: str | None, scale: float = 1.0):
-        """The extra pipeline arguments run `name` needs per call (its method's `call_arguments`, e.g. IP-Adapter
-        image embeddings), as a Variant's `call_args`; None for the base and for runs that only change weights."""
-        if name is None:
-            return None
-        method, loaded = self.loaded[name]
-        if type(method).call_arguments is Method.call_arguments:
-            return None
-        return lambda pipe, prompts: method.call_arguments(pipe, loaded, list(prompts), scale)
-
     def needs_image_embeds(self, name: str | None) -> bool:
-        """Whether run `name` generates from CLIP image embeddings (notebook 04's IP-Adapter runs)."""
+        """Whether run `name` draws from CLIP image embeddings (notebook 04's IP-Adapter runs)."""
         return name is not None and self.loaded[name][0].needs_image_embeds
 
     def variant(self, name: str | None, scale: float = 1.0, label: str | None = None,
-                image_embeds=None) -> Variant:
-        """A Variant for evaluation: `name` at `scale` (None = "base"), with the run's extra call arguments. A run
-        that `needs_image_embeds` takes `image_embeds`: (prompts, seeds) → one CLIP image embedding per image
-        (N, D), e.g. a prior's prediction from the prompt, true embeddings (helpers.ip_adapter.fixed_embeddings) or
-        zeros for the caption alone (helpers.ip_adapter.caption_only)."""
+                image_embeds: ImageEmbeds | None = None) -> Variant:
+        """A Variant for evaluation: `name` at `scale` (None = "base"). A run that `needs_image_embeds` takes
+        `image_embeds`, where each image's embedding comes from: (prompts, seeds) → (N, D) (helpers.sampling), e.g.
+        a prior (`Method.image_embeds_source`), true embeddings (helpers.ip_adapter.fixed_embeddings,
+        nearest_true_embeds) or zeros for the caption alone (helpers.ip_adapter.caption_only); any other run takes
+        none."""
         if name is not None and name not in self.loaded:
             raise KeyError(f"no run {name!r} loaded; loaded: {sorted(self.loaded)}")
         label = label or ("base" if name is None else name if scale == 1.0 else f"{name} ×{scale:g}")
-        call_args = self.call_args(name, scale)
-        if image_embeds is not None:
-            if not self.needs_image_embeds(name):
-                raise ValueError(f"{label!r} takes no image embeddings (only image-conditioned runs do)")
-            return Variant(label, lambda pipe: self.use(name, scale), None, image_embeds)
-        if self.needs_image_embeds(name) and call_args is None:
+        if image_embeds is not None and not self.needs_image_embeds(name):
+            raise ValueError(f"{label!r} takes no image embeddings (only image-conditioned runs do)")
+        if image_embeds is None and self.needs_image_embeds(name):
             raise ValueError(f"run {name!r} is conditioned on CLIP image embeddings: pass image_embeds=(prompts, "
                              "seeds) → (N, D), e.g. a prior's embeddings or helpers.ip_adapter.caption_only(dim)")
-        return Variant(label, lambda pipe: self.use(name, scale), call_args)
+        return Variant(label, lambda pipe: self.use(name, scale), image_embeds)
 
 
 __all__ = ["is_finished", "load_snippet", "run_name", "run_folder", "write_run_info", "run_preset", "finished_runs", "RunSet", "RUN_FILE"]

@@ -3,6 +3,16 @@
 Every image gets its own CPU `torch.Generator` seeded with its seed, so a (prompt, seed) pair gives the same
 starting noise on any device and in any batch: the baseline and the fine-tuned model are compared on exactly the
 same noise, which is what makes the paired tests in `helpers.evaluate` meaningful.
+
+Inputs beyond the prompt. A run kind that conditions on more than text gets it in ONE way: a tensor with one row
+per image, aligned with the (prompt, seed) pairs. Today that is the CLIP image embedding of an image-conditioned
+run (notebook 04's IP-Adapter): `generate(..., image_embeds=(N, D))`. A `Variant` carries where its rows come from,
+`image_embeds: (prompts, seeds) -> (N, D)` (an `ImageEmbeds`): fixed images' true embeddings, a slerp strip, zeros for
+the caption alone, or a prior that turns each prompt (and seed) into an embedding; so the same variant draws any
+prompt set, and `generate` checks the rows against the adapter the pipeline holds, puts the unconditional half of
+classifier-free guidance beside them, and never lets two embeddings share a pipeline call (diffusers would fold
+them into one image's tokens). Methods say which kind they are: `adapters.Method.needs_image_embeds` (its runs
+draw from an embedding) and `makes_image_embeds` (a prior: its runs turn prompts into one, `image_embeds_source`).
 """
 from __future__ import annotations
 
@@ -23,7 +33,8 @@ from .runtime import device as default_device
 from .tiny import resolve
 
 MANIFEST_FIELDS = ("file", "prompt", "seed")
-CallArgs = Callable[[object, list], dict]  # (pipe, the call's prompts) -> extra pipeline arguments for that call
+ImageEmbeds = Callable[[list[str], list[int]], torch.Tensor]  # (prompts, seeds) -> one CLIP image embedding per
+#                                                               image (N, D), for an image-conditioned run
 ONE_AT_A_TIME_PX = 768  # from this size up, one image per pipeline call: 4 × 1024² SDXL images in one fp16 call
 #                         peak ≈ 21.7 GB (≈ 15.4 GB with VAE slicing), more than a T4's 14.74 GiB
 MAX_IMAGES_PER_CALL = 4  # below it, up to 4 prompts per call (classifier-free guidance doubles the UNet batch)
@@ -101,9 +112,10 @@ def _check_image_embeds(pipe, image_embeds, n: int) -> torch.Tensor | None:
     return image_embeds
 
 
-def _calls(n: int, batch_size: int, image_embeds: torch.Tensor | None) -> list[list[int]]:
-    """Image indices of each pipeline call: runs of `batch_size`; with image embeddings, only images that share
-    one embedding go into a call (diffusers folds extra embedding rows into tokens and would mix them)."""
+def pipeline_calls(n: int, batch_size: int, image_embeds: torch.Tensor | None = None) -> list[list[int]]:
+    """Image indices of each pipeline call `generate` makes for `n` images: runs of `batch_size`; with image
+    embeddings, only images that share one embedding go into a call (diffusers folds extra embedding rows into
+    tokens and would mix them)."""
     if image_embeds is None:
         return [list(range(s, min(s + batch_size, n))) for s in range(0, n, batch_size)]
     groups: dict[bytes, list[int]] = {}
@@ -115,17 +127,14 @@ def _calls(n: int, batch_size: int, image_embeds: torch.Tensor | None) -> list[l
 def generate(pipe, prompts: list[str], seeds: list[int], steps: int, guidance: float = 7.5,
              height: int | None = None, width: int | None = None, out_dir: str | Path | None = None,
              prefix: str = "", batch_size: int = MAX_IMAGES_PER_CALL, negative_prompt: str | None = None,
-             call_args: CallArgs | None = None, step_callback: Callable | None = None,
-             image: Image.Image | None = None, strength: float = 0.8,
+             step_callback: Callable | None = None, image: Image.Image | None = None, strength: float = 0.8,
              image_embeds: torch.Tensor | None = None) -> list[Image.Image]:
     """One image per aligned (prompt, seed) pair. With `out_dir`, saves `{prefix}{i:03d}_seed{seed}.png` and
     `{prefix}manifest.csv` (file, prompt, seed) there.
 
     At most `images_per_call(height, width)` images per pipeline call, VAE slicing/tiling as `set_vae_memory`
     says, and fp16 autocast when the UNet holds fp16 weights (trained fp32 layers inside an fp16 UNet).
-    `negative_prompt`: one negative prompt for every image (None or "" = none). `call_args(pipe, prompts)`: extra
-    pipeline arguments for one call drawing these prompts (a Variant's, e.g. IP-Adapter image embeddings, one row
-    per prompt); with it, one image per call, so a per-prompt argument can never mix two prompts.
+    `negative_prompt`: one negative prompt for every image (None or "" = none).
     `step_callback`: the pipeline's `callback_on_step_end(pipe, step, timestep, kwargs) -> kwargs` (progress, or
     stopping a call between denoising steps with `pipe._interrupt = True`; a stopped call is the last one, so fewer
     images than pairs come back). `image`: img2img from this picture,
@@ -133,31 +142,29 @@ def generate(pipe, prompts: list[str], seeds: list[int], steps: int, guidance: f
     re-noised by `strength` (1 = all of it).
 
     `image_embeds` (N, D): one CLIP image embedding per image, for a pipeline with an IP-Adapter loaded (an
-    image-conditioned run, notebook 04). Passed as `ip_adapter_image_embeds`, with a zero embedding as the
-    unconditional half of classifier-free guidance (as the adapter was trained: a dropped image is a zero
-    embedding). One pipeline call per distinct embedding (see `_calls`); an image is the same whatever it shares a
-    call with."""
+    image-conditioned run, notebook 04), and only there: the one per-image input beyond the prompt (module
+    docstring). Passed as `ip_adapter_image_embeds`, with a zero embedding as the unconditional half of
+    classifier-free guidance (as the adapter was trained: a dropped image is a zero embedding). Images that share
+    an embedding share calls (`pipeline_calls`); an image is the same whatever it shares a call with."""
     prompts, seeds = list(prompts), [int(s) for s in seeds]
     if not prompts or len(prompts) != len(seeds):
         raise ValueError(f"need one seed per prompt (got {len(prompts)} prompts, {len(seeds)} seeds); "
                          "use prompt_seed_pairs(prompts, seeds) for every combination")
     if batch_size < 1 or steps < 1:
         raise ValueError("batch_size and steps must be >= 1")
-    if image_embeds is not None and call_args is not None:
-        raise ValueError("pass image embeddings either as image_embeds or through call_args, not both")
-    image_embeds = _check_image_embeds(pipe, image_embeds, len(prompts)) if call_args is None else None
+    image_embeds = _check_image_embeds(pipe, image_embeds, len(prompts))
     default = pipe.unet.config.sample_size * pipe.vae_scale_factor  # the pipeline's own default size
     height, width = height or default, width or default
-    batch_size = 1 if call_args is not None else min(batch_size, images_per_call(height, width))
+    batch_size = min(batch_size, images_per_call(height, width))
     set_vae_memory(pipe, height, width)
     init = image.convert("RGB").resize((width, height), Image.Resampling.LANCZOS) if image is not None else None
     images: list[Image.Image | None] = [None] * len(prompts)
-    calls = _calls(len(prompts), batch_size, image_embeds)
+    calls = pipeline_calls(len(prompts), batch_size, image_embeds)
     with autocast_for(pipe.unet):
         for chunk in tqdm(calls, desc="generating", disable=len(calls) < 2):
             generators = [torch.Generator(device="cpu").manual_seed(seeds[i]) for i in chunk]
             chunk_prompts = [prompts[i] for i in chunk]
-            extra = dict(call_args(pipe, chunk_prompts)) if call_args is not None else {}
+            extra = {}
             if image_embeds is not None:
                 rows = image_embeds[chunk][:, None, :]  # (images, 1 image each, D)
                 if guidance > 1.0:  # diffusers' classifier-free guidance test; it splits [negative, positive]
@@ -206,11 +213,9 @@ class Variant:
     name: str  # column label and folder name, e.g. "base", "crossattn", "lora ×0.5"
     apply: Callable[[object], None]  # puts the ONE shared pipeline into this variant's state (adapter on/off,
     #                                   LoRA scale, attn2 weights swapped): a T4 cannot hold two SDXL pipelines
-    call_args: CallArgs | None = None  # extra pipeline arguments per call (a run kind that conditions on more than
-    #                                     text, e.g. IP-Adapter image embeddings); None = text only
-    image_embeds: Callable[[list[str], list[int]], torch.Tensor] | None = None  # for an image-conditioned run
-    #   (notebook 04's IP-Adapter): (prompts, seeds) → one CLIP image embedding per image (N, D), e.g. a prior's
-    #   prediction from the prompt, a true image's embedding, or zeros for the caption alone. None = text only.
+    image_embeds: ImageEmbeds | None = None  # an image-conditioned run's per-image input (module docstring):
+    #   (prompts, seeds) → one CLIP image embedding per image (N, D), e.g. a prior's prediction from the prompt, a
+    #   true image's embedding, or zeros for the caption alone. None = a run that draws from the prompt alone.
 
 
 def folder_name(name: str) -> str:
@@ -228,8 +233,6 @@ def check_variants(variants: Sequence[Variant]) -> list[Variant]:
             raise ValueError(f"{v!r} is not a Variant with a name of letters or digits")
         if not callable(v.apply):
             raise ValueError(f"variant {v.name!r}: apply must be callable (pipe) -> None")
-        if v.call_args is not None and not callable(v.call_args):
-            raise ValueError(f"variant {v.name!r}: call_args must be None or callable (pipe, prompts) -> dict")
         if v.image_embeds is not None and not callable(v.image_embeds):
             raise ValueError(f"variant {v.name!r}: image_embeds must be callable (prompts, seeds) -> (N, D) tensor")
     folders = [folder_name(v.name) for v in variants]
@@ -251,7 +254,6 @@ def generate_variants(pipe, variants: Sequence[Variant], prompts: list[str], see
         variant.apply(pipe)
         folder = Path(out_dir) / folder_name(variant.name)
         embeds = variant.image_embeds(list(prompts), list(seeds)) if variant.image_embeds is not None else None
-        generate(pipe, prompts, seeds, steps, guidance, height, width, out_dir=folder, call_args=variant.call_args,
-                 image_embeds=embeds)
+        generate(pipe, prompts, seeds, steps, guidance, height, width, out_dir=folder, image_embeds=embeds)
         manifests[variant.name] = folder / "manifest.csv"
     return manifests

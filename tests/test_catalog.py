@@ -2,6 +2,7 @@
 switched, validated requests with a sentence per mistake, images with CLIP scores, out-of-memory advice, stops."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 
@@ -11,9 +12,10 @@ import torch
 from PIL import Image
 
 from helpers import presets, runs, sampling
+from helpers.adapters import Method, register_method
 from helpers.catalog import Catalog, Engine, Interrupted, Request, RequestError, TimeLimit, advice_for
 from helpers.evaluate import ClipScorer
-from tiny_runs import train_tiny_run
+from tiny_runs import train_tiny_ip_adapter_run, train_tiny_run
 
 CROSSATTN, LORA = "sd15_xattn_cifar10-crossattn-tiny", "sd15_xattn_cifar10-lora-tiny"
 
@@ -148,7 +150,7 @@ def test_families_keep_their_own_pipelines_and_sizes(engine):
     assert {d.image.size for d in same.images} == {(128, 128)}
     assert engine.pipeline("SDXL base") is engine.pipeline("SDXL base")
     variant = engine.variant(LORA, 0.5)
-    assert variant.name == f"{LORA} ×0.5" and variant.call_args is None
+    assert variant.name == f"{LORA} ×0.5" and variant.image_embeds is None
 
 
 def test_negative_prompt_and_img2img_go_through_the_same_path(engine):
@@ -210,3 +212,88 @@ def test_save_writes_a_sheet_and_the_settings(engine, root, tmp_path):
     assert saved["request"]["models"] == ["SD1.5 base", LORA] and saved["request"]["seed"] == 2
     assert [(i["model"], i["seed"]) for i in saved["images"]] == [(m, s) for m in request.models for s in (2, 3)]
     assert saved["images"][0]["clip_score"] == pytest.approx(result.images[0].clip_score)
+
+
+# ---------------------------------------------------------------- an image-conditioned run (notebook 04)
+
+class NearestCaption(Method):
+    """A prompt → CLIP image embedding source through the Method hooks a prior uses (notebook 04, part 2): the TRUE
+    image embedding of the pool pair whose caption is closest to the prompt, the pool saved in the run's final/."""
+    name = "nearest_caption"
+    makes_image_embeds = True
+
+    def image_embeds_source(self, final_dir, device):
+        from safetensors.torch import load_file
+
+        from helpers.embeddings import ClipEncoder, cosine_matrix
+        pool, encoder = load_file(str(final_dir / "pool.safetensors")), ClipEncoder(self.preset.clip_model, device)
+
+        def source(prompts, seeds):
+            return pool["image"][cosine_matrix(encoder.text(list(prompts))[0], pool["text"]).argmax(dim=1)]
+        return source
+
+
+register_method(NearestCaption.name, NearestCaption)
+
+
+def write_source(root, name, clip_model):
+    """A finished nearest_caption run under root/priors, its pool the held-out pairs of the 04 run's embeddings."""
+    from safetensors.torch import save_file
+
+    from helpers.embeddings import embedding_set
+    preset = dataclasses.replace(presets.get_preset("prior_sd15", "tiny"), name=name, method=NearestCaption.name,
+                                 clip_model=clip_model)
+    es = embedding_set(presets.get_preset("prior_sd15", "tiny", max_train_images=40), root=root)
+    final = root / "priors" / runs.run_name(preset) / "final"
+    final.mkdir(parents=True)
+    held = es.held_out_indices
+    save_file({"text": es.text_embeds[held].contiguous(), "image": es.image_embeds[held].contiguous()},
+              str(final / "pool.safetensors"))
+    runs.write_run_info(final, preset)
+    return final.parent, es
+
+
+@pytest.fixture(scope="module")
+def conditioned_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("storage04")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LAB_STORAGE", str(root))
+        run = train_tiny_ip_adapter_run(root)
+    return root, run
+
+
+def test_an_image_conditioned_run_draws_from_a_prompt_once_a_source_of_its_clip_exists(conditioned_root):
+    root, run = conditioned_root
+    catalog = Catalog.scan("tiny", root)
+    assert run.name == "prior_sd15-ip_adapter-tiny" and not catalog.runs()
+    assert "not drawable from a prompt until a prior on tiny/clip" in {m.name: m.why for m in catalog.missing}[run.name]
+    other, _ = write_source(root, "retrieval_l14", presets.CLIP_L14)  # another CLIP's space: no use to this run
+    assert run.name in {m.name for m in Catalog.scan("tiny", root).missing}
+    source, es = write_source(root, "retrieval", "tiny/clip")
+    catalog = Catalog.scan("tiny", root)
+    name = f"{run.name} + {source.name}"
+    assert [e.name for e in catalog.runs()] == [name]
+    entry = catalog.get(name)
+    assert (entry.kind, entry.folder, entry.source, entry.label) == (
+        "ip_adapter", run, source, "prior sd15 ip adapter + retrieval nearest caption")
+    assert {source.name, other.name}.isdisjoint({m.name for m in catalog.missing})  # sources draw nothing
+    assert run.name not in {m.name for m in catalog.missing}
+
+    engine = Engine(catalog, scorer=None, device="cpu")
+    seen = []
+    prompt = es.captions[int(es.held_out_indices[0])]
+    result = engine.generate(Request(prompt, (name, "SD1.5 base"), seed=3, steps=3, count=2),
+                             progress=lambda fraction, text: seen.append(fraction))
+    assert [(d.model, d.seed) for d in result.images] == [(name, 3), (name, 4), ("SD1.5 base", 3), ("SD1.5 base", 4)]
+    assert seen[-1] == pytest.approx(1.0)  # one embedding for both seeds: one call, counted as one
+    # the same images as the run drawn directly with the source's embedding: the held-out image of that caption
+    held = es.held_out_indices
+    expected = es.image_embeds[held[[es.captions[int(i)] for i in held].index(prompt)]]
+    torch.testing.assert_close(engine.variant(name).image_embeds([prompt], [0])[0], expected)
+    pipe, board = engine._runset(entry)
+    board.use(run.name)
+    direct = sampling.generate(pipe, [prompt] * 2, [3, 4], steps=3, image_embeds=expected.expand(2, -1))
+    zeros = sampling.generate(pipe, [prompt] * 2, [3, 4], steps=3, image_embeds=torch.zeros(2, es.dim))
+    for drawn, ref, caption_only in zip(result.images, direct, zeros):
+        assert np.abs(_array(drawn.image) - _array(ref)).max() <= 2
+        assert np.abs(_array(drawn.image) - _array(caption_only)).mean() > 1.0  # the embedding is used

@@ -114,7 +114,7 @@ def test_check_variants_rejects_bad_lists():
 
 # ---------------------------------------------------------------- negative prompt, per-call arguments, callbacks
 
-def test_negative_prompt_and_per_call_arguments_reach_the_pipeline(sd15):
+def test_negative_prompt_reaches_the_pipeline(sd15):
     import torch
     prompts, seeds = ["a photo of a cat", "a photo of a ship"], [3, 4]
     plain = sampling.generate(sd15, prompts, seeds, steps=3)
@@ -125,18 +125,23 @@ def test_negative_prompt_and_per_call_arguments_reach_the_pipeline(sd15):
                   generator=[torch.Generator().manual_seed(3)], height=64, width=64).images[0]
     assert np.abs(_array(direct) - _array(negative[0])).max() <= 2
 
-    calls = []
 
-    def call_args(pipe, chunk):  # a run kind's extra argument (guidance_rescale stands in for image embeddings)
-        calls.append(list(chunk))
-        return {"guidance_rescale": 0.7}
+def test_pipeline_calls_never_put_two_image_embeddings_in_one_call():
+    import torch
+    assert sampling.pipeline_calls(5, 2) == [[0, 1], [2, 3], [4]]
+    e = torch.tensor([[1.0, 0], [0, 1], [1, 0], [1, 0], [0, 1]])
+    calls = sampling.pipeline_calls(5, 2, e)
+    assert sorted(i for call in calls for i in call) == list(range(5)) and all(len(c) <= 2 for c in calls)
+    assert all(len({tuple(e[i].tolist()) for i in call}) == 1 for call in calls)  # one embedding per call
+    assert len(calls) == 3  # [0, 2], [3], [1, 4]: as few calls as the grouping allows
 
-    rescaled = sampling.generate(sd15, prompts, seeds, steps=3, call_args=call_args)
-    assert calls == [[p] for p in prompts]  # one call per image, each with its own prompt
-    assert all(np.abs(_array(a) - _array(b)).mean() > 0.5 for a, b in zip(plain, rescaled))
-    direct = sd15(prompt=prompts[1:], guidance_rescale=0.7, num_inference_steps=3, height=64, width=64,
-                  generator=[torch.Generator().manual_seed(4)]).images[0]
-    assert np.abs(_array(direct) - _array(rescaled[1])).max() <= 2
+
+def test_a_text_only_pipeline_refuses_image_embeddings(sd15):
+    import torch
+    with pytest.raises(ValueError, match="no IP-Adapter loaded"):
+        sampling.generate(sd15, ["a photo of a cat"], [0], steps=2, image_embeds=torch.zeros(1, 64))
+    with pytest.raises(ValueError, match="must be callable"):
+        sampling.check_variants([sampling.Variant("tuned", print, image_embeds=torch.zeros(1, 64))])
 
 
 def test_step_callback_sees_every_denoising_step_and_can_stop_a_call(sd15):
