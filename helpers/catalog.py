@@ -57,6 +57,7 @@ from .adapters import METHODS, make_method, method_class
 from .checkpoint import checkpoint_dirs
 from .configs import check_image_size
 from .presets import Preset, get_preset
+from .prior import PRIORS_DIR  # (also registers the prior methods)
 from .runtime import storage_root
 
 BASES = {"sd15": ("SD1.5 base", "sd15_xattn_cifar10"), "sdxl": ("SDXL base", "sdxl_lora_naruto_1024")}
@@ -72,8 +73,8 @@ SERIES_RUNS = (
 LIMITS = dict(steps=(1, 150), guidance=(0.0, 30.0), seed=(0, 2**32 - 1), scale=(0.0, 2.0), count=(1, 4),
               strength=(0.05, 1.0))
 MAX_SIZE = 2048  # px a side; the size rule has no upper end, a T4 has (SDXL at 1024 is its native size)
-RUN_FOLDERS = ("runs", "priors")  # where finished runs live under the storage root: runs/ for what a pipeline
-#                                   loads, priors/ for runs that only make image embeddings (notebook 04 part 2)
+RUN_FOLDERS = ("runs", PRIORS_DIR)  # where finished runs live under the storage root: runs/ for what a pipeline
+#                                     loads, priors/ for runs that only make image embeddings (notebook 04 part 2)
 
 
 class RequestError(ValueError):

@@ -189,7 +189,14 @@ class PriorParts:
 
 class PriorMethod(Method):
     """Shared by both priors: the network is built in `setup` (from the preset seed, like a LoRA's init), trains
-    whole in fp32, and is exported with `save_pretrained` (EMA weights when there is an EMA)."""
+    whole in fp32, and is exported with `save_pretrained` (EMA weights when there is an EMA). A finished prior is a
+    prompt → image-embedding source (`image_embeds_source`): with it the catalog draws notebook 04's
+    image-conditioned run from a typed prompt."""
+    makes_image_embeds = True
+
+    def image_embeds_source(self, final_dir: Path, device):
+        from .prior_eval import prompt_source
+        return prompt_source(Path(final_dir).parent, device)
 
     def setup(self, parts: PriorParts) -> None:
         dim = parts.train_image_embeds.shape[1]
@@ -279,7 +286,8 @@ register_method(DiffusionPriorMethod.name, DiffusionPriorMethod)
 
 
 PRIORS_DIR = "priors"  # <storage>/priors/<run name>/: a prior draws no image, so its runs stay out of runs/ (where
-#                       helpers.runs and helpers.catalog list the runs a pipeline can load)
+#                       helpers.runs lists the runs a pipeline can load; helpers.catalog finds priors here as
+#                       prompt → image-embedding sources)
 
 
 def prior_folder(preset: Preset, root: str | Path | None = None) -> Path:

@@ -301,15 +301,37 @@ def prior_image_embeds(prior: Prior, embeddings, guidance: float = 1.0) -> Calla
                                                                                       torch.Tensor]:
     """(prompts, seeds) → the prior's image embedding for each prompt, with the image's seed as the prior's seed
     (so the diffusion prior gives each seed its own embedding). Prompts go through the embedding set's CLIP."""
+    def encode(texts: list[str]):
+        states, masks = embeddings.encode_text_states(texts) if prior.text_tokens else (None, None)
+        return embeddings.encode_text(texts), states, masks
+    return _prompt_embeds(prior, encode, guidance)
+
+
+def prompt_source(run_dir: str | Path, device: torch.device | str = "cpu",
+                  guidance: float = 1.0) -> Callable[[list[str], list[int]], torch.Tensor]:
+    """A finished prior run on its own as (prompts, seeds) → image embeddings (`helpers.sampling.ImageEmbeds`):
+    what the catalog draws an image-conditioned run of the same CLIP with (`Method.image_embeds_source`). The
+    prompts are encoded by the run's CLIP in the dtype its embedding cache used (fp16 on a GPU)."""
+    from .embeddings import ClipEncoder
+    from .precision import precision_for
+    from .runs import run_preset
+    preset, device = run_preset(Path(run_dir)), torch.device(device)
+    encoder = ClipEncoder(preset.clip_model, device, precision_for(preset.mixed_precision, device).weight_dtype)
+    return _prompt_embeds(load_prior(run_dir, device), encoder.text, guidance)
+
+
+def _prompt_embeds(prior: Prior, encode: Callable, guidance: float):
+    """(prompts, seeds) → predictions, each distinct prompt encoded once by `encode(texts)` → (embeds, token
+    states, masks)."""
     def embeds(prompts: list[str], seeds: list[int]) -> torch.Tensor:
         distinct = list(dict.fromkeys(prompts))
         where = [distinct.index(p) for p in prompts]
-        text = embeddings.encode_text(distinct)[where]
-        states = masks = None
+        text, states, masks = encode(distinct)
         if prior.text_tokens:
-            states, masks = embeddings.encode_text_states(distinct)
             states, masks = states[where], masks[where]
-        return prior.predict(text, states, masks, seeds=list(seeds), guidance=guidance)
+        else:
+            states = masks = None
+        return prior.predict(text[where], states, masks, seeds=list(seeds), guidance=guidance)
     return embeds
 
 
@@ -327,4 +349,5 @@ def comparison_variants(board, run: str, embeddings, priors: Sequence[Prior]) ->
 
 
 __all__ = ["Prior", "load_prior", "finished_priors", "CANDIDATES", "prior_metrics", "MetricsTable", "seed_spread", "true_spread",
-           "shuffled_order", "held_out_prompts", "true_image_embeds", "prior_image_embeds", "SPREAD_SEEDS", "COLUMNS"]
+           "shuffled_order", "held_out_prompts", "true_image_embeds", "prior_image_embeds",
+           "prompt_source", "SPREAD_SEEDS", "COLUMNS"]

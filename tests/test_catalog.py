@@ -12,7 +12,6 @@ import torch
 from PIL import Image
 
 from helpers import presets, runs, sampling
-from helpers.adapters import Method, register_method
 from helpers.catalog import Catalog, Engine, Interrupted, Request, RequestError, TimeLimit, advice_for
 from helpers.evaluate import ClipScorer
 from tiny_runs import train_tiny_ip_adapter_run, train_tiny_run
@@ -216,45 +215,9 @@ def test_save_writes_a_sheet_and_the_settings(engine, root, tmp_path):
 
 # ---------------------------------------------------------------- an image-conditioned run (notebook 04)
 
-class NearestCaption(Method):
-    """A prompt → CLIP image embedding source through the Method hooks a prior uses (notebook 04, part 2): the TRUE
-    image embedding of the pool pair whose caption is closest to the prompt, the pool saved in the run's final/."""
-    name = "nearest_caption"
-    makes_image_embeds = True
-
-    def image_embeds_source(self, final_dir, device):
-        from safetensors.torch import load_file
-
-        from helpers.embeddings import ClipEncoder, cosine_matrix
-        pool, encoder = load_file(str(final_dir / "pool.safetensors")), ClipEncoder(self.preset.clip_model, device)
-
-        def source(prompts, seeds):
-            return pool["image"][cosine_matrix(encoder.text(list(prompts))[0], pool["text"]).argmax(dim=1)]
-        return source
-
-
-register_method(NearestCaption.name, NearestCaption)
-
-
-def write_source(root, name, clip_model):
-    """A finished nearest_caption run under root/priors, its pool the held-out pairs of the 04 run's embeddings."""
-    from safetensors.torch import save_file
-
-    from helpers.embeddings import embedding_set
-    preset = dataclasses.replace(presets.get_preset("prior_sd15", "tiny"), name=name, method=NearestCaption.name,
-                                 clip_model=clip_model)
-    es = embedding_set(presets.get_preset("prior_sd15", "tiny", max_train_images=40), root=root)
-    final = root / "priors" / runs.run_name(preset) / "final"
-    final.mkdir(parents=True)
-    held = es.held_out_indices
-    save_file({"text": es.text_embeds[held].contiguous(), "image": es.image_embeds[held].contiguous()},
-              str(final / "pool.safetensors"))
-    runs.write_run_info(final, preset)
-    return final.parent, es
-
-
 @pytest.fixture(scope="module")
 def conditioned_root(tmp_path_factory):
+    """A finished tiny image-conditioned run in runs/ and nothing that turns a prompt into its embedding yet."""
     root = tmp_path_factory.mktemp("storage04")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LAB_STORAGE", str(root))
@@ -262,34 +225,40 @@ def conditioned_root(tmp_path_factory):
     return root, run
 
 
-def test_an_image_conditioned_run_draws_from_a_prompt_once_a_source_of_its_clip_exists(conditioned_root):
+def test_an_image_conditioned_run_draws_from_a_prompt_once_a_prior_of_its_clip_exists(conditioned_root):
+    from helpers.embeddings import embedding_set
+    from helpers.prior import train_prior
+    from helpers.prior_eval import load_prior
     root, run = conditioned_root
     catalog = Catalog.scan("tiny", root)
     assert run.name == "prior_sd15-ip_adapter-tiny" and not catalog.runs()
     assert "not drawable from a prompt until a prior on tiny/clip" in {m.name: m.why for m in catalog.missing}[run.name]
-    other, _ = write_source(root, "retrieval_l14", presets.CLIP_L14)  # another CLIP's space: no use to this run
-    assert run.name in {m.name for m in Catalog.scan("tiny", root).missing}
-    source, es = write_source(root, "retrieval", "tiny/clip")
+    # a finished prior (the tiny MLP preset, ≈ 2 s) in priors/, and one of another CLIP's space (its run.json says so)
+    preset = presets.get_preset("prior_mlp_cifar10", "tiny")
+    es = embedding_set(preset, root=root, device="cpu")
+    _, trainer = train_prior(preset, es, root / "priors" / runs.run_name(preset), device="cpu")
+    prior = trainer.run_dir
+    other = root / "priors" / "prior_mlp_l14-mlp_prior-tiny" / "final"
+    other.mkdir(parents=True)
+    runs.write_run_info(other, dataclasses.replace(preset, name="prior_mlp_l14", clip_model=presets.CLIP_L14))
     catalog = Catalog.scan("tiny", root)
-    name = f"{run.name} + {source.name}"
-    assert [e.name for e in catalog.runs()] == [name]
+    name = f"{run.name} + {prior.name}"
+    assert [e.name for e in catalog.runs()] == [name]  # paired with the prior of its CLIP only
     entry = catalog.get(name)
     assert (entry.kind, entry.folder, entry.source, entry.label) == (
-        "ip_adapter", run, source, "prior sd15 ip adapter + retrieval nearest caption")
-    assert {source.name, other.name}.isdisjoint({m.name for m in catalog.missing})  # sources draw nothing
-    assert run.name not in {m.name for m in catalog.missing}
+        "ip_adapter", run, prior, "prior sd15 ip adapter + prior mlp cifar10 mlp prior")
+    assert not {run.name, prior.name, other.parent.name} & {m.name for m in catalog.missing}  # priors draw nothing
 
     engine = Engine(catalog, scorer=None, device="cpu")
     seen = []
-    prompt = es.captions[int(es.held_out_indices[0])]
+    prompt = "a photo of a cat"
     result = engine.generate(Request(prompt, (name, "SD1.5 base"), seed=3, steps=3, count=2),
                              progress=lambda fraction, text: seen.append(fraction))
     assert [(d.model, d.seed) for d in result.images] == [(name, 3), (name, 4), ("SD1.5 base", 3), ("SD1.5 base", 4)]
-    assert seen[-1] == pytest.approx(1.0)  # one embedding for both seeds: one call, counted as one
-    # the same images as the run drawn directly with the source's embedding: the held-out image of that caption
-    held = es.held_out_indices
-    expected = es.image_embeds[held[[es.captions[int(i)] for i in held].index(prompt)]]
-    torch.testing.assert_close(engine.variant(name).image_embeds([prompt], [0])[0], expected)
+    assert seen[-1] == pytest.approx(1.0)  # the MLP gives both seeds one embedding: one call, counted as one
+    # the images are the run drawn directly with the prior's prediction from the prompt's CLIP text embedding
+    expected = load_prior(prior).predict(es.encode_text([prompt]))
+    torch.testing.assert_close(engine.variant(name).image_embeds([prompt], [0]), expected)
     pipe, board = engine._runset(entry)
     board.use(run.name)
     direct = sampling.generate(pipe, [prompt] * 2, [3, 4], steps=3, image_embeds=expected.expand(2, -1))

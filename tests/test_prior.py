@@ -49,7 +49,8 @@ def trained(storage, embeddings):
 
 
 def test_prior_runs_live_apart_from_the_pipeline_runs(trained, storage):
-    """A prior draws no image: its runs are under priors/, where RunSet and the catalog do not look."""
+    """A prior draws no image: its runs are under priors/, where RunSet does not look (the catalog finds them there
+    as prompt → image-embedding sources, tests/test_catalog.py)."""
     from helpers.prior_eval import finished_priors
     from helpers.runs import finished_runs
     assert [p.name for p in finished_priors(storage)] == sorted(t.run_dir.name for _, t in trained.values())
