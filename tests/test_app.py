@@ -4,6 +4,7 @@ limit, progress, one GPU job at a time under a bounded load with the queue refus
 the server closed at the end."""
 from __future__ import annotations
 
+import re
 import shutil
 import socket
 import subprocess
@@ -23,6 +24,7 @@ from helpers.catalog import Catalog, Engine, Request
 from tiny_runs import train_tiny_run
 
 LORA = "sd15_xattn_cifar10-lora-tiny"
+README = Path(__file__).resolve().parents[1] / "README.md"
 QUEUE = 2  # small, so that 4 threads fill it
 
 
@@ -209,17 +211,24 @@ def test_bounded_load_one_gpu_job_at_a_time_full_queue_refused_cleanly(served, g
     assert len(gallery) == 1  # healthy after the load
 
 
+def _readme_block(language: str, containing: str, url: str) -> str:
+    blocks = re.findall(rf"```{language}\n(.*?)```", README.read_text(), re.S)
+    return next(b for b in blocks if containing in b).replace("http://127.0.0.1:7860/", url)
+
+
 def test_the_documented_client_snippet_and_curl_example_work(served, tmp_path, monkeypatch):
     app, _ = served
     Image.new("RGB", (64, 64), (200, 30, 30)).save(tmp_path / "cat.png")
     monkeypatch.chdir(tmp_path)
-    scope = {}
-    exec(client_snippet(app.url), scope)  # the README's / notebook's Python example, as printed
-    assert len(scope["images"]) == 1 and Path(scope["images"][0]["image"]).is_file()
+    for snippet in (client_snippet(app.url), _readme_block("python", "/txt2img", app.url)):
+        scope = {}
+        exec(snippet, scope)  # the notebook's and the README's Python examples, as printed
+        assert len(scope["images"]) == 1 and Path(scope["images"][0]["image"]).is_file()
     if shutil.which("curl") is None:
         pytest.skip("curl is not installed")
-    run = subprocess.run(["bash", "-c", curl_example(app.url, steps=2)], capture_output=True, text=True, timeout=60)
-    assert run.returncode == 0 and "event: complete" in run.stdout and "image.png" in run.stdout, run.stdout
+    for example in (curl_example(app.url, steps=2), _readme_block("bash", "gradio_api/call/txt2img", app.url)):
+        run = subprocess.run(["bash", "-c", example], capture_output=True, text=True, timeout=60)
+        assert run.returncode == 0 and "event: complete" in run.stdout and "image.png" in run.stdout, run.stdout
     bad = subprocess.run(["bash", "-c", curl_example(app.url, prompt="")], capture_output=True, text=True, timeout=60)
     assert "event: error" in bad.stdout and "Type a prompt first" in bad.stdout, bad.stdout
 
