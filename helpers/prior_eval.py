@@ -348,6 +348,6 @@ def comparison_variants(board, run: str, embeddings, priors: Sequence[Prior]) ->
               for p in priors]]
 
 
-__all__ = ["Prior", "load_prior", "finished_priors", "CANDIDATES", "prior_metrics", "MetricsTable", "seed_spread", "true_spread",
-           "shuffled_order", "held_out_prompts", "true_image_embeds", "prior_image_embeds",
-           "prompt_source", "SPREAD_SEEDS", "COLUMNS"]
+__all__ = ["Prior", "load_prior", "finished_priors", "CANDIDATES", "prior_metrics", "MetricsTable", "seed_spread",
+           "true_spread", "shuffled_order", "held_out_prompts", "true_image_embeds", "prior_image_embeds",
+           "prompt_source", "comparison_variants", "SPREAD_SEEDS", "COLUMNS"]
