@@ -200,9 +200,15 @@ class IPAdapter(Lora):
 
     def apply(self, pipe, loaded, scale: float) -> None:
         """LoRA at `scale` and this run's adapter installed by stock `load_ip_adapter`, at `scale` too."""
+        from diffusers.utils import logging as diffusers_logging
         name, state = loaded
         super().apply(pipe, name, scale)
-        pipe.load_ip_adapter(state, subfolder="", weight_name="", image_encoder_folder=None)
+        level = diffusers_logging.get_verbosity()
+        diffusers_logging.set_verbosity_error()  # "image_encoder is not loaded": by design, embeddings come given
+        try:
+            pipe.load_ip_adapter(state, subfolder="", weight_name="", image_encoder_folder=None)
+        finally:
+            diffusers_logging.set_verbosity(level)
         pipe.set_ip_adapter_scale(scale)
 
     def switch_off(self, pipe, loaded) -> None:
@@ -211,6 +217,35 @@ class IPAdapter(Lora):
 
 
 register_method(IPAdapter.name, IPAdapter)
+
+
+@torch.no_grad()
+def round_trip_delta(unet, final_dir: Path, model_ref: str, embeds: torch.Tensor) -> float:
+    """max |Δ| between the trained `unet` and the UNet of a FRESH stock StableDiffusionPipeline of `model_ref` (same
+    dtype and device) that loaded only the exported files, on seeded latents at t = 10, 500, 900 with `embeds`
+    (≤ 3 rows). 0 up to float error when the export is complete; fp16 weights on a T4 leave ≈ 1e-3."""
+    from diffusers import StableDiffusionPipeline
+    from .precision import autocast_for
+    from .tiny import resolve
+    param = unet.conv_in.weight  # a frozen weight: the UNet's storage dtype (fp16 on a T4)
+    stock = StableDiffusionPipeline.from_pretrained(resolve(model_ref), safety_checker=None, torch_dtype=param.dtype)
+    stock.load_ip_adapter(str(final_dir), subfolder="", weight_name=IP_ADAPTER_FILE, image_encoder_folder=None)
+    stock.load_lora_weights(str(final_dir), weight_name=LORA_FILE)
+    fresh = stock.unet.to(param.device).eval()
+    g, n = torch.Generator().manual_seed(0), min(3, len(embeds))
+    size = unet.config.sample_size
+    x = torch.randn(n, unet.config.in_channels, size, size, generator=g).to(param.device, param.dtype)
+    hidden = torch.randn(n, 77, unet.config.cross_attention_dim, generator=g).to(param.device, param.dtype)
+    kw = dict(encoder_hidden_states=hidden,
+              added_cond_kwargs={"image_embeds": [embeds[:n, None, :].to(param.device, param.dtype)]})
+    t = torch.tensor([10, 500, 900][:n], device=param.device)
+    training = unet.training
+    unet.eval()
+    try:
+        with autocast_for(unet):  # fp32 trained layers inside an fp16 UNet (a T4)
+            return float((fresh(x, t, **kw).sample.float() - unet(x, t, **kw).sample.float()).abs().max())
+    finally:
+        unet.train(training)
 
 
 # ---------------------------------------------------------------- data: images with their embeddings
@@ -262,24 +297,25 @@ def fixed_embeddings(embeds: torch.Tensor):
     return source
 
 
-def nearest_true_embeds(embeddings, pool=None):
-    """An `image_embeds` source that needs no prior: for each prompt, the TRUE image embedding of the pair in
-    `pool` (default: the held-out pairs, all pairs if none is held out) whose caption is closest to the prompt
-    (CLIP text cosine, ties to the first pair). A retrieval stand-in, NOT text → image: every prompt gets one of
-    the pool's real images, whatever the seed."""
+def nearest_rows(embeddings, prompts: list[str], pool=None) -> torch.Tensor:
+    """For each prompt, the index of the pair in `pool` (default: the held-out pairs, all pairs if none is held
+    out) whose caption is closest to it (CLIP text cosine by the embedding set's CLIP; ties to the first pair)."""
     from .embeddings import cosine_matrix
     if pool is None:
         pool = embeddings.held_out_indices if len(embeddings.held_out_indices) else torch.arange(len(embeddings))
     pool = torch.as_tensor(pool, dtype=torch.long)
     if len(pool) == 0:
         raise ValueError("no pairs to retrieve image embeddings from")
+    return pool[cosine_matrix(embeddings.encode_text(list(prompts)), embeddings.text_embeds[pool]).argmax(dim=1)]
 
-    def source(prompts, seeds):
-        best = cosine_matrix(embeddings.encode_text(list(prompts)), embeddings.text_embeds[pool]).argmax(dim=1)
-        return embeddings.image_embeds[pool[best]].float()
-    return source
+
+def nearest_true_embeds(embeddings, pool=None):
+    """An `image_embeds` source that needs no prior: for each prompt, the TRUE image embedding of the `nearest_rows`
+    pair. A retrieval stand-in, NOT text → image: every prompt gets one of the pool's real pictures, whatever the
+    seed."""
+    return lambda prompts, seeds: embeddings.image_embeds[nearest_rows(embeddings, prompts, pool)].float()
 
 
 __all__ = ["IPAdapter", "EmbeddedDataset", "fresh_ip_adapter", "install_ip_adapter", "remove_ip_adapter",
            "ip_adapter_state", "read_ip_adapter", "condition_drops", "caption_only", "fixed_embeddings",
-           "nearest_true_embeds", "IP_ADAPTER_FILE", "NUM_TOKENS"]
+           "nearest_rows", "nearest_true_embeds", "round_trip_delta", "IP_ADAPTER_FILE", "NUM_TOKENS"]

@@ -13,7 +13,7 @@ from helpers.checkpoint import checkpoint_dirs
 from helpers.embeddings import cosine_matrix, embedding_set
 from helpers.hooks import CheckpointHook, ExportHook, Hook, LogHook, SampleHook, read_log
 from helpers.ip_adapter import (IP_ADAPTER_FILE, NUM_TOKENS, EmbeddedDataset, IPAdapter, caption_only,
-                                condition_drops, fixed_embeddings, fresh_ip_adapter)
+                                condition_drops, fixed_embeddings, fresh_ip_adapter, round_trip_delta)
 from helpers.diffusion import SampleDraws
 from helpers.models import load_components
 from helpers.train import Trainer
@@ -181,6 +181,20 @@ def test_the_export_reproduces_the_trained_unet_in_a_fresh_stock_pipeline(traine
     stock_image = stock(["a photo"], generator=[torch.Generator().manual_seed(3)], num_inference_steps=4,
                         ip_adapter_image_embeds=[torch.cat([torch.zeros_like(emb), emb])[:, None]]).images
     assert np.array_equal(images_array(ours), images_array(stock_image))
+
+
+def test_round_trip_delta_is_zero_for_the_export_and_not_for_another_adapter(trained, tmp_path):
+    import shutil
+    from safetensors.torch import save_file
+    c, es, final = trained["c"], trained["es"], trained["final"]
+    delta = round_trip_delta(c.unet, final, trained["preset"].model, es.image_embeds[:3])
+    assert delta <= 1e-5
+    other = tmp_path / "final"
+    shutil.copytree(final, other)  # the same LoRA, an untrained adapter: the check must see it
+    fresh = fresh_ip_adapter(c.unet, es.dim)
+    save_file({f"{group}.{k}": v.contiguous() for group, part in fresh.items() for k, v in part.items()},
+              str(other / IP_ADAPTER_FILE))
+    assert round_trip_delta(c.unet, other, trained["preset"].model, es.image_embeds[:3]) > 100 * max(delta, 1e-6)
 
 
 # ---------------------------------------------------------------- generation through helpers.sampling and RunSet
