@@ -225,10 +225,12 @@ def round_trip_delta(unet, final_dir: Path, model_ref: str, embeds: torch.Tensor
     dtype and device) that loaded only the exported files, on seeded latents at t = 10, 500, 900 with `embeds`
     (≤ 3 rows). 0 up to float error when the export is complete; fp16 weights on a T4 leave ≈ 1e-3."""
     from diffusers import StableDiffusionPipeline
+    from .models import from_pretrained
     from .precision import autocast_for
     from .tiny import resolve
     param = unet.conv_in.weight  # a frozen weight: the UNet's storage dtype (fp16 on a T4)
-    stock = StableDiffusionPipeline.from_pretrained(resolve(model_ref), safety_checker=None, torch_dtype=param.dtype)
+    stock = from_pretrained(StableDiffusionPipeline, resolve(model_ref), None, param.dtype, safety_checker=None,
+                            requires_safety_checker=False)  # the files training loaded (fp16 variant on a T4)
     stock.load_ip_adapter(str(final_dir), subfolder="", weight_name=IP_ADAPTER_FILE, image_encoder_folder=None)
     stock.load_lora_weights(str(final_dir), weight_name=LORA_FILE)
     fresh = stock.unet.to(param.device).eval()
