@@ -52,15 +52,25 @@ def embed_dim(clip_ref: str) -> int:
 class ClipEncoder:
     """CLIPModel + tokenizer + image processor of `clip_ref`, frozen, in `dtype` on `device`. Text is tokenized as
     SD1.5's pipeline does (padded to 77, no attention mask), so for ViT-L/14 the token states equal SD1.5's
-    `encoder_hidden_states` (its text encoder is that text tower)."""
+    `encoder_hidden_states` (its text encoder is that text tower). `text_only`: the text tower and its projection
+    alone (CLIPTextModelWithProjection from the same files, the same numbers; ViT-L/14: 0.25 of 0.8 GiB in fp16),
+    for a prompt → embedding source that never sees a picture."""
 
-    def __init__(self, clip_ref: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
-        from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
+    def __init__(self, clip_ref: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                 text_only: bool = False):
+        from transformers import CLIPImageProcessor, CLIPModel, CLIPTextModelWithProjection, CLIPTokenizer
+        from transformers.utils import logging as transformers_logging
         path = tiny.resolve(clip_ref)
         self.device, self.dtype = torch.device(device), dtype
-        self.model = CLIPModel.from_pretrained(path, dtype=dtype).to(self.device).eval().requires_grad_(False)
+        level = transformers_logging.get_verbosity()
+        transformers_logging.set_verbosity_error()  # text_only: the vision weights in the files are left unused
+        try:
+            model = (CLIPTextModelWithProjection if text_only else CLIPModel).from_pretrained(path, dtype=dtype)
+        finally:
+            transformers_logging.set_verbosity(level)
+        self.model = model.to(self.device).eval().requires_grad_(False)
         self.tokenizer = CLIPTokenizer.from_pretrained(path)
-        self.processor = CLIPImageProcessor.from_pretrained(path)
+        self.processor = None if text_only else CLIPImageProcessor.from_pretrained(path)
 
     @torch.no_grad()
     def text(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -74,6 +84,8 @@ class ClipEncoder:
     @torch.no_grad()
     def images(self, images: list) -> torch.Tensor:
         """Projected image embeds (n, D), float32 on the CPU, of PIL images (any size: the processor resizes)."""
+        if self.processor is None:
+            raise ValueError("this encoder was loaded text_only: it cannot embed pictures")
         pixels = self.processor(images=[im.convert("RGB") for im in images], return_tensors="pt").pixel_values
         out = self.model.vision_model(pixels.to(self.device, self.dtype))
         return self.model.visual_projection(out.pooler_output).float().cpu()

@@ -316,7 +316,8 @@ def prompt_source(run_dir: str | Path, device: torch.device | str = "cpu",
     from .precision import precision_for
     from .runs import run_preset
     preset, device = run_preset(Path(run_dir)), torch.device(device)
-    encoder = ClipEncoder(preset.clip_model, device, precision_for(preset.mixed_precision, device).weight_dtype)
+    encoder = ClipEncoder(preset.clip_model, device, precision_for(preset.mixed_precision, device).weight_dtype,
+                          text_only=True)
     return _prompt_embeds(load_prior(run_dir, device), encoder.text, guidance)
 
 

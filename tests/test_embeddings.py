@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from helpers import data, embeddings, presets
-from helpers.embeddings import cosine_matrix, embedding_set, held_out_split, slerp
+from helpers.embeddings import ClipEncoder, cosine_matrix, embedding_set, held_out_split, slerp
 from helpers.models import encode_prompts, load_components
 from helpers.report import DatasetError
 from helpers.validation import Record
@@ -79,6 +79,13 @@ def test_new_inputs_are_encoded_by_the_same_clip(es):
     torch.testing.assert_close(states, es.states_of([0])[0], atol=2e-2, rtol=1e-2)
     with pytest.raises(ValueError, match="empty"):
         es.encode_images([])
+    text_only = ClipEncoder(es.clip_ref, text_only=True)  # the text tower alone gives the same numbers
+    captions = [es.captions[i] for i in rows]
+    for ours, full in zip(text_only.text(captions), es.encoder.text(captions)):
+        torch.testing.assert_close(ours, full, atol=0, rtol=0)
+    assert sum(p.numel() for p in text_only.model.parameters()) < sum(p.numel() for p in es.encoder.model.parameters())
+    with pytest.raises(ValueError, match="text_only"):
+        text_only.images([es.records[0].image()])
 
 
 def test_the_tiny_clip_classifies_the_held_out_images(es):
