@@ -74,10 +74,11 @@ class HeldOutCheck:
     def __str__(self) -> str:
         n = len(self.rows) * len(self.seeds)
         rates = "no class labels in this source: only cosines" if self.adapter_rate is None else (
-            f"class kept: adapter from the true embedding {self.adapter_rate:.0%}, base SD1.5 + class caption "
-            f"{self.base_rate:.0%}, the source pictures themselves {self.source_rate:.0%}")
-        return (f"{len(self.rows)} held-out pictures × {len(self.seeds)} seeds = {n} images each · {rates} · "
-                f"CLIP image cosine to the source: adapter {self.adapter_cosine:.3f}, base {self.base_cosine:.3f}")
+            f"class kept (CLIP zero-shot): adapter from the true embedding {self.adapter_rate:.0%}, base SD1.5 + "
+            f"class caption {self.base_rate:.0%}, the source pictures themselves {self.source_rate:.0%}")
+        return (f"{len(self.rows)} held-out pictures × {len(self.seeds)} seeds = {n} images each\n{rates}\n"
+                f"CLIP image cosine to the source picture: adapter {self.adapter_cosine:.3f}, base "
+                f"{self.base_cosine:.3f}")
 
 
 def held_out_check(board, run: str, embeddings, rows: list[int], seeds: list[int], steps: int, out_dir: Path,
