@@ -236,7 +236,9 @@ def prior_plan(preset: Preset, encode_pixels: int = CACHE_ENCODE_PIXELS) -> dict
     training and generation keep the adapter plan's loaded state (SD1.5 + adapter run + CLIP; its sampling phase
     without the sampling activations) and add the prior's weights, optimizer state and EMA (fp32), plus its grads
     and ACTIVATION_SLACK × measured activations while training, or the adapter's sampling activations while
-    generating (the prior's own inference tensors are a few MB)."""
+    generating, with the CLIP scorer notebook 04 compares the pictures with (helpers.evaluate, fp16) loaded beside
+    them (the prior's own inference tensors are a few MB)."""
+    from .evalplan import weights_gib as weights_gib_of
     from .prior import ADAPTER_PRESET
     adapter = estimate_vram(get_preset(ADAPTER_PRESET, "t4"), encode_pixels)
     sizes, saved = _prior_measure(preset)
@@ -249,7 +251,7 @@ def prior_plan(preset: Preset, encode_pixels: int = CACHE_ENCODE_PIXELS) -> dict
     prior_state = weights_gib + optimizer_gib + ema_gib
     phases = {"caching": adapter["phases_gib"]["caching"],
               "training": loaded + prior_state + grads_gib + activations,
-              "sampling": loaded + prior_state + adapter["sampling_activation_gib"]}
+              "sampling": loaded + prior_state + weights_gib_of("clip") + adapter["sampling_activation_gib"]}
     peak_phase = max(phases, key=phases.get)
     total = phases[peak_phase]
     band = error_band() * total
@@ -264,7 +266,8 @@ def prior_plan(preset: Preset, encode_pixels: int = CACHE_ENCODE_PIXELS) -> dict
             "activation_gib": activations, "adapter_loaded_gib": loaded, "overhead_gib": CUDA_OVERHEAD_GIB,
             "phases_gib": phases, "peak_phase": peak_phase, "total_gib": total, "band_gib": band, "spare_gib": spare,
             "usable_gib": T4_USABLE_GIB, "verdict": "fits" if spare >= MARGIN_GIB else "does not fit",
-            "checkpoint_mb": ckpt, "checkpoints_written": writes, "drive_mb": ckpt * min(writes, preset.keep_checkpoints)}
+            "checkpoint_mb": ckpt, "checkpoints_written": writes,
+            "drive_mb": ckpt * min(writes, preset.keep_checkpoints)}
 
 
 # ---------------------------------------------------------------- calibration against published peaks

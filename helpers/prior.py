@@ -8,7 +8,8 @@ as methods (`mlp_prior`, `diffusion_prior`) on the cached embedding pairs (helpe
   configuration. It predicts the clean image embedding (x0) from a noised one under a cosine schedule, with the
   text embedding, the token states and the timestep as extra tokens; the text is dropped for `cond_drop_prob` of
   the samples (classifier-free guidance); the weights are averaged (EMA) and the average is what is exported.
-  Sampling (helpers.prior_eval) draws 2 candidates per caption and keeps the one whose cosine to the text is higher.
+  Sampling (helpers.prior_eval) draws 2 candidates per caption and keeps the one whose cosine to the text is higher;
+  helpers.prior_images turns prompts into embeddings for the image-conditioned SD1.5.
 
 Both work on L2-normalised embeddings scaled by √dim (DALLE2-pytorch's `image_embed_scale`, so a dimension has a
 spread of about 1, like the noise). `PriorTransformer.post_process_latents` maps the prior's space back to CLIP's
@@ -71,8 +72,8 @@ def from_prior_space(network: nn.Module, z: torch.Tensor) -> torch.Tensor:
 
 class MlpPrior(ModelMixin, ConfigMixin):
     """The reference project's prior: text embedding → Linear → GELU → Linear → GELU → Linear → image
-    embedding. A diffusers model, so `save_pretrained` / `from_pretrained` work as for the PriorTransformer, and it carries
-    the same `clip_mean` / `clip_std` and `post_process_latents`."""
+    embedding. A diffusers model, so `save_pretrained` / `from_pretrained` work as for the PriorTransformer, and
+    it carries the same `clip_mean` / `clip_std` and `post_process_latents`."""
 
     @register_to_config
     def __init__(self, embedding_dim: int = 768, hidden_dim: int = 1024):
@@ -195,7 +196,7 @@ class PriorMethod(Method):
     makes_image_embeds = True
 
     def image_embeds_source(self, final_dir: Path, device):
-        from .prior_eval import prompt_source
+        from .prior_images import prompt_source
         return prompt_source(Path(final_dir).parent, device)
 
     def setup(self, parts: PriorParts) -> None:
@@ -290,11 +291,12 @@ PRIORS_DIR = "priors"  # <storage>/priors/<run name>/: a prior draws no image, s
 #                       prompt → image-embedding sources)
 
 
-def prior_folder(preset: Preset, root: str | Path | None = None) -> Path:
-    """`<storage>/priors/<run name>/` (helpers.runs' naming rule), created if needed."""
+def prior_folder(preset: Preset, root: str | Path | None = None, suffix: str = "") -> Path:
+    """`<storage>/priors/<run name>/` (helpers.runs' naming rule, `suffix` for another data source), created if
+    needed."""
     from .runs import run_name
     from .runtime import storage_root
-    path = Path(root or storage_root()) / PRIORS_DIR / run_name(preset)
+    path = Path(root or storage_root()) / PRIORS_DIR / run_name(preset, suffix)
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -322,5 +324,6 @@ def train_prior(preset: Preset, embeddings, run_dir: str | Path | None = None, h
     return load_prior(run_dir, device), trainer
 
 
-__all__ = ["MlpPrior", "PriorPairs", "PriorParts", "Ema", "train_prior", "prior_folder", "PRIORS_DIR", "make_network", "noise_scheduler",
-           "to_prior_space", "from_prior_space", "set_clip_stats", "condition", "PRIOR_DIR", "SCHEDULER_DIR"]
+__all__ = ["MlpPrior", "PriorPairs", "PriorParts", "Ema", "train_prior", "prior_folder", "PRIORS_DIR", "make_network",
+           "noise_scheduler", "to_prior_space", "from_prior_space", "set_clip_stats", "condition", "PRIOR_DIR",
+           "SCHEDULER_DIR"]

@@ -1,6 +1,6 @@
-"""A trained prior in use: loading it from a run, sampling image embeddings from text, the DALLE2-pytorch
-metrics on the held-out pairs of an embedding set (helpers.embeddings), and the embeddings it feeds the
-image-conditioned SD1.5 (a `Variant`'s `image_embeds`, helpers.sampling).
+"""A trained prior in use: loading it from a run, sampling image embeddings from text, and the DALLE2-pytorch
+metrics on the held-out pairs of an embedding set (helpers.embeddings). What a prior feeds the image-conditioned
+SD1.5 is in helpers.prior_images.
 
 Sampling: the MLP maps a text embedding to one image embedding. The diffusion prior runs DDIM from seeded noise
 (eta 0, "trailing" timesteps so the first step starts from pure noise) on its x0 predictions, draws CANDIDATES = 2
@@ -24,7 +24,7 @@ caption than any single sample: it may well win cos(pred, image) and still draw 
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +35,6 @@ from torch import nn
 
 from .evaluate import bootstrap_ci
 from .prior import PRIOR_DIR, SCHEDULER_DIR, MlpPrior, condition, from_prior_space, to_prior_space
-from .prompts import PromptSet
 
 CANDIDATES = 2  # DALL·E 2: sample 2 image embeddings per caption, keep the one closer to the text
 
@@ -264,91 +263,5 @@ def prior_metrics(priors: Sequence[Prior], embeddings, seed: int = 0, spread_see
     return MetricsTable(pd.DataFrame(table_rows), values, level)
 
 
-# ---------------------------------------------------------------- what the prior feeds SD1.5
-
-def held_out_prompts(embeddings, limit: int | None = None, per_class: bool = False,
-                     name: str = "held-out captions") -> PromptSet:
-    """The distinct captions of the held-out pairs (the first `limit`), as a prompt set for the image comparison;
-    `per_class`: only the first caption of each class (sources with labels)."""
-    rows = embeddings.held_out_indices.tolist()
-    if per_class:
-        if not bool((embeddings.labels[rows] >= 0).all()):
-            raise ValueError("per_class needs labels: this source has none")
-        firsts = {}
-        for i in rows:
-            firsts.setdefault(int(embeddings.labels[i]), i)
-        rows = [firsts[k] for k in sorted(firsts)]
-    captions = list(dict.fromkeys(embeddings.captions[i] for i in rows))
-    return PromptSet(name, tuple(captions[:limit]), "held-out")
-
-
-def true_image_embeds(embeddings) -> Callable[[list[str], list[int]], torch.Tensor]:
-    """(prompts, seeds) → the embedding of each held-out caption's own image (its first held-out image): the upper
-    bound a prior could reach. Any other prompt is an error."""
-    rows = {}
-    for i in embeddings.held_out_indices.tolist():
-        rows.setdefault(embeddings.captions[i], i)
-
-    def embeds(prompts: list[str], seeds: list[int]) -> torch.Tensor:
-        unknown = sorted({p for p in prompts if p not in rows})
-        if unknown:
-            raise KeyError(f"no held-out image for {unknown[:3]}: the true-embedding variant draws held-out captions")
-        return embeddings.image_embeds[[rows[p] for p in prompts]].float()
-    return embeds
-
-
-def prior_image_embeds(prior: Prior, embeddings, guidance: float = 1.0) -> Callable[[list[str], list[int]],
-                                                                                      torch.Tensor]:
-    """(prompts, seeds) → the prior's image embedding for each prompt, with the image's seed as the prior's seed
-    (so the diffusion prior gives each seed its own embedding). Prompts go through the embedding set's CLIP."""
-    def encode(texts: list[str]):
-        states, masks = embeddings.encode_text_states(texts) if prior.text_tokens else (None, None)
-        return embeddings.encode_text(texts), states, masks
-    return _prompt_embeds(prior, encode, guidance)
-
-
-def prompt_source(run_dir: str | Path, device: torch.device | str = "cpu",
-                  guidance: float = 1.0) -> Callable[[list[str], list[int]], torch.Tensor]:
-    """A finished prior run on its own as (prompts, seeds) → image embeddings (`helpers.sampling.ImageEmbeds`):
-    what the catalog draws an image-conditioned run of the same CLIP with (`Method.image_embeds_source`). The
-    prompts are encoded by the run's CLIP in the dtype its embedding cache used (fp16 on a GPU)."""
-    from .embeddings import ClipEncoder
-    from .precision import precision_for
-    from .runs import run_preset
-    preset, device = run_preset(Path(run_dir)), torch.device(device)
-    encoder = ClipEncoder(preset.clip_model, device, precision_for(preset.mixed_precision, device).weight_dtype,
-                          text_only=True)
-    return _prompt_embeds(load_prior(run_dir, device), encoder.text, guidance)
-
-
-def _prompt_embeds(prior: Prior, encode: Callable, guidance: float):
-    """(prompts, seeds) → predictions, each distinct prompt encoded once by `encode(texts)` → (embeds, token
-    states, masks)."""
-    def embeds(prompts: list[str], seeds: list[int]) -> torch.Tensor:
-        distinct = list(dict.fromkeys(prompts))
-        where = [distinct.index(p) for p in prompts]
-        text, states, masks = encode(distinct)
-        if prior.text_tokens:
-            states, masks = states[where], masks[where]
-        else:
-            states = masks = None
-        return prior.predict(text[where], states, masks, seeds=list(seeds), guidance=guidance)
-    return embeds
-
-
-def comparison_variants(board, run: str, embeddings, priors: Sequence[Prior]) -> list:
-    """The variants of notebook 04's comparison, on the ONE pipeline of `board` (helpers.runs.RunSet) with the
-    image-conditioned run `run` loaded: base SD1.5; the run with the caption only (a zero image embedding, what
-    the adapter learned for "no image"); with each held-out caption's TRUE image embedding (the upper bound a prior
-    could reach); with each prior's prediction from the caption."""
-    from .ip_adapter import caption_only
-    return [board.variant(None, label="base SD1.5"),
-            board.variant(run, label="caption only", image_embeds=caption_only(embeddings.dim)),
-            board.variant(run, label="true image embedding", image_embeds=true_image_embeds(embeddings)),
-            *[board.variant(run, label=p.name or p.kind, image_embeds=prior_image_embeds(p, embeddings))
-              for p in priors]]
-
-
 __all__ = ["Prior", "load_prior", "finished_priors", "CANDIDATES", "prior_metrics", "MetricsTable", "seed_spread",
-           "true_spread", "shuffled_order", "held_out_prompts", "true_image_embeds", "prior_image_embeds",
-           "prompt_source", "comparison_variants", "SPREAD_SEEDS", "COLUMNS"]
+           "true_spread", "shuffled_order", "SPREAD_SEEDS", "COLUMNS"]

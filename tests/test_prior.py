@@ -1,7 +1,8 @@
-"""The priors (helpers.prior, helpers.prior_eval) on the tiny world: both learn text → image embedding on the
-tiny CLIP's embedding pairs through the Trainer, the diffusion prior's samples differ across seeds while the MLP's
-do not, a shuffled caption gives a far worse match, a killed run resumes exactly, the export loads in stock
-diffusers, and bad input is refused up front."""
+"""The priors (helpers.prior, helpers.prior_eval, helpers.prior_images) on the tiny world: both learn text → image
+embedding on the tiny CLIP's embedding pairs through the Trainer, the diffusion prior's samples differ across seeds
+while the MLP's do not, a shuffled caption gives a far worse match, a killed run resumes exactly, the export loads
+in stock diffusers, the T4 plan fits, bad input is refused up front, and text → prior → embedding → SD1.5 + adapter
+draws as the true embeddings do (beating base SD1.5 waits for a tiny base that draws the classes)."""
 from __future__ import annotations
 
 import subprocess
@@ -311,7 +312,7 @@ def compared(storage, embeddings, trained):
     from helpers.evaluation import evaluate_variants
     from helpers.ip_adapter import EmbeddedDataset
     from helpers.models import load_components
-    from helpers.prior_eval import comparison_variants, held_out_prompts
+    from helpers.prior_images import comparison_variants, held_out_prompts
     from helpers.train import Trainer
     preset = get_preset("prior_sd15", "tiny")
     c = load_components(preset)
@@ -323,13 +324,32 @@ def compared(storage, embeddings, trained):
     board = runs.RunSet(pipe)
     name = board.add(storage / "runs" / "adapter")
     base, _, true, *priors = comparison_variants(board, name, embeddings, [p for p, _ in trained.values()])
-    prompts = held_out_prompts(embeddings, per_class=True)
-    assert len(prompts) == 10
+    prompts = held_out_prompts(embeddings, 10)  # the classes in turn: one caption of each
     result = evaluate_variants(pipe, [base, true, *priors], [prompts], [0, 1], storage / "eval",
                                ClipScorer.from_profile("tiny", device="cpu"), steps=EVAL_STEPS,
                                size=preset.resolution, pairs="all")
     print(result.table)
     return result.table
+
+
+def test_prompt_sources_give_the_priors_predictions_and_the_true_embeddings(trained, embeddings):
+    from helpers.prior_images import held_out_prompts, prior_image_embeds, prompt_ends, true_image_embeds
+    prompts = held_out_prompts(embeddings, 10)
+    labels = {embeddings.captions[i]: int(embeddings.labels[i]) for i in embeddings.held_out_indices.tolist()}
+    assert sorted(labels[p] for p in prompts.prompts) == list(range(10))  # one caption per class
+    truth = true_image_embeds(embeddings)(list(prompts.prompts[:2]), [0, 0])
+    rows = [next(i for i in embeddings.held_out_indices.tolist() if embeddings.captions[i] == p)
+            for p in prompts.prompts[:2]]
+    assert torch.equal(truth, embeddings.image_embeds[rows])
+    with pytest.raises(KeyError, match="no held-out image"):
+        true_image_embeds(embeddings)(["a photo of a unicorn"], [0])
+    diffusion = trained["prior_diffusion_cifar10"][0]
+    source = prior_image_embeds(diffusion, embeddings)
+    same_prompt = source([prompts.prompts[0]] * 3, [0, 0, 1])
+    assert torch.equal(same_prompt[0], same_prompt[1]) and not torch.equal(same_prompt[0], same_prompt[2])
+    ends = prompt_ends(diffusion, embeddings, prompts.prompts[0], prompts.prompts[1])
+    assert torch.equal(torch.stack([ends.a, ends.b]), source(list(prompts.prompts[:2]), [0, 0]))
+    assert ends.picture_a.size == embeddings.records[0].image().size
 
 
 def test_prior_driven_images_score_like_the_true_embeddings(compared):
