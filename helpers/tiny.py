@@ -68,13 +68,20 @@ def make_clip():
                                 projection_dim=CLIP_EMBED))
 
 
+# GroupNorm groups of the tiny VAE and UNets: 4 channels per group at the widest-resolution level, as the real VAE
+# (128 channels / 32 groups) and UNet (320 / 32 = 10). With the default 32 groups a 16- or 32-channel level would be
+# normalised per channel, which removes each channel's mean over the picture: flat colours then come back shifted.
+VAE_GROUPS, UNET_GROUPS = 4, 8
+
+
 def make_vae(scaling_factor: float, force_upcast: bool = True):
     from diffusers import AutoencoderKL
-    # Four levels, so images shrink 8× into 4-channel latents as in the real VAE.
-    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 64, 64),
+    # Four levels, so images shrink 8× into 4-channel latents as in the real VAE; cheap at full resolution (16
+    # channels), wider where the picture is small (128 channels at 1/8).
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 64, 128),
                          down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                         layers_per_block=1, norm_num_groups=16, sample_size=64, scaling_factor=scaling_factor,
-                         force_upcast=force_upcast)
+                         layers_per_block=1, norm_num_groups=VAE_GROUPS, sample_size=64,
+                         scaling_factor=scaling_factor, force_upcast=force_upcast)
 
 
 def make_unet(family: str):
@@ -88,14 +95,14 @@ def make_unet(family: str):
             sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64, 64),
             down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=CLIP_WIDTH, attention_head_dim=8)
+            cross_attention_dim=CLIP_WIDTH, attention_head_dim=8, norm_num_groups=UNET_GROUPS)
     return UNet2DConditionModel(
         sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64, 64),
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
         transformer_layers_per_block=(1, 1, 2), attention_head_dim=(2, 4, 4), use_linear_projection=True,
         cross_attention_dim=2 * CLIP_WIDTH, addition_embed_type="text_time", addition_time_embed_dim=8,
-        projection_class_embeddings_input_dim=CLIP_EMBED + 6 * 8)
+        projection_class_embeddings_input_dim=CLIP_EMBED + 6 * 8, norm_num_groups=UNET_GROUPS)
 
 
 def text_encoders(clip_dir: str | Path, family: str) -> list:

@@ -2,7 +2,9 @@
 
 Weight files are fp16 (half the size; each value is rounded once, harmless for models this size) while configs
 stay those of the fp32 models, so a plain `from_pretrained` loads fp32 on a CPU and the T4-dtype path loads fp16.
-Identical weights (the VAE in three folders, the text tower in several) are identical files: git stores them once.
+Identical weights (the VAE in three folders, the text tower in several, the fp16 variant files) are written once and
+linked (relative symlinks, `link_duplicates`), so the checkout holds each tensor file once; `from_pretrained` and
+safetensors follow the links.
 The CLIP goes out twice from ONE set of weights: transformers' layout (tiny/clip) and open_clip's (tiny/open_clip,
 with the committed tokenizer named in its config, which is the only way open_clip uses a folder's own tokenizer).
 """
@@ -85,7 +87,7 @@ def export_all(work: Path) -> None:
         shutil.rmtree(out / name, ignore_errors=True)
     tok = tiny.tokenizer()
     clip = CLIPModel.from_pretrained(work / "clip", dtype=torch.float32)
-    vae = AutoencoderKL.from_pretrained(work / "vae_ft" if (work / "vae_ft").is_dir() else work / "vae")
+    vae = AutoencoderKL.from_pretrained(work / "vae")
 
     folder = out / "clip"
     _save(clip, folder)
@@ -123,5 +125,26 @@ def export_all(work: Path) -> None:
     # for the fixed real one) without force_upcast.
     vae.register_to_config(force_upcast=False)
     _save(vae, out / "sdxl-vae-fp16-fix")
+    link_duplicates(out)
     for name in tiny.MODELS:
         (out / name / ".complete").write_text("written by scripts/build_tiny_world.py\n")
+
+
+def link_duplicates(root: Path) -> int:
+    """Replace every weight file whose bytes equal an earlier one's (in sorted path order) by a relative symlink to
+    it. Returns the bytes saved."""
+    import hashlib
+    import os
+    first: dict[str, Path] = {}
+    saved = 0
+    for path in sorted(root.rglob("*.safetensors")):
+        if path.is_symlink():
+            continue
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        if digest not in first:
+            first[digest] = path
+            continue
+        saved += path.stat().st_size
+        path.unlink()
+        path.symlink_to(os.path.relpath(first[digest], path.parent))
+    return saved
