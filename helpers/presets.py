@@ -149,11 +149,14 @@ PRESETS: dict[str, dict[str, Preset]] = {
                      lr_schedule="constant", warmup_steps=20, optimizer="adamw8bit", random_flip=True,
                      max_train_images=10_000, checkpoint_every=50, sample_every=100, sample_prompts=CIFAR_PROMPTS,
                      vram_plan_gib=7.0),
-        # 240 generated images at 64 px (latents 8×8); 4 × 1 = 4 images/step; 150 steps ≈ 2.5 epochs.
+        # 240 generated images at 64 px (latents 8×8); 4 × 1 = 4 images/step; 300 steps = 5 epochs. Measured on the
+        # committed tiny world (README, "what is verified where"): lr 1e-3 for 300 steps raises the held-out CLIP
+        # score by +16.6 [+10.4, +23.1]; 2e-3 for 150 steps leaves it where it was (≈ −1); 600 steps add little.
+        # 20 sampling steps: the pretrained tiny models draw in 20 what the real ones do (4 gives smudges).
         "tiny": Preset("sd15_xattn_cifar10", "tiny", "sd15", "tiny/sd15", "cifar10", "tiny/cifar10", "crossattn",
-                       resolution=64, batch_size=4, grad_accum=1, max_steps=150, learning_rate=2e-3,
+                       resolution=64, batch_size=4, grad_accum=1, max_steps=300, learning_rate=1e-3,
                        optimizer="adamw", mixed_precision="no", random_flip=True,
-                       checkpoint_every=50, sample_every=75, sample_prompts=CIFAR_PROMPTS, sample_steps=4),
+                       checkpoint_every=100, sample_every=150, sample_prompts=CIFAR_PROMPTS, sample_steps=20),
     },
     "sdxl_lora_naruto_256": {
         # 12 × 8 accumulation = 96 images/step; 200 steps = 19,200 images ≈ 15.7 epochs of 1,221.

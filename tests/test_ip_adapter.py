@@ -250,11 +250,10 @@ def test_runset_switches_base_and_adapter_run_in_one_pipeline(trained, pipe, tmp
 # ---------------------------------------------------------------- what the result must show
 
 TINY_BASE_CANNOT_DRAW = pytest.mark.xfail(strict=False, reason=(
-    "the committed tiny SD1.5-like base does not yet draw the CIFAR-like pictures: base + class caption is "
-    "classified 20 %; after 150 steps (600 steps) the adapter from true held-out embeddings reaches 22 % (37 %), "
-    "variations 50 % of pairs closer to their own source; the adapter does learn the embedding (fixed-noise loss "
-    "true 0.197 < zero 0.200 < shuffled 0.204 at 600 steps) and the VAE reconstructions are classified 100 %: "
-    "re-measure on the rebuilt tiny world (issue 11)"))
+    "measured on the rebuilt tiny world (issue 11) with the tiny preset (150 steps, lr 2e-3): images from the true "
+    "held-out embeddings are classified as their source class 57 % (base + class caption 35 %), variations closer "
+    "to their own source in 81 % of 90 pairs; 300 steps at 1e-3 or 2e-3 give 28 % / 20 %: the 210-image adapter "
+    "overfits. The class bar (70 %) is not met and the variations bar (80 %) only just, so both stay non-strict"))
 
 
 @TINY_BASE_CANNOT_DRAW
