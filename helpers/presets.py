@@ -1,5 +1,5 @@
 """ONE table of named training presets, each in a `t4` form (real models on a free Colab T4) and a `tiny` form
-(tiny random models and generated data, minutes on 2 CPU cores). The arithmetic behind each number is in the
+(tiny models pretrained on generated data, minutes on 2 CPU cores). The arithmetic behind each number is in the
 comments next to it; `helpers.memory` checks the T4 memory claims against the real architectures.
 """
 from __future__ import annotations

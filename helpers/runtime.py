@@ -1,7 +1,7 @@
 """Where we are running (Colab? GPU? how much memory?), which profile that allows, and where runs are stored.
 
-Profiles: `t4` runs real Hub models on a CUDA GPU (what Colab gives you); `tiny` runs tiny random models and
-generated data on any CPU, which is how CI proves the wiring. `auto` picks `t4` when a CUDA GPU is present.
+Profiles: `t4` runs real Hub models on a CUDA GPU (what Colab gives you); `tiny` runs tiny pretrained models
+and generated data on any CPU, which is how CI proves the wiring. `auto` picks `t4` when a CUDA GPU is present.
 """
 from __future__ import annotations
 
