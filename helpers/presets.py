@@ -205,12 +205,14 @@ PRESETS: dict[str, dict[str, Preset]] = {
                      optimizer="adamw8bit", random_flip=False, max_train_images=10_000, checkpoint_every=100,
                      sample_every=500, sample_prompts=CIFAR_PROMPTS, vram_plan_gib=8.9),
         # 240 generated images at 64 px (latents 8×8), 210 train + 30 held out (3 per class); 8 × 1 = 8 images/step;
-        # 150 steps ≈ 5.7 epochs. The adapter is new, so it gets a high learning rate on the tiny models.
+        # 400 steps ≈ 15 epochs at lr 1e-3. Measured (20 sampling steps, guidance 7.5): held-out pictures drawn back
+        # from their embeddings keep their class 83 %, variations stay nearest their source in ~90 % of pairs;
+        # 2e-3 swings with the step count (150: 57 %, 200: 60 %, 300: 45 %), so it is not used.
         "tiny": Preset("prior_sd15", "tiny", "sd15", "tiny/sd15", "cifar10", "tiny/cifar10", "ip_adapter",
-                       clip_model="tiny/clip", resolution=64, batch_size=8, grad_accum=1, max_steps=150,
-                       learning_rate=2e-3, lora_rank=8, lora_alpha=16, lora_dropout=0.1,
+                       clip_model="tiny/clip", resolution=64, batch_size=8, grad_accum=1, max_steps=400,
+                       learning_rate=1e-3, lora_rank=8, lora_alpha=16, lora_dropout=0.1,
                        lora_targets=("to_q", "to_k", "to_v"), optimizer="adamw", mixed_precision="no",
-                       checkpoint_every=50, sample_every=150, sample_prompts=CIFAR_PROMPTS[:2], sample_steps=4),
+                       checkpoint_every=100, sample_every=200, sample_prompts=CIFAR_PROMPTS[:2], sample_steps=4),
     },
     "prior_mlp_cifar10": {
         # The reference project's MLP prior: CLIP ViT-L/14 text embedding 768 → 1024 → 1024 → 768 (2.6M weights),

@@ -300,7 +300,7 @@ def test_t4_plan_of_both_priors_fits_with_a_gib_to_spare():
 
 # ---------------------------------------------------------------- text → prior → embedding → SD1.5 + adapter
 
-EVAL_STEPS = 10  # sampling steps of the compared images (DPM-Solver)
+EVAL_STEPS = 20  # sampling steps of the compared images (DPM-Solver), as notebook 04 draws them in tiny
 
 
 @pytest.fixture(scope="module")
