@@ -152,7 +152,8 @@ PRESETS: dict[str, dict[str, Preset]] = {
         # 240 generated images at 64 px (latents 8×8); 4 × 1 = 4 images/step; 300 steps = 5 epochs. Measured on the
         # committed tiny world (README, "what is verified where"): lr 1e-3 for 300 steps raises the held-out CLIP
         # score by +16.6 [+10.4, +23.1]; 2e-3 for 150 steps leaves it where it was (≈ −1); 600 steps add little.
-        # 20 sampling steps: the pretrained tiny models draw in 20 what the real ones do (4 gives smudges).
+        # 20 sampling steps (every tiny preset): the pretrained tiny models draw in 20 what the real ones do; 4 gives
+        # smudges.
         "tiny": Preset("sd15_xattn_cifar10", "tiny", "sd15", "tiny/sd15", "cifar10", "tiny/cifar10", "crossattn",
                        resolution=64, batch_size=4, grad_accum=1, max_steps=300, learning_rate=1e-3,
                        optimizer="adamw", mixed_precision="no", random_flip=True,
@@ -172,7 +173,7 @@ PRESETS: dict[str, dict[str, Preset]] = {
         "tiny": Preset("sdxl_lora_naruto_256", "tiny", "sdxl", "tiny/sdxl", "naruto", "tiny/naruto", "lora",
                        vae="tiny/sdxl-vae-fp16-fix", resolution=64, batch_size=4, grad_accum=2, max_steps=30,
                        learning_rate=1e-3, lora_rank=4, lora_alpha=4, optimizer="adamw", mixed_precision="no",
-                       checkpoint_every=10, sample_every=30, sample_prompts=NARUTO_PROMPTS[:2], sample_steps=4),
+                       checkpoint_every=10, sample_every=30, sample_prompts=NARUTO_PROMPTS[:2], sample_steps=20),
     },
     "sdxl_lora_naruto_1024": {
         # 1 × 8 accumulation = 8 images/step; 1,221 images → 152.6 steps/epoch; 5 epochs ≈ 763 → 765 steps.
@@ -190,7 +191,7 @@ PRESETS: dict[str, dict[str, Preset]] = {
                        vae="tiny/sdxl-vae-fp16-fix", resolution=128, batch_size=1, grad_accum=8, max_steps=12,
                        learning_rate=1e-3, lr_schedule="cosine", lora_rank=4, lora_alpha=4, optimizer="adamw",
                        mixed_precision="no", gradient_checkpointing=True, checkpoint_every=6, sample_every=12,
-                       sample_prompts=NARUTO_PROMPTS[:2], sample_steps=4),
+                       sample_prompts=NARUTO_PROMPTS[:2], sample_steps=20),
     },
     "prior_sd15": {
         # SD1.5 conditioned on CLIP ViT-L/14 image embeddings (notebook 04, helpers.ip_adapter): an IP-Adapter trained
@@ -212,7 +213,7 @@ PRESETS: dict[str, dict[str, Preset]] = {
                        clip_model="tiny/clip", resolution=64, batch_size=8, grad_accum=1, max_steps=400,
                        learning_rate=1e-3, lora_rank=8, lora_alpha=16, lora_dropout=0.1,
                        lora_targets=("to_q", "to_k", "to_v"), optimizer="adamw", mixed_precision="no",
-                       checkpoint_every=100, sample_every=200, sample_prompts=CIFAR_PROMPTS[:2], sample_steps=4),
+                       checkpoint_every=100, sample_every=200, sample_prompts=CIFAR_PROMPTS[:2], sample_steps=20),
     },
     "prior_mlp_cifar10": {
         # The reference project's MLP prior: CLIP ViT-L/14 text embedding 768 → 1024 → 1024 → 768 (2.6M weights),
