@@ -1,5 +1,5 @@
 """The Gradio app and its HTTP API: text to image and image to image with the base SD1.5 / SDXL models and every
-finished run, drawn by the ONE generation path of helpers.catalog (validation, one pipeline per family with the runs
+finished run, drawn by the ONE generation path of helpers.engine (validation, one pipeline per family with the runs
 switched inside it, img2img pipelines built from the loaded components, CLIP scores, out-of-memory advice, stops
 between denoising steps). This module adds only the web face and the serving rules.
 
@@ -37,7 +37,9 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home (ver
 
 import gradio as gr  # noqa: E402
 
-from .catalog import LIMITS, Catalog, Engine, Request, RequestError, TimeLimit  # noqa: E402
+from .catalog import Catalog  # noqa: E402
+from .drawing import LIMITS, Request, RequestError, TimeLimit  # noqa: E402
+from .engine import Engine  # noqa: E402
 
 GPU_JOBS = "gpu"  # the concurrency id shared by every endpoint that draws
 QUEUE_SIZE = 8  # waiting requests; a T4 draws an SDXL 1024 px image in ~1 min, so 8 is several minutes of waiting

@@ -1,6 +1,6 @@
 """The prompt explorer and the blind A/B study, as ipywidgets: built-in widgets only, so they run on Colab's
-ipywidgets 7.7 and on 8.x. Widgets only: what can draw, drawing, CLIP scores and saving are helpers.catalog; the
-study's order, answers and statistics are helpers.study.
+ipywidgets 7.7 and on 8.x. Widgets only: what can draw is helpers.catalog; drawing, CLIP scores and saving are
+helpers.engine; the study's order, answers and statistics are helpers.study.
 
     explorer = Explorer(engine)                  # display(explorer.widget)
     panel = StudyPanel(engine, scores=board.scores)   # display(panel.widget); reuses notebook 05's images
@@ -19,7 +19,8 @@ from html import escape
 import ipywidgets as widgets
 from PIL import Image
 
-from .catalog import LIMITS, Engine, Request, RequestError
+from .drawing import LIMITS, Request, RequestError
+from .engine import Engine
 from .prompts import STANDARD, get_prompt_set, spread
 from .study import Study, generate_pairs, pairs_from_scores, scripted_choice, study_csv
 
@@ -55,7 +56,7 @@ WIDE = {"description_width": "110px"}
 class Explorer:
     """Prompt, negative prompt, seed, steps, guidance, size, LoRA scale, a checkbox per model (bases and every
     finished run, by family), Generate → images side by side with their CLIP scores, Save → a PNG sheet and the
-    settings as JSON (helpers.catalog.Result.save)."""
+    settings as JSON (helpers.drawing.Result.save)."""
 
     def __init__(self, engine: Engine, prompt: str = "a photo of a cat", steps: int | None = None):
         self.engine, self.result, self.error = engine, None, ""  # error: the last message as plain text

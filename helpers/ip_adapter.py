@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .adapters import LORA_FILE, Lora, _cast_trainable_fp32, register_method
+from .adapters import LORA_FILE, Lora, register_method
+from .method import _cast_trainable_fp32
 from .diffusion import SampleDraws, denoising_loss, sample_latents
 from .models import Components, encode_images, encode_prompts
 

@@ -32,6 +32,7 @@ from .memory_meta import (GIB, crossattn_parameter_count, full_size_clip, full_s
                           text_lora_sizes)
 from .caches import CACHE_ENCODE_PIXELS
 from .presets import SD15, SDXL, SDXL_VAE_FIX, Preset, get_preset
+from .memory_calibration import calibration_table, calibration_text, error_band  # noqa: F401  (notebook 00, app)
 
 T4_USABLE_GIB = 14.74  # what torch reports as a Colab T4's "total capacity" (16 GB board, ECC and reserve off)
 MARGIN_GIB = 1.0  # kept free beyond the error band: allocator fragmentation, a stray tensor
@@ -270,68 +271,6 @@ def prior_plan(preset: Preset, encode_pixels: int = CACHE_ENCODE_PIXELS) -> dict
             "drive_mb": ckpt * min(writes, preset.keep_checkpoints)}
 
 
-# ---------------------------------------------------------------- calibration against published peaks
-
-def _sd15_dreambooth(batch: int, checkpointing: bool, optimizer: str) -> float:
-    # Full UNet fine-tune, 512 px, fp16 autocast, VAE and text encoder outputs cached and freed
-    p = get_preset("sd15_xattn_cifar10", "t4", method="full", resolution=512, batch_size=batch,
-                   gradient_checkpointing=checkpointing, optimizer=optimizer)
-    return estimate_vram(p)["phases_gib"]["training"]
-
-
-def _sdxl_blog(sliced: bool) -> float:
-    # SDXL base fp16 + SDPA, 4 images/prompt at 1024², stock VAE upcast to fp32 for the decode;
-    # max_memory_allocated excludes the CUDA context
-    counts = parameter_counts("sdxl")
-    weights = _gib(2 * (counts["unet"] + counts["text_encoder"] + counts["text_encoder_2"]) + 4 * counts["vae"])
-    return weights + inference_peak_gib("sdxl", 1024, 4, True, sliced, False) + CUDA_OVERHEAD_GIB - CUDA_CONTEXT_GIB
-
-
-def _sdxl_lora(**fields) -> float:
-    return estimate_vram(get_preset("sdxl_lora_naruto_1024", "t4", **fields))["phases_gib"]["training"]
-
-
-GB = 1e9 / GIB  # reports in GB (10^9 B) → GiB
-# (family, source, setting, reported GiB, "peak" (a measurement: in the band) or "max" (an upper bound), model)
-REPORTS = (
-    ("sd15", "ShivamShrirao/diffusers examples/dreambooth/README.md (Tesla T4)",
-     "full UNet 512px bs1 grad-ckpt 8-bit Adam: 9.92 GB", 9.92 * GB, "peak", lambda: _sd15_dreambooth(1, True,
-                                                                                                        "adamw8bit")),
-    ("sd15", "same table", "bs2 no grad-ckpt 8-bit Adam: 13.67 GB", 13.67 * GB, "peak",
-     lambda: _sd15_dreambooth(2, False, "adamw8bit")),
-    ("sd15", "same table", "bs1 grad-ckpt AdamW (no 8-bit): 15.79 GB", 15.79 * GB, "peak",
-     lambda: _sd15_dreambooth(1, True, "adamw")),
-    ("sdxl", "huggingface/blog simple_sdxl_optimizations.md (A100)", "fp16+SDPA, 4 × 1024² per call: 21.72 GB(iB)",
-     21.72, "peak", lambda: _sdxl_blog(False)),
-    ("sdxl", "same blog", "+ VAE slicing: 15.40 GB(iB)", 15.40, "peak", lambda: _sdxl_blog(True)),
-    ("sdxl", "kohya-ss/sd-scripts README, SDXL training", "LoRA 1024px, cached latents + text outputs, "
-     "grad-ckpt: 8 GB possible, 10 GB recommended", 10 * GB, "max", lambda: _sdxl_lora()),
-    ("sdxl", "diffusers examples/dreambooth/README_sdxl.md (PR #4470)", "LoRA 1024px bs1 grad-ckpt 8-bit Adam fp16, "
-     "VAE on GPU: < 16 GB", 16 * GB, "max", lambda: _sdxl_lora(cache_latents=False)),
-)
-
-
-def calibration_table() -> list[dict]:
-    """Each published report next to this model's prediction for the same setting (GiB) and the relative error."""
-    rows = []
-    for family, source, setting, reported, kind, model in REPORTS:
-        predicted = model()
-        rows.append({"family": family, "source": source, "setting": setting, "reported_gib": reported,
-                     "kind": kind, "predicted_gib": predicted, "error": predicted / reported - 1})
-    return rows
-
-
-_BAND: list[float] = []
-
-
-def error_band() -> float:
-    """The worst relative error of the model on the measured ("peak") reports; bounds are only checked."""
-    if not _BAND:
-        _BAND.append(0.0)  # the reports' own estimates do not use the band
-        _BAND[0] = max(abs(r["error"]) for r in calibration_table() if r["kind"] == "peak")
-    return _BAND[0]
-
-
 # ---------------------------------------------------------------- tables for notebook 00
 
 def _table(header, rows) -> str:
@@ -339,13 +278,6 @@ def _table(header, rows) -> str:
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)) for r in [header, *rows]]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
-
-
-def calibration_text() -> str:
-    rows = [(r["family"], r["setting"], f"{r['reported_gib']:.2f}" + (" max" if r["kind"] == "max" else ""),
-             f"{r['predicted_gib']:.2f}", f"{100 * r['error']:+.0f}%", r["source"]) for r in calibration_table()]
-    return (_table(("model", "setting", "reported", "predicted", "error", "source"), rows)
-            + f"\nerror band = ±{100 * error_band():.0f}% (worst measured report; 'max' rows are upper bounds)")
 
 
 def memory_plan_table(presets, encode_pixels: int = CACHE_ENCODE_PIXELS) -> str:

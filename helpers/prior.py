@@ -35,7 +35,8 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from .adapters import Method, register_method
+from .adapters import register_method
+from .method import Method
 from .diffusion import SampleDraws
 from .presets import Preset
 

@@ -7,7 +7,7 @@ with the same seeds, scored by CLIP and by PickScore; one summary table, a bar c
     board.chart                # the PNG: paired difference to the base per run, prompt set and score, 95 % CIs
 
 Per family, in turn (a T4 holds one family's pipeline and then one scorer at a time, see helpers.evalplan): the
-family's pipeline draws its base and every finished run (helpers.catalog, runs switched in ONE pipeline) on the
+family's pipeline draws its base and every finished run (helpers.engine, runs switched in ONE pipeline) on the
 family's prompt sets (FAMILY_SETS: the runs' training style, held-out wording or subjects, generic prompts) with the
 same seeds, through helpers.evaluation.evaluate_variants; the pipeline is freed. Then the CLIP scorer scores every
 image and is freed, then PickScore. Writes to `out_dir`: <family>/… (images, grids, table.csv + table.md: per prompt
@@ -21,7 +21,8 @@ from html import escape
 from pathlib import Path
 
 from . import prompts as prompt_sets
-from .catalog import Engine, Entry
+from .catalog import Entry
+from .engine import Engine
 from .evaluation import IMAGE_COLUMNS, POOLED, ScoreTable, evaluate_variants, results_frame, score_images, score_table
 from .models import release_cuda_cache
 

@@ -18,7 +18,8 @@ import torch
 from torch.utils.data import default_collate
 
 from . import checkpoint as ckpt
-from .adapters import Method, make_method
+from .adapters import make_method
+from .method import Method
 from .diffusion import SampleDraws
 from .files import NoSpaceError
 from .lock import RunLock

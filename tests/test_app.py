@@ -20,7 +20,9 @@ from gradio_client.utils import QueueError
 from PIL import Image
 
 from helpers.app import LabApp, client_snippet, curl_example, memory_plan, memory_plan_text
-from helpers.catalog import Catalog, Engine, Request
+from helpers.catalog import Catalog
+from helpers.drawing import Request
+from helpers.engine import Engine
 from tiny_runs import train_tiny_run
 
 LORA = "sd15_xattn_cifar10-lora-tiny"

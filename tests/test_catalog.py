@@ -12,7 +12,9 @@ import torch
 from PIL import Image
 
 from helpers import presets, runs, sampling
-from helpers.catalog import Catalog, Engine, Interrupted, Request, RequestError, TimeLimit, advice_for
+from helpers.catalog import Catalog
+from helpers.drawing import Interrupted, Request, RequestError, TimeLimit, advice_for
+from helpers.engine import Engine
 from helpers.evaluate import ClipScorer
 from tiny_runs import train_tiny_ip_adapter_run, train_tiny_run
 

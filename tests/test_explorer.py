@@ -10,7 +10,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from helpers.catalog import Catalog, Engine
+from helpers.catalog import Catalog
+from helpers.engine import Engine
 from helpers.explorer import EVALUATED, Explorer, StudyPanel
 from tiny_runs import train_tiny_run
 

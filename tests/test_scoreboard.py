@@ -3,7 +3,8 @@ import pandas as pd
 import pytest
 
 from helpers import evaluate
-from helpers.catalog import Catalog, Engine
+from helpers.catalog import Catalog
+from helpers.engine import Engine
 from helpers.pickscore import PickScorer
 from helpers.scoreboard import evaluate_runs, family_sets, t4_plan
 from tiny_runs import train_tiny_run
