@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import math
-import subprocess
 import random
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -68,6 +69,7 @@ def cosine_lr(opt, step: int, total: int, peak: float, warmup: int = 30) -> None
         group["lr"] = lr
 
 
+@functools.cache  # one drawing per process, whichever stages it runs
 def draw_sets(quick: bool) -> dict:
     """Every picture the build trains on, drawn once from BUILD_SEED (held-out tests use another seed)."""
     scale = 0.25 if quick else 1.0

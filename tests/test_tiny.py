@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import files, tiny
+from helpers import files, prompts, tiny
 
 
 def test_sd15_layout_and_generation():
@@ -126,7 +126,7 @@ def test_generated_sets_are_distinct_and_the_general_set_shows_no_fine_tuning_su
     def auc(subject, others):
         return (subject[:, None] > others[None, :]).float().mean().item()
 
-    class_prompts = [f"a photo of a{'n' if c[0] in 'aeiou' else ''} {c}" for c in CIFAR10_CLASSES]
+    class_prompts = list(prompts.cifar_prompts("train", n_templates=1).prompts)  # "a photo of a(n) <class>"
     pictures = [im for im, _ in general]
     cifar_auc = auc(best_match(cifar, class_prompts), best_match(pictures, class_prompts))
     naruto_auc = auc(best_match(naruto, sorted(captions)), best_match(pictures, sorted(captions)))

@@ -114,7 +114,7 @@ def test_clip_zero_shot_on_held_out_cifar_classes(scorer):
     labels = [k % 10 for k in range(200)]
     images = [tiny_data.draw_cifar(CIFAR10_CLASSES[k], rng, 32) for k in labels]
     classes = torch.nn.functional.normalize(scorer.text_features(
-        [f"a photo of a{'n' if c[0] in 'aeiou' else ''} {c}" for c in CIFAR10_CLASSES]), dim=-1)
+        list(prompts.cifar_prompts("train", n_templates=1).prompts)), dim=-1)  # "a photo of a(n) <class>"
     feats = torch.nn.functional.normalize(scorer.image_features(images), dim=-1)
     accuracy = (feats @ classes.T).argmax(1).eq(torch.tensor(labels)).float().mean().item()
     print(f"tiny CLIP zero-shot accuracy on 200 held-out CIFAR-like images: {accuracy:.1%}")
