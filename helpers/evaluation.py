@@ -258,3 +258,24 @@ def record_run_summary(csv_path: str | Path, row: dict, key: str = "method"):
     path.parent.mkdir(parents=True, exist_ok=True)
     frame.to_csv(path, index=False)
     return frame
+
+
+def fine_tune_and_evaluate(preset, prompt_sets: PromptSet | Sequence[PromptSet], root: Path,
+                           seeds: Sequence[int] = (0, 1), steps: int = 20, scorer: ClipScorer | None = None,
+                           guidance: float = 7.5) -> EvaluationResult:
+    """Train `preset` in `root`/runs/ (resuming a finished run there), then draw base vs tuned on ONE pipeline
+    and score them: what the tiny-world learning checks and scripts/measure_tiny_finetune.py measure."""
+    from . import data, runs, sampling
+    from .models import load_components
+    from .train import Trainer
+    components = load_components(preset)
+    dataset = data.prepare_dataset(preset, components)
+    run = runs.run_folder(preset, Path(root))
+    Trainer(preset, components, dataset, run).run()
+    del components, dataset
+    pipe = sampling.load_pipeline(preset, "cpu", progress=False)
+    loaded = runs.RunSet(pipe)
+    tuned = loaded.add(run)
+    variants = [loaded.variant(None), loaded.variant(tuned, label="tuned")]
+    return evaluate_variants(pipe, variants, prompt_sets, seeds=list(seeds), out_dir=run / "eval", scorer=scorer,
+                             steps=steps, size=preset.resolution, guidance=guidance)

@@ -156,7 +156,7 @@ def build_cifar10(path: Path, per_class: int = 24) -> None:
     (path / "train" / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def build_naruto(path: Path, count: int = 120, size: int = 128) -> None:
+def build_naruto(path: Path, count: int = tiny_data.NARUTO_FOLDER_COUNT, size: int = 128) -> None:
     """Naruto-BLIP look-alike: one recognisable flat 'anime' style with free-text captions, as an image folder with
     metadata.jsonl (file_name, text)."""
     rng = random.Random(tiny_data.NARUTO_FOLDER_SEED)

@@ -17,6 +17,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 CIFAR_FOLDER_SEED = 0  # the tiny/cifar10 folder notebooks fine-tune on
 NARUTO_FOLDER_SEED = 1  # the tiny/naruto folder
+NARUTO_FOLDER_COUNT = 120  # its pictures
 BUILD_SEED = 10  # everything scripts/build_tiny_world.py draws (pretraining sets, CLIP's captioned images)
 HELD_OUT_SEED = 987_654  # tests only: fresh pictures for PSNR, zero-shot accuracy and retrieval
 
@@ -198,6 +199,19 @@ def draw_naruto(rng: random.Random, size: int = 128) -> tuple[Image.Image, str]:
     if rng.random() < 0.3:
         caption = f"an anime character with {hair} hair and {outfit}"
     return img.filter(ImageFilter.SMOOTH), caption
+
+
+def held_out_naruto_captions(n: int = 16) -> list[str]:
+    """n distinct Naruto-like captions drawn with HELD_OUT_SEED, none of them a caption of the tiny/naruto folder:
+    in-domain prompts in the words the tiny CLIP knows, in combinations the fine-tune never saw."""
+    folder_rng = random.Random(NARUTO_FOLDER_SEED)
+    seen = {draw_naruto(folder_rng)[1] for _ in range(NARUTO_FOLDER_COUNT)}
+    rng, captions = random.Random(HELD_OUT_SEED + 7), []
+    while len(captions) < n:
+        caption = draw_naruto(rng)[1]
+        if caption not in seen and caption not in captions:
+            captions.append(caption)
+    return captions
 
 
 # Wordings the tiny CLIP learns CIFAR classes under: the fine-tune's training templates, the held-out ones and a few

@@ -1,0 +1,63 @@
+"""Measure a tiny-world fine-tune the way tests/test_tiny_world.py checks it: train a tiny preset (with overrides)
+in a fresh storage folder, draw base vs tuned on the same prompts and seeds, print the paired CLIP table.
+
+    python scripts/measure_tiny_finetune.py sdxl_lora_naruto_256                      # the preset as shipped
+    python scripts/measure_tiny_finetune.py sdxl_lora_naruto_256 max_steps=300 lora_rank=16 --seeds 0 1 2 3
+    python scripts/measure_tiny_finetune.py sd15_xattn_cifar10 max_steps=600
+
+Prompt sets: SDXL presets the Naruto-style prompts and held-out Naruto-like captions (helpers.tiny_data), SD1.5
+presets the CIFAR held-out templates. Numbers for README and closing notes come from here, not from timed tests.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from helpers import evaluate, evaluation, presets, prompts, tiny_data  # noqa: E402
+
+
+def prompt_sets(family: str) -> list[prompts.PromptSet]:
+    if family == "sdxl":
+        return [prompts.naruto_prompts(),
+                prompts.PromptSet("naruto-like held-out", tiny_data.held_out_naruto_captions(16), "in-domain")]
+    return [prompts.cifar_prompts("held-out")]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("preset")
+    parser.add_argument("overrides", nargs="*", help="preset fields, e.g. max_steps=300 learning_rate=5e-4")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--guidance", type=float, default=7.5)
+    args = parser.parse_args()
+    fields = {}
+    for item in args.overrides:
+        key, _, value = item.partition("=")
+        try:
+            fields[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            fields[key] = value
+    preset = presets.get_preset(args.preset, "tiny", sample_every=0, **fields)
+    start = time.time()
+    with tempfile.TemporaryDirectory(prefix="measure_") as root:
+        os.environ["LAB_STORAGE"] = root  # caches and the run stay in the temporary folder
+        result = evaluation.fine_tune_and_evaluate(
+            preset, prompt_sets(preset.family), Path(root), seeds=args.seeds, guidance=args.guidance,
+            scorer=evaluate.ClipScorer.from_profile("tiny", device="cpu"))
+        frame = result.table.frame
+    print(f"{preset.name} {fields or '(as shipped)'}, seeds {args.seeds}, guidance {args.guidance}: "
+          f"{time.time() - start:.0f} s")
+    for _, row in frame.iterrows():
+        label = f"{row['variant']} − {row['reference']}" if row["paired"] else row["variant"]
+        extra = f", {int(row['wins'])} wins of {row['n']}" if row["paired"] else f" (n {row['n']})"
+        print(f"  {row['prompt_set']:<22} {label:<13} {row['mean']:+7.2f} [{row['low']:+.2f}, {row['high']:+.2f}]{extra}")
+
+
+if __name__ == "__main__":
+    main()
