@@ -162,15 +162,14 @@ class Lora(Method):
         return mods
 
     def peft_state_dicts(self, components: Components) -> dict[str, dict[str, torch.Tensor]]:
-        """Module prefix → its LoRA weights in diffusers key layout (fp32, on CPU)."""
-        from diffusers.utils import convert_state_dict_to_diffusers
+        """Module prefix → its LoRA weights in peft's key layout (lora_A / lora_B; fp32, on CPU), which
+        `load_lora_weights` reads as it is. Not through diffusers' convert_state_dict_to_diffusers: that renames only
+        the attention projections (to_q.lora_A → to_q.lora.down), and a file mixing both layouts (a LoRA that also
+        adapts conv or feed-forward layers) loads WITHOUT its attention layers, silently."""
         from peft.utils import get_peft_model_state_dict
-        out = {}
-        for prefix, module in self.modules(components).items():
-            sd = get_peft_model_state_dict(module)
-            out[prefix] = {k: v.detach().to("cpu", torch.float32).contiguous()
-                           for k, v in convert_state_dict_to_diffusers(sd).items()}
-        return out
+        return {prefix: {k: v.detach().to("cpu", torch.float32).contiguous()
+                         for k, v in get_peft_model_state_dict(module).items()}
+                for prefix, module in self.modules(components).items()}
 
     def export(self, components: Components, out_dir: Path) -> list[Path]:
         from diffusers.utils import convert_state_dict_to_kohya

@@ -26,10 +26,11 @@ from .engine import Engine
 from .evaluation import IMAGE_COLUMNS, POOLED, ScoreTable, evaluate_variants, results_frame, score_images, score_table
 from .models import release_cuda_cache
 
-# training style and held-out prompts per data source; every family also gets the generic set
-SOURCE_SETS = {"cifar10": lambda: [prompt_sets.cifar_prompts("train"), prompt_sets.cifar_prompts("held-out")],
-               "naruto": lambda: [prompt_sets.naruto_prompts(), prompt_sets.held_out_subjects("anime style")],
-               "folder": lambda: [prompt_sets.held_out_subjects()]}
+# training style and held-out prompts per data source and profile; every family also gets the generic set
+SOURCE_SETS = {"cifar10": lambda profile: [prompt_sets.cifar_prompts("train"), prompt_sets.cifar_prompts("held-out")],
+               "naruto": lambda profile: [prompt_sets.naruto_prompts(profile),
+                                          prompt_sets.held_out_subjects("anime style")],
+               "folder": lambda profile: [prompt_sets.held_out_subjects()]}
 T4_STEPS = {"sd15": 25, "sdxl": 20}  # denoising steps on a T4 (DPM-Solver++ needs ~20-25); tiny: the preset's
 
 
@@ -38,7 +39,7 @@ def family_sets(runs: list[Entry], prompts_per_set: int) -> list[prompt_sets.Pro
     `prompts_per_set` prompts (helpers.prompts.spread)."""
     chosen: dict[str, prompt_sets.PromptSet] = {}
     for run in runs:
-        for s in SOURCE_SETS.get(run.preset.data_source, SOURCE_SETS["folder"])():
+        for s in SOURCE_SETS.get(run.preset.data_source, SOURCE_SETS["folder"])(run.preset.profile):
             chosen.setdefault(s.name, s)
     chosen.setdefault("generic", prompt_sets.generic_prompts())
     return [prompt_sets.spread(s, prompts_per_set) for s in chosen.values()]

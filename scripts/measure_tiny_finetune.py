@@ -5,8 +5,8 @@ in a fresh storage folder, draw base vs tuned on the same prompts and seeds, pri
     python scripts/measure_tiny_finetune.py sdxl_lora_naruto_256 max_steps=300 lora_rank=16 --seeds 0 1 2 3
     python scripts/measure_tiny_finetune.py sd15_xattn_cifar10 max_steps=600
 
-Prompt sets: SDXL presets the Naruto-style prompts and held-out Naruto-like captions (helpers.tiny_data), SD1.5
-presets the CIFAR held-out templates. Numbers for README and closing notes come from here, not from timed tests.
+Prompt sets: SDXL presets the real set's Naruto-style prompts and the tiny profile's (held-out Naruto-like captions),
+SD1.5 presets the CIFAR held-out templates. Numbers for README and closing notes come from here, not from timed tests.
 """
 from __future__ import annotations
 
@@ -19,13 +19,13 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from helpers import evaluate, evaluation, presets, prompts, tiny_data  # noqa: E402
+from helpers import evaluate, evaluation, presets, prompts  # noqa: E402
 
 
 def prompt_sets(family: str) -> list[prompts.PromptSet]:
     if family == "sdxl":
-        return [prompts.naruto_prompts(),
-                prompts.PromptSet("naruto-like held-out", tiny_data.held_out_naruto_captions(16), "in-domain")]
+        return [prompts.PromptSet("naruto style (real wording)", prompts.NARUTO_STYLE, "in-domain"),
+                prompts.naruto_prompts("tiny")]
     return [prompts.cifar_prompts("held-out")]
 
 

@@ -1,4 +1,6 @@
 """helpers.prompts: prompt sets as data, their constructors and the checks on a user's list."""
+from pathlib import Path
+
 import pytest
 
 from helpers import prompts, sources
@@ -67,3 +69,16 @@ def test_spread_picks_from_first_to_last_across_classes_and_templates():
     assert spread(full, 999).prompts == full.prompts
     with pytest.raises(ValueError):
         spread(full, 0)
+
+
+def test_tiny_naruto_prompts_are_held_out_captions_of_the_tiny_naruto_set():
+    """The tiny profile's Naruto-style set speaks the tiny world's words, in combinations its folder never shows."""
+    import json
+
+    from helpers import tiny
+    tiny_set = prompts.naruto_prompts("tiny")
+    assert tiny_set.name == prompts.naruto_prompts().name and len(tiny_set) == 16
+    folder = Path(tiny.resolve("tiny/naruto")) / "train" / "metadata.jsonl"
+    captions = {json.loads(line)["text"] for line in folder.read_text().splitlines()}
+    assert not captions & set(tiny_set.prompts)
+    assert all("ninja" in p or "anime character" in p for p in tiny_set.prompts)
