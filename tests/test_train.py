@@ -275,6 +275,28 @@ def test_exported_lora_loads_in_stock_pipeline_and_kohya_roundtrips(storage, tmp
     assert {float(v) for k, v in kohya.items() if k.endswith(".alpha")} == {8.0}
 
 
+def test_exported_text_encoder_lora_loads_in_stock_pipeline(storage, tmp_path):
+    """With train_text_encoder the file also carries both text encoders' LoRAs (peft key layout): a fresh stock
+    pipeline's encoders give the trained encoders' states."""
+    from diffusers import StableDiffusionXLPipeline
+    preset = presets.get_preset("sdxl_lora_naruto_256", "tiny", sample_every=0, max_train_images=16, max_steps=3,
+                                train_text_encoder=True, learning_rate=5e-2, lora_alpha=8)
+    c = load_components(preset)
+    Trainer(preset, c, data.prepare_dataset(preset, c), tmp_path / "run", hooks=[ExportHook()]).run()
+    ids = c.tokenizers[0](["a red circle on green grass"], padding="max_length", max_length=77,
+                          return_tensors="pt").input_ids
+    states = lambda encoder: encoder(ids, output_hidden_states=True).hidden_states[-2]  # noqa: E731
+    with torch.no_grad():
+        trained = [states(encoder.eval()) for encoder in c.text_encoders]
+        pipe = StableDiffusionXLPipeline.from_pretrained(tiny.resolve(preset.model))
+        base = states(pipe.text_encoder)
+        pipe.load_lora_weights(tmp_path / "run" / "final")
+        loaded = [states(pipe.text_encoder), states(pipe.text_encoder_2)]
+    assert not torch.allclose(base, trained[0], atol=1e-3)  # the text encoder did train
+    for got, want in zip(loaded, trained):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
 def test_exported_crossattn_weights_load_into_stock_unet(storage, tmp_path):
     from diffusers import UNet2DConditionModel
     preset = presets.get_preset("sd15_xattn_cifar10", "tiny", max_steps=5, sample_every=0, max_train_images=16)
