@@ -57,7 +57,10 @@ class LogHook(Hook):
         tmp = path.with_suffix(".tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
         tmp.replace(path)
-        self.bar = tqdm(total=t.preset.max_steps, initial=t.state.step, desc=t.preset.name, unit="step")
+        # Redrawn at most once a second: a notebook gets one output message per redraw, and thousands of them
+        # (one per step) overflow the kernel's output queue (nbval then loses the cell's end and times out).
+        self.bar = tqdm(total=t.preset.max_steps, initial=t.state.step, desc=t.preset.name, unit="step",
+                        mininterval=1.0)
         self.t0 = time.perf_counter()
 
     def on_step(self, t: Trainer) -> None:
@@ -71,7 +74,7 @@ class LogHook(Hook):
         postfix = dict(loss=f"{st.last_loss:.4f}", lr=f"{st.last_lr:.2e}")
         if st.skipped_steps:
             postfix["fp16_skipped"] = st.skipped_steps
-        self.bar.set_postfix(postfix)
+        self.bar.set_postfix(postfix, refresh=False)  # shown at the next redraw, not one redraw per step
         self.bar.update(1)
 
     def on_end(self, t: Trainer) -> None:
