@@ -21,8 +21,8 @@ from safetensors.torch import load_file, save_file
 
 from .adapters import LORA_FILE, Lora, register_method
 from .method import _cast_trainable_fp32
-from .diffusion import SampleDraws, denoising_loss, sample_latents
-from .models import Components, encode_images, encode_prompts
+from .diffusion import SampleDraws, denoising_loss
+from .models import Components, encode_prompts
 
 IP_ADAPTER_FILE = "ip_adapter.safetensors"
 NUM_TOKENS = 4  # ImageProjection's token count (diffusers fixes it at 4 for the `image_proj.proj.weight` layout)
@@ -157,12 +157,7 @@ class IPAdapter(Lora):
             raise ValueError("the ip_adapter method trains on items with image_embeds: wrap the dataset in "
                              "helpers.ip_adapter.EmbeddedDataset")
         device = draws.device
-        if "latent_params" in batch:
-            params = batch["latent_params"].to(device)
-        else:
-            with torch.no_grad():
-                params = encode_images(components.vae, batch["pixel_values"])
-        latents = sample_latents(components.vae.config, params, draws).to(device)
+        latents = self.latents(components, batch, draws)
         cond = self.conditioning(components, batch, device, dtype)
         drop_image, drop_text = (d.to(device) for d in condition_drops(draws))
         image = batch["image_embeds"].to(device, torch.float32)

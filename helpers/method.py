@@ -60,20 +60,24 @@ class Method:
         hooks, so a checkpoint written at this step already holds what this call updated (e.g. an EMA)."""
 
     # ---- the loss
+    @staticmethod
+    def latents(components: Components, batch: dict, draws: SampleDraws) -> torch.Tensor:
+        """The batch's training latents: drawn from the cached VAE distribution, or from a fresh encode of its
+        pixels, with the VAE's scaling, on the draws' device."""
+        if "latent_params" in batch:
+            params = batch["latent_params"].to(draws.device)
+        else:
+            with torch.no_grad():
+                params = encode_images(components.vae, batch["pixel_values"])
+        return sample_latents(components.vae.config, params, draws).to(draws.device)
+
     def loss(self, components: Components, batch: dict, models: dict[str, torch.nn.Module], draws: SampleDraws,
              dtype: torch.dtype) -> torch.Tensor:
         """Denoising loss of one micro-batch: latents (cached distribution or a fresh VAE encode) → noise at the
         samples' timesteps → UNet prediction vs target. `models` are the prepared `modules(components)`; `dtype` is
-        the
-        frozen weights' dtype (conditioning is cast to it)."""
-        device = draws.device
-        if "latent_params" in batch:
-            params = batch["latent_params"].to(device)
-        else:
-            with torch.no_grad():
-                params = encode_images(components.vae, batch["pixel_values"])
-        latents = sample_latents(components.vae.config, params, draws).to(device)
-        cond = self.conditioning(components, batch, device, dtype)
+        the frozen weights' dtype (conditioning is cast to it)."""
+        latents = self.latents(components, batch, draws)
+        cond = self.conditioning(components, batch, draws.device, dtype)
         return denoising_loss(models["unet"], components.noise_scheduler, latents, cond, draws,
                               self.preset.noise_offset, self.preset.snr_gamma)
 

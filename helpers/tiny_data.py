@@ -11,6 +11,7 @@ below; HELD_OUT_SEED is used by none of them, so tests measure on pictures no mo
 """
 from __future__ import annotations
 
+import functools
 import random
 
 from PIL import Image, ImageDraw, ImageFilter
@@ -201,7 +202,8 @@ def draw_naruto(rng: random.Random, size: int = 128) -> tuple[Image.Image, str]:
     return img.filter(ImageFilter.SMOOTH), caption
 
 
-def held_out_naruto_captions(n: int = 16) -> list[str]:
+@functools.cache  # the folder's 120 captions are drawn once per process
+def held_out_naruto_captions(n: int = 16) -> tuple[str, ...]:
     """n distinct Naruto-like captions drawn with HELD_OUT_SEED, none of them a caption of the tiny/naruto folder:
     in-domain prompts in the words the tiny CLIP knows, in combinations the fine-tune never saw."""
     folder_rng = random.Random(NARUTO_FOLDER_SEED)
@@ -211,7 +213,7 @@ def held_out_naruto_captions(n: int = 16) -> list[str]:
         caption = draw_naruto(rng)[1]
         if caption not in seen and caption not in captions:
             captions.append(caption)
-    return captions
+    return tuple(captions)
 
 
 # Wordings the tiny CLIP learns CIFAR classes under: the fine-tune's training templates, the held-out ones and a few

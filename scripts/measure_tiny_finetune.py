@@ -50,13 +50,9 @@ def main() -> None:
         result = evaluation.fine_tune_and_evaluate(
             preset, prompt_sets(preset.family), Path(root), seeds=args.seeds, guidance=args.guidance,
             scorer=evaluate.ClipScorer.from_profile("tiny", device="cpu"))
-        frame = result.table.frame
     print(f"{preset.name} {fields or '(as shipped)'}, seeds {args.seeds}, guidance {args.guidance}: "
           f"{time.time() - start:.0f} s")
-    for _, row in frame.iterrows():
-        label = f"{row['variant']} − {row['reference']}" if row["paired"] else row["variant"]
-        extra = f", {int(row['wins'])} wins of {row['n']}" if row["paired"] else f" (n {row['n']})"
-        print(f"  {row['prompt_set']:<22} {label:<13} {row['mean']:+7.2f} [{row['low']:+.2f}, {row['high']:+.2f}]{extra}")
+    print(result.table)
 
 
 if __name__ == "__main__":
