@@ -65,12 +65,14 @@ def records_digest(records: list[Record]) -> str:
 
 def _load(folder: Path, name: str, count: int) -> dict[str, torch.Tensor]:
     """The tensors of a cache folder after checking its manifest (checksums, sizes) and record count."""
-    from safetensors.torch import load_file
-    files.verify(folder, [f"{name}.safetensors", "cache.json"])
+    from safetensors.torch import load
+    tensors = f"{name}.safetensors"
+    manifest = files.verify(folder, [tensors, "cache.json"], read_later=[tensors])
     info = json.loads((folder / "cache.json").read_text())
     if info.get("version") != CACHE_VERSION or info.get("count") != count:
         raise ValueError("cache.json does not match (version or record count)")
-    return load_file(folder / f"{name}.safetensors")
+    # in memory, as verified: a memory map would follow later changes to the file (a truncation kills with SIGBUS)
+    return load(files.read_verified(folder, tensors, manifest))
 
 
 def cached(name: str, fields: dict, count: int, build, root: Path) -> tuple[dict, str, Path]:

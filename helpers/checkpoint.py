@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 import time
 import warnings
 from dataclasses import asdict
@@ -95,14 +94,14 @@ def save_checkpoint(run_dir: Path, step: int, trainable: dict[str, torch.Tensor]
         if len(existing) < 2 or latest_good(run_dir) in (None, existing[0]):
             return False
         print(f"low on space: removing the oldest checkpoint {existing[0].name} before writing step {step}")
-        shutil.rmtree(existing[0], ignore_errors=True)
+        files.discard(existing[0])
         return True
 
     # a re-save of the same step (after resuming before it) replaces the folder as a whole
     final = files.write_folder(Path(run_dir) / "checkpoints" / f"{PREFIX}{step:06d}", fill,
                                expected_bytes=expected_checkpoint_bytes(run_dir, weights), make_room=make_room)
     for old in checkpoint_dirs(run_dir)[:-max(1, keep)]:
-        shutil.rmtree(old, ignore_errors=True)
+        files.discard(old)  # emptied first: on Drive a deleted file would sit in the trash, counted, for 30 days
     return final
 
 

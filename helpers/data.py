@@ -162,6 +162,7 @@ def prepare_dataset(preset: Preset, components, report: ValidationReport | None 
     records = report.records
     if not records:
         raise DatasetError(f"no usable images in {preset.data_ref!r}:\n{report.summary()}")
+    runtime.require_lasting_storage(preset.profile, "building or reusing the caches")
     root = Path(root) if root is not None else runtime.storage_root()
     latents = text = None
     status, dirs = {}, {}

@@ -257,6 +257,7 @@ def embedding_set(source: Preset | tuple[str, str], clip_ref: str | None = None,
     from .sources import CIFAR10_CLASSES, load_source
     from .validation import validate
     if isinstance(source, Preset):
+        runtime.require_lasting_storage(source.profile, "building or reusing the CLIP embedding cache")
         kind, ref, limit, seed = source.data_source, source.data_ref, source.max_train_images, source.seed
         clip_ref = clip_ref or source.clip_model
         mixed, resolution = source.mixed_precision, source.resolution

@@ -5,6 +5,10 @@ A lock is stale, and taken over with a note, when its process is gone: on this h
 this very process: a notebook cell stopped before it could release), on another host (a Colab VM that
 disconnected: Drive outlives it) a heartbeat older than STALE_AFTER_S. A live trainer refreshes its heartbeat from
 a background thread, so long samples or slow steps never make its lock look stale.
+
+Another host's lock with a fresh heartbeat is waited out, with a countdown: after a disconnect the user reopens the
+notebook on a new VM within a minute or two, while the dead VM's last heartbeat is still young. If the heartbeat
+moves on while we wait, that trainer is alive, and we stop with its name.
 """
 from __future__ import annotations
 
@@ -14,6 +18,8 @@ import socket
 import threading
 import time
 from pathlib import Path
+
+from tqdm.auto import tqdm
 
 LOCK_FILE = "run.lock"
 HEARTBEAT_S = 30.0  # how often a live trainer refreshes its lock
@@ -35,7 +41,7 @@ def _alive(pid: int) -> bool:
 
 
 def _write(path: Path, info: dict) -> None:
-    tmp = path.with_name(f".{path.name}-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}-{socket.gethostname()}-{os.getpid()}")  # VMs share Drive
     tmp.write_text(json.dumps(info))
     os.replace(tmp, path)
 
@@ -65,18 +71,43 @@ class RunLock:
         age = time.time() - float(info.get("heartbeat", 0))
         return f"no heartbeat from host {info.get('host')} for {age:.0f} s" if age > STALE_AFTER_S else None
 
+    def _locked_message(self, info: dict) -> str:
+        return (f"{self.path.parent} is in use by another trainer (host {info.get('host')}, PID {info.get('pid')}, "
+                f"since {info.get('started')}): two trainers on one run folder would interleave their checkpoints. "
+                f"Stop the other one, or train into another run folder.")
+
+    def _wait_out(self, info: dict) -> dict | None:
+        """Another host's lock with a fresh heartbeat: wait until STALE_AFTER_S after that heartbeat, with a
+        countdown. Returns the lock as it is then (None when released); raises RunLocked if its heartbeat moves."""
+        seen = float(info.get("heartbeat", 0))
+        wait = max(0.0, seen + STALE_AFTER_S - time.time()) + 1.0
+        bar = tqdm(total=round(wait), unit="s", desc=f"waiting for host {info.get('host')}'s lock on "
+                   f"{self.path.parent.name} to expire (its VM may be gone)", leave=False)
+        try:
+            deadline = time.time() + wait
+            while time.time() < deadline:
+                time.sleep(min(1.0, max(0.0, deadline - time.time())))
+                bar.n = min(bar.total, round(wait - (deadline - time.time())))
+                bar.refresh()
+                now = self.holder()
+                if now is None:
+                    return None
+                if float(now.get("heartbeat", 0)) != seen or now.get("host") != info.get("host"):
+                    raise RunLocked(self._locked_message(now))
+        finally:
+            bar.close()
+        return self.holder()
+
     def acquire(self) -> str | None:
-        """Take the lock or raise RunLocked naming the holder; returns a note when a stale lock was taken over."""
+        """Take the lock or raise RunLocked naming the holder; returns a note when a stale lock was taken over.
+        Another host's fresh lock is first waited out (see the module docstring)."""
         info = self.holder()
+        if info is not None and info.get("host") != socket.gethostname() and self._stale_reason(info) is None:
+            info = self._wait_out(info)
         if info is not None:
             reason = self._stale_reason(info)
             if reason is None:
-                wait = (f"; if that session is gone, its lock expires {STALE_AFTER_S:.0f} s after its last "
-                        f"heartbeat" if info.get("host") != socket.gethostname() else "")
-                raise RunLocked(f"{self.path.parent} is in use by another trainer (host {info.get('host')}, PID "
-                                f"{info.get('pid')}, since {info.get('started')}): two trainers on one run folder "
-                                f"would interleave their checkpoints. Stop the other one, or train into another "
-                                f"run folder{wait}.")
+                raise RunLocked(self._locked_message(info))
             self.note = f"took over a stale lock on {self.path.parent.name}: {reason}"
             print("note:", self.note)
         self.path.parent.mkdir(parents=True, exist_ok=True)

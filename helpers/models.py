@@ -4,6 +4,8 @@ caches (helpers.train) call the same functions, so cached and uncached runs cond
 """
 from __future__ import annotations
 
+import gc
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -106,10 +108,24 @@ def on_device(modules: list, device: torch.device):
 
 def release_cuda_cache() -> None:
     """Return cached, unused CUDA blocks (after sampling or a stopped run), so the next phase can use them."""
-    import gc
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def release_stopped_run() -> None:
+    """Before a notebook cell loads models again after a stop (NaN, out of memory, the Stop button): drop what the
+    last exception keeps alive. Python keeps it as `sys.last_value` / `last_traceback` / `last_exc` (and IPython's
+    traceback printer as `.tb`); its frames hold the stopped trainer, its components and their GPU memory (+4.8 GiB
+    for SDXL). Set the cell's own names (`trainer = components = None`) before calling this."""
+    for name in ("last_type", "last_value", "last_traceback", "last_exc"):
+        if hasattr(sys, name):
+            setattr(sys, name, None)
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None else None
+    if shell is not None and getattr(shell, "InteractiveTB", None) is not None:
+        shell.InteractiveTB.tb = None
+    release_cuda_cache()
 
 
 def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:

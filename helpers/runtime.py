@@ -14,10 +14,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .bootstrap import DRIVE_FOLDER, DRIVE_MOUNT, is_colab
+
 PROFILES = ("t4", "tiny")
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DRIVE_MOUNT = Path("/content/drive")
-DRIVE_FOLDER = DRIVE_MOUNT / "MyDrive" / "t4-diffusion-lab"
+# On Colab without Drive (the permission refused): the VM's own disk, outside the clone, lost with the VM.
+COLAB_LOCAL_STORAGE = Path("/content/lab-outputs")
 
 ATTACH_T4 = ("This Colab runtime has no GPU. Attach a free T4: Runtime > Change runtime type > Hardware accelerator: "
              "T4 GPU > Save, then run the notebook again from the top. (PROFILE='tiny' runs the tiny CPU models.)")
@@ -25,6 +27,10 @@ ATTACH_T4 = ("This Colab runtime has no GPU. Attach a free T4: Runtime > Change 
 
 class ProfileError(RuntimeError):
     """The requested profile cannot run on this machine."""
+
+
+class StorageError(RuntimeError):
+    """Where state would be written does not outlive this Colab VM, and the run needs it to."""
 
 
 @dataclass(frozen=True)
@@ -50,13 +56,14 @@ def _host_ram_gb() -> float:
 
 
 def detect() -> Environment:
-    """Read the machine: Colab or not, GPU name and memory, RAM, Drive."""
-    is_colab = "google.colab" in sys.modules or bool(os.environ.get("COLAB_RELEASE_TAG"))
+    """Read the machine: Colab or not, GPU name and memory, RAM, Drive (mounted only counts on Colab: a
+    `/content/drive/MyDrive` folder elsewhere is just a folder)."""
+    colab = is_colab()
     cuda_name, vram = None, 0.0
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         cuda_name, vram = props.name, props.total_memory / 2**30
-    return Environment(is_colab, cuda_name, vram, _host_ram_gb(), (DRIVE_MOUNT / "MyDrive").is_dir())
+    return Environment(colab, cuda_name, vram, _host_ram_gb(), colab and (DRIVE_MOUNT / "MyDrive").is_dir())
 
 
 def choose_profile(requested: str = "auto", env: Environment | None = None) -> str:
@@ -82,27 +89,57 @@ def choose_profile(requested: str = "auto", env: Environment | None = None) -> s
 
 
 def mount_drive() -> bool:
-    """Mount Google Drive on Colab (asks for permission once). Elsewhere does nothing. Returns True if mounted."""
-    if (DRIVE_MOUNT / "MyDrive").is_dir():
-        return True
-    try:
-        from google.colab import drive  # type: ignore[import-not-found]
-    except ImportError:
+    """Mount Google Drive on Colab (asks for permission once per VM). Elsewhere does nothing. True if mounted."""
+    if not is_colab():
         return False
-    drive.mount(str(DRIVE_MOUNT))
+    if not (DRIVE_MOUNT / "MyDrive").is_dir():
+        from google.colab import drive  # type: ignore[import-not-found]  # exists only on Colab
+        drive.mount(str(DRIVE_MOUNT))
     return (DRIVE_MOUNT / "MyDrive").is_dir()
 
 
+_told_where: set[Path] = set()
+
+
 def storage_root(env: Environment | None = None) -> Path:
-    """Where runs, caches and tiny models live: LAB_STORAGE if set, Drive on Colab when mounted, else outputs/."""
+    """Where runs, caches and the tiny world's pictures live: LAB_STORAGE if set; on Colab, Drive when mounted, else
+    the VM's disk outside the clone (with a note: it is lost with the VM); elsewhere `<repo>/outputs`."""
+    env = env or detect()
     if os.environ.get("LAB_STORAGE"):
         root = Path(os.environ["LAB_STORAGE"])
-    elif (env or detect()).drive_mounted:
+    elif env.drive_mounted:
         root = DRIVE_FOLDER
+    elif env.is_colab:
+        root = COLAB_LOCAL_STORAGE
+        if root not in _told_where:
+            _told_where.add(root)
+            print(f"note: Google Drive is not mounted, so this VM's disk keeps what the tiny profile writes, in "
+                  f"{root}: it is gone when the VM is (run the setup cell again to mount Drive).")
     else:
         root = REPO_ROOT / "outputs"
     root.mkdir(parents=True, exist_ok=True)
     return root
+
+
+def require_lasting_storage(profile: str, what: str, env: Environment | None = None) -> None:
+    """Refuse `what` (training, caching) with the `t4` profile on Colab when its state would die with the VM."""
+    env = env or detect()
+    if profile == "t4" and env.is_colab and not env.drive_mounted and not os.environ.get("LAB_STORAGE"):
+        raise StorageError(f"{what} with the t4 profile needs Google Drive, the only place a checkpoint or cache "
+                           f"outlives a disconnect on Colab: run the setup cell at the top again and allow Drive "
+                           f"access when Colab asks.")
+
+
+def sync_drive() -> None:
+    """End of a notebook that wrote to Drive: on Colab, wait until Drive holds every file (flush), then unmount.
+    Running the setup cell again mounts it again. Elsewhere nothing to do."""
+    env = detect()
+    if not env.drive_mounted:
+        print(f"storage: {storage_root(env)} (no Drive to sync)")
+        return
+    from google.colab import drive  # type: ignore[import-not-found]  # exists only on Colab
+    drive.flush_and_unmount()
+    print("Drive has everything this notebook wrote (flushed and unmounted); the setup cell mounts it again.")
 
 
 def run_dir(name: str, root: Path | None = None) -> Path:

@@ -44,6 +44,13 @@ def oom_message(preset: Preset) -> str:
             + "".join(", " + o for o in offload) + ". Then run again: training resumes from the last checkpoint.")
 
 
+def interrupted_message(run_dir: Path, step: int, checkpoint: Path | None) -> str:
+    kept = (f"its last checkpoint, {checkpoint.name}, is whole" if checkpoint is not None else
+            "no checkpoint was written yet, so it starts over")
+    return (f"stopped by you (the Stop button, or Ctrl+C) at optimizer step {step}; {kept}. Run this cell again to "
+            f"continue {Path(run_dir).name} from there.")
+
+
 def sampling_oom_message(preset: Preset, step: int) -> str:
     return (f"CUDA out of memory while drawing the sample images of step {step}, not in training: the checkpoint of "
             f"this step is already safe. Sampling at {preset.resolution} px needs the VAE and text encoders back on "

@@ -4,7 +4,8 @@ generated datasets.
 Models (tiny/sd15, tiny/sdxl, tiny/sdxl-vae-fp16-fix, tiny/clip, tiny/open_clip) are committed read-only under
 helpers/assets/tiny_world/ (scripts/build_tiny_world.py pretrains them on a CPU; CI never rebuilds them) and are
 loaded by the SAME code as the real ones (`from_pretrained`, open_clip's local-dir). Datasets (tiny/cifar10,
-tiny/naruto) are drawn by helpers.tiny_data into outputs/tiny once: small and deterministic.
+tiny/naruto) are drawn by helpers.tiny_data into the storage folder's tiny/ once (on Colab: Drive): small and
+deterministic.
 
 The architecture of each tiny model lives here (`make_*`), so the build and the tests agree on one definition.
 """
@@ -19,7 +20,7 @@ from pathlib import Path
 import torch
 
 from . import files, tiny_data
-from .runtime import REPO_ROOT
+from .runtime import storage_root
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 TOKENIZER_DIR = ASSETS / "tiny_clip_tokenizer"
@@ -174,8 +175,9 @@ DATASETS: dict[str, Callable[[Path], None]] = {"cifar10": build_cifar10, "naruto
 
 
 def tiny_root() -> Path:
-    """Generated datasets live beside the repo's outputs/ (LAB_TINY_DIR overrides), shared by every run."""
-    root = Path(os.environ.get("LAB_TINY_DIR", REPO_ROOT / "outputs" / "tiny"))
+    """Generated datasets live in the storage folder's `tiny/` (LAB_TINY_DIR overrides), shared by every run: on
+    Colab that is Drive, so a fresh VM finds the pictures an earlier notebook drew and writes nothing in its clone."""
+    root = Path(os.environ.get("LAB_TINY_DIR") or storage_root() / "tiny")
     root.mkdir(parents=True, exist_ok=True)
     return root
 

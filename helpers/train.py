@@ -27,9 +27,9 @@ from .models import Components, release_cuda_cache
 from .optim import epoch_batches, make_lr_scheduler, make_optimizer
 from .precision import Precision, forked_rng, precision_for
 from .presets import Preset
-from .runtime import seed_everything
-from .stops import (MAX_CONSECUTIVE_SKIPS, SettingsChanged, TrainingStopped, nan_message, oom_message,
-                    settings_changed_message, skipped_message)
+from .runtime import require_lasting_storage, seed_everything
+from .stops import (MAX_CONSECUTIVE_SKIPS, SettingsChanged, TrainingStopped, interrupted_message, nan_message,
+                    oom_message, settings_changed_message, skipped_message)
 
 
 @dataclass
@@ -251,6 +251,7 @@ class Trainer:
 
     def run(self) -> TrainState:
         """Train to `preset.max_steps`, holding the run folder's lock (main process) for the whole run."""
+        require_lasting_storage(self.preset.profile, "training")
         lock = RunLock(self.run_dir) if self.is_main_process else None
         if lock is not None:
             lock.acquire()
@@ -301,6 +302,8 @@ class Trainer:
             stopped = oom_message(p)
         except (TrainingStopped, ckpt.CheckpointError, NoSpaceError) as e:
             stopped = str(e)
+        except KeyboardInterrupt:  # Colab's Stop button: the checkpoints on disk are whole (helpers.files)
+            stopped = interrupted_message(self.run_dir, st.step, ckpt.latest_good(self.run_dir))
         if stopped is not None:
             # Raised outside the handler, so the new exception chains to nothing: a notebook that keeps it (as
             # sys.last_value) holds no frame with activations or gradients, and a re-run gets its memory back.

@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -109,17 +110,36 @@ def test_a_live_trainer_on_the_folder_refuses_a_second_and_a_dead_ones_lock_is_t
     assert trainer.state.step == 4 and not (run / LOCK_FILE).exists()  # released at the end
 
 
-def test_another_hosts_lock_counts_until_its_heartbeat_is_stale(tmp_path):
+def test_another_hosts_fresh_lock_is_waited_out_with_a_countdown_then_taken_over(tmp_path, monkeypatch, capsys):
+    """A disconnect leaves the dead VM's lock on Drive with a young heartbeat; the user reopens the notebook on a new
+    VM at once. The new VM waits until that heartbeat is STALE_AFTER_S old (a countdown), then takes over."""
+    from helpers import lock as lock_module
+    monkeypatch.setattr(lock_module, "STALE_AFTER_S", 3.0)
     run = tmp_path / "run"
-    write_lock(run, "colab-vm-" + uuid.uuid4().hex[:6], 12345, time.time())
-    with pytest.raises(RunLocked, match="expires"):
-        RunLock(run).acquire()
-    write_lock(run, "colab-vm-gone", 12345, time.time() - STALE_AFTER_S - 5)
+    write_lock(run, "colab-vm-gone", 12345, time.time())
+    start = time.monotonic()
     lock = RunLock(run)
-    assert "no heartbeat" in lock.acquire()
+    assert "no heartbeat from host colab-vm-gone" in lock.acquire()
+    assert 2.5 < time.monotonic() - start < 8
+    assert "waiting for host colab-vm-gone's lock" in capsys.readouterr().err
     assert json.loads((run / LOCK_FILE).read_text())["pid"] == os.getpid()
     lock.release()
     assert not (run / LOCK_FILE).exists()
+
+
+def test_another_hosts_lock_whose_heartbeat_moves_is_a_live_trainer(tmp_path, monkeypatch):
+    from helpers import lock as lock_module
+    monkeypatch.setattr(lock_module, "STALE_AFTER_S", 30.0)
+    run = tmp_path / "run"
+    host = "colab-vm-" + uuid.uuid4().hex[:6]
+    write_lock(run, host, 12345, time.time())
+    beat = threading.Timer(1.0, lambda: write_lock(run, host, 12345, time.time()))  # the other VM is alive
+    beat.start()
+    start = time.monotonic()
+    with pytest.raises(RunLocked, match=f"in use by another trainer \\(host {host}"):
+        RunLock(run).acquire()
+    assert time.monotonic() - start < 10  # stopped at its next heartbeat, not after the full wait
+    beat.join()
 
 
 # ---------------------------------------------------------------- 3. a full disk

@@ -69,3 +69,28 @@ def test_environment_summary_and_versions():
         assert env.vram_gb > 0 and env.cuda_name in env.summary()
     v = runtime.versions()
     assert torch.__version__.startswith(v["torch"]) and v["diffusers"] != "not installed"
+
+
+def test_drive_counts_as_mounted_only_on_colab(tmp_path, monkeypatch):
+    monkeypatch.setattr(runtime, "DRIVE_MOUNT", tmp_path / "drive")
+    (tmp_path / "drive" / "MyDrive").mkdir(parents=True)
+    monkeypatch.delenv("COLAB_RELEASE_TAG", raising=False)
+    assert not runtime.detect().drive_mounted  # a folder of that name on another machine is just a folder
+    monkeypatch.setenv("COLAB_RELEASE_TAG", "release-colab-test")
+    env = runtime.detect()
+    assert env.is_colab and env.drive_mounted
+
+
+def test_colab_without_drive_keeps_state_off_the_clone_and_refuses_t4_training(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("LAB_STORAGE", raising=False)
+    monkeypatch.setattr(runtime, "COLAB_LOCAL_STORAGE", tmp_path / "vm-disk")
+    colab_no_drive = Environment(is_colab=True, cuda_name="Tesla T4", vram_gb=15.0, ram_gb=12.7, drive_mounted=False)
+    root = runtime.storage_root(colab_no_drive)
+    assert root == tmp_path / "vm-disk" and runtime.REPO_ROOT not in root.parents
+    assert "Google Drive is not mounted" in capsys.readouterr().out
+    with pytest.raises(runtime.StorageError, match="needs Google Drive.*setup cell"):
+        runtime.require_lasting_storage("t4", "training", colab_no_drive)
+    runtime.require_lasting_storage("tiny", "training", colab_no_drive)  # the tiny profile may, with the note above
+    runtime.require_lasting_storage("t4", "training", COLAB_T4)
+    monkeypatch.setenv("LAB_STORAGE", str(tmp_path / "chosen"))  # a folder the user chose: their call
+    runtime.require_lasting_storage("t4", "training", colab_no_drive)
