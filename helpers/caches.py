@@ -44,12 +44,26 @@ def _digest(obj) -> str:
 
 
 def model_fingerprint(ref: str) -> object:
-    """A Hub id as is; a local folder (tiny models) by its files' sizes and mtimes, so a rebuilt model is new."""
+    """A Hub id as is; a local folder (the tiny models, a model of your own) by its files' contents, so a rebuilt model
+    is new while the same files in another clone are not: on Colab every notebook clones the repository afresh (new
+    file times), and must still find the caches an earlier VM left on Drive."""
     path = Path(tiny.resolve(ref))
     if not path.is_dir():
         return ref
-    return [ref] + sorted((str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns)
+    return [ref] + sorted((str(p.relative_to(path)), p.stat().st_size, _content_digest(p))
                           for p in path.rglob("*") if p.is_file() and p.suffix in (".json", ".safetensors", ".bin"))
+
+
+def _content_digest(path: Path, chunk: int = 1 << 20) -> str:
+    """sha256 of a file's first and last MiB (its whole content when small): a safetensors header names every tensor
+    and its place, and retrained weights change the bytes at both ends; a multi-GB model is not read whole."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        h.update(f.read(chunk))
+        if path.stat().st_size > 2 * chunk:
+            f.seek(-chunk, 2)
+        h.update(f.read(chunk))
+    return h.hexdigest()
 
 
 def records_digest(records: list[Record]) -> str:

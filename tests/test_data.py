@@ -403,3 +403,23 @@ def test_preview_and_caption_lengths(tokenizer, tmp_path):
     assert lengths == [len(tokenizer(r.caption).input_ids) for r in records]
     fig = captions.caption_length_figure(lengths, path=tmp_path / "hist.png")
     assert (tmp_path / "hist.png").is_file() and fig.axes
+
+
+def test_a_local_model_is_known_by_its_contents_not_its_file_times(tmp_path):
+    """On Colab every notebook clones the repository afresh: the tiny models' files get new times, and the caches an
+    earlier VM left on Drive must still be found. A changed weight file is a new model."""
+    import os
+    import shutil
+
+    from helpers import caches, tiny
+    first, second = tmp_path / "clone-1", tmp_path / "clone-2"
+    for clone in (first, second):
+        shutil.copytree(tiny.resolve("tiny/sdxl-vae-fp16-fix"), clone)
+    for path in second.rglob("*"):
+        os.utime(path, (1_000_000, 1_000_000))
+    assert caches.model_fingerprint(str(first))[1:] == caches.model_fingerprint(str(second))[1:]
+    weights = next(second.rglob("*.safetensors"))
+    blob = bytearray(weights.read_bytes())
+    blob[-1] ^= 1
+    weights.write_bytes(bytes(blob))
+    assert caches.model_fingerprint(str(first))[1:] != caches.model_fingerprint(str(second))[1:]

@@ -17,10 +17,19 @@ def code_cells(path: Path) -> list[dict]:
 
 def test_every_notebook_starts_with_the_same_setup_cell():
     reference = "".join(code_cells(NOTEBOOKS[0])[0]["source"])
-    assert "REPO_URL" in reference and "requirements.txt" in reference
+    assert "REPO_URL" in reference and "bootstrap.settle(ROOT, REPO_URL)" in reference
     for path in NOTEBOOKS:
         assert "".join(code_cells(path)[0]["source"]) == reference, (
             f"{path.name}: setup cell differs from {NOTEBOOKS[0].name}; run scripts/sync_setup_cell.py")
+
+
+def test_the_setup_cell_mounts_and_reads_drive_where_helpers_says():
+    """The setup cell runs before the clone, so it spells Drive's mount point and the repository record itself."""
+    from helpers import bootstrap
+    source = "".join(code_cells(NOTEBOOKS[0])[0]["source"])
+    assert f'drive.mount("{bootstrap.DRIVE_MOUNT}")' in source
+    assert f'Path("{bootstrap.DRIVE_FOLDER / bootstrap.RECORD_FILE}")' in source
+    assert source.index("drive.mount(") < source.index('"git", "clone"')  # Drive first: nothing written before it
 
 
 def test_a_failed_clone_says_what_to_set_in_one_line(tmp_path):
