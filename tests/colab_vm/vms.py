@@ -147,7 +147,7 @@ class Colab:
 
     def _kernel_manager(self, folder: Path, hostname: str):
         from jupyter_client.kernelspec import KernelSpecManager
-        from jupyter_client.manager import KernelManager
+        from jupyter_client.manager import AsyncKernelManager  # nbclient's own: it notices a killed kernel
         spec = self.kernels / hostname / "colab-vm"
         spec.mkdir(parents=True)
         argv = ["unshare", "--mount", "--uts", "--propagation", "private", sys.executable,
@@ -155,7 +155,7 @@ class Colab:
                 "{connection_file}"]
         (spec / "kernel.json").write_text(json.dumps({"argv": argv, "display_name": f"VM {hostname}",
                                                       "language": "python"}))
-        return KernelManager(kernel_name="colab-vm",
+        return AsyncKernelManager(kernel_name="colab-vm",
                              kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(spec.parent)]))
 
     def run(self, notebook: str, fields: dict[str, str] | None = None, kill_when=None,
