@@ -88,16 +88,6 @@ def choose_profile(requested: str = "auto", env: Environment | None = None) -> s
     return requested
 
 
-def mount_drive() -> bool:
-    """Mount Google Drive on Colab (asks for permission once per VM). Elsewhere does nothing. True if mounted."""
-    if not is_colab():
-        return False
-    if not (DRIVE_MOUNT / "MyDrive").is_dir():
-        from google.colab import drive  # type: ignore[import-not-found]  # exists only on Colab
-        drive.mount(str(DRIVE_MOUNT))
-    return (DRIVE_MOUNT / "MyDrive").is_dir()
-
-
 _told_where: set[Path] = set()
 
 

@@ -16,6 +16,7 @@ from helpers.ip_adapter import (IP_ADAPTER_FILE, NUM_TOKENS, EmbeddedDataset, IP
                                 condition_drops, fixed_embeddings, fresh_ip_adapter, round_trip_delta)
 from helpers.diffusion import SampleDraws
 from helpers.models import load_components
+from helpers.stops import TrainingStopped
 from helpers.train import Trainer
 from torch.utils.data import default_collate
 
@@ -123,7 +124,7 @@ class Disconnect(Hook):
 
     def on_step(self, t):
         if t.state.step == self.at:
-            raise KeyboardInterrupt("session disconnected")
+            raise KeyboardInterrupt("the Stop button")  # the Trainer stops with a sentence, checkpoints whole
 
 
 def test_a_disconnected_run_resumes_to_the_same_weights(tmp_path):
@@ -139,7 +140,7 @@ def test_a_disconnected_run_resumes_to_the_same_weights(tmp_path):
         return trainer
 
     reference = run(tmp_path / "a", [LogHook(), CheckpointHook()])
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(TrainingStopped, match="stopped by you .* step-000004, is whole"):
         run(tmp_path / "b", [LogHook(), CheckpointHook(), Disconnect(at=5)])
     assert [p.name for p in checkpoint_dirs(tmp_path / "b")] == ["step-000002", "step-000004"]
     resumed = run(tmp_path / "b", [LogHook(), CheckpointHook()])
