@@ -117,7 +117,10 @@ class Engine:
         entry = self.catalog.get(name)
         _, board = self._runset(entry)
         label = label or (name if scale == 1.0 or not entry.is_run else f"{name} ×{scale:g}")
-        embeds = self._image_embeds(entry.source) if entry.source is not None else None
+        embeds = None
+        if entry.source is not None:  # looked up on each call, so the variant does not keep the prior (and its
+            source = entry.source   # CLIP) alive after unload(): a later call loads it again
+            embeds = lambda prompts, seeds: self._image_embeds(source)(prompts, seeds)  # noqa: E731
         return board.variant(entry.folder.name if entry.is_run else None, scale, label, image_embeds=embeds)
 
     def _image_embeds(self, source: Path):
