@@ -168,19 +168,43 @@ def family_of(pipe) -> str:
     return "sdxl" if "text_encoder_2" in pipe.components else "sd15"
 
 
-def pipeline_from_components(components: Components, unet=None):
-    """A stock diffusers pipeline around already-loaded components (no second copy of the weights), for samples
-    during training. The scheduler is the base model's own (from its scheduler/ folder)."""
+def pipeline_from_components(components: Components, unet=None, scheduler=None, safety_checker: dict | None = None):
+    """A stock diffusers pipeline around already-loaded components (no second copy of the weights). `scheduler`:
+    default DPM-Solver++ from the base model's training schedule (samples during training); `safety_checker`: SD1.5's
+    checker and feature extractor (`load_safety_checker`), None = none."""
     from diffusers import DPMSolverMultistepScheduler
     if not components.text_encoders:
         raise ValueError("sampling needs the text encoders loaded (load_components(..., with_text_encoders=True))")
-    scheduler = DPMSolverMultistepScheduler.from_config(components.noise_scheduler.config)
+    scheduler = scheduler or DPMSolverMultistepScheduler.from_config(components.noise_scheduler.config)
     parts = dict(vae=components.vae, text_encoder=components.text_encoders[0], tokenizer=components.tokenizers[0],
                  unet=unet if unet is not None else components.unet, scheduler=scheduler)
     if components.family == "sdxl":
         parts.update(text_encoder_2=components.text_encoders[1], tokenizer_2=components.tokenizers[1])
     else:
-        parts.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        checker = safety_checker or {}
+        parts.update(safety_checker=checker.get("safety_checker"), feature_extractor=checker.get("feature_extractor"),
+                     requires_safety_checker=bool(checker))
     pipe = pipeline_class(components.family)(**parts)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def pipeline_scheduler(model: str):
+    """The inference scheduler the model's own pipeline uses (model_index.json: PNDM for SD1.5, Euler for SDXL)."""
+    import diffusers
+    _, name = diffusers.DiffusionPipeline.load_config(model)["scheduler"]
+    return getattr(diffusers, name).from_pretrained(model, subfolder="scheduler")
+
+
+def load_safety_checker(model: str, dtype: torch.dtype, device: torch.device | str) -> dict:
+    """SD1.5's safety checker (a CLIP ViT-L/14 vision tower, 304M parameters) and its feature extractor on `device`,
+    when the model ships one (its model_index.json lists it); {} when it does not (the tiny models)."""
+    import diffusers
+    from transformers import CLIPImageProcessor
+    checker_class, _ = diffusers.DiffusionPipeline.load_config(model).get("safety_checker", [None, None])
+    if checker_class is None:
+        return {}
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    checker = _frozen_on(from_pretrained(StableDiffusionSafetyChecker, model, "safety_checker", dtype), device)
+    return {"safety_checker": checker,
+            "feature_extractor": CLIPImageProcessor.from_pretrained(model, subfolder="feature_extractor")}
