@@ -54,10 +54,11 @@ PLAN_IMAGES = 4  # images per request at most (LIMITS["count"])
 # ---------------------------------------------------------------- the T4 memory plan
 
 def memory_plan(families=("sd15", "sdxl"), images: int = PLAN_IMAGES) -> list[dict]:
-    """Per family at its native size: planned GPU peak (GiB, fp16 weights of the pipeline + the ViT-L-14 scorer +
-    sampling room + CUDA overhead) of `images` images drawn three ways; `fits` = within a T4 with the error band
-    and 1 GiB to spare (helpers.memory). The last way is what helpers.sampling does."""
-    from .evalplan import explorer_fits, explorer_gib, weights_gib
+    """Per family at its native size: planned GPU peak (GiB, fp16 weights of the pipeline as the engine loads it,
+    SD1.5 with its safety checker, + the ViT-L-14 scorer + sampling room + CUDA overhead) of `images` images drawn
+    three ways; `fits` = within a T4 with the error band and 1 GiB to spare (helpers.memory). The last way is what
+    helpers.sampling does."""
+    from .evalplan import explorer_fits, explorer_gib, pipeline_gib, weights_gib
     from .memory import CUDA_OVERHEAD_GIB, MARGIN_GIB, T4_USABLE_GIB, error_band, inference_peak_gib
     from .sampling import images_per_call
     rows = []
@@ -72,7 +73,7 @@ def memory_plan(families=("sd15", "sdxl"), images: int = PLAN_IMAGES) -> list[di
             ways.append((f"{per_call} per call, VAE slicing" + (" + tiling" if tiled else "") + " (this app)",
                          per_call, True, True))
         for way, per, sliced, tiled in ways:
-            gib = (weights_gib(family) + weights_gib("clip") + CUDA_OVERHEAD_GIB
+            gib = (pipeline_gib(family) + weights_gib("clip") + CUDA_OVERHEAD_GIB
                    + inference_peak_gib(family, size, per, False, sliced, tiled))
             rows.append(dict(family=family, size=size, way=way, gib=round(gib, 2),
                              fits=gib * (1 + error_band()) + MARGIN_GIB <= T4_USABLE_GIB))
@@ -136,7 +137,7 @@ class LabApp:
                 self.jobs -= 1
         self._tally(True)
         gallery = [(d.image, f"{result.labels.get(d.model, d.model)} · seed {d.seed}"
-                    + ("" if d.clip_score is None else f" · CLIP {d.clip_score:.1f}")) for d in result.images]
+                    + (f" · {d.score_text}" if d.score_text else "")) for d in result.images]
         return [gallery, result.settings()]
 
     def _tally(self, ok: bool) -> None:

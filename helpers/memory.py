@@ -243,6 +243,19 @@ def prior_predict_gib(preset: Preset) -> float:
     return INFERENCE_SLACK * _gib(prior_predict_bytes(preset, full_size_clip().config.projection_dim))
 
 
+def prior_source_gib(preset: Preset) -> float:
+    """What a finished prior drawing from prompts holds on the GPU (helpers.prior_images.prompt_source): its CLIP's
+    text tower and projection in fp16, the prior's fp32 weights and one prediction batch (`prior_predict_gib`)."""
+    import torch
+    from .prior import make_network
+    clip = full_size_clip()
+    text = sum(p.numel() for m in (clip.text_model, clip.text_projection) for p in m.parameters())
+    with torch.device("meta"):
+        prior = sum(p.numel() for n, p in make_network(preset, clip.config.projection_dim).named_parameters()
+                    if not n.startswith("clip_"))
+    return _gib(2 * text + 4 * prior) + prior_predict_gib(preset)
+
+
 def prior_plan(preset: Preset, encode_pixels: int = CACHE_ENCODE_PIXELS) -> dict:
     """The T4 plan of a prior preset, in `estimate_vram`'s terms: the embedding cache is the adapter's caching phase;
     training and generation keep the adapter plan's loaded state (SD1.5 + adapter run + CLIP; its sampling phase
@@ -317,5 +330,5 @@ def memory_plan_table(presets, encode_pixels: int = CACHE_ENCODE_PIXELS) -> str:
 
 __all__ = ["full_size_unet", "full_size_text_encoders", "full_size_vae", "full_size_clip", "parameter_counts",
            "crossattn_parameter_count", "lora_parameter_count", "optimizer_state_bytes", "checkpoint_mb",
-           "host_ram_gib", "load_ram_gib", "prior_predict_gib", "images_per_call", "activation_gib", "inference_peak_gib", "estimate_vram", "calibration_table",
+           "host_ram_gib", "load_ram_gib", "prior_predict_gib", "prior_source_gib", "images_per_call", "activation_gib", "inference_peak_gib", "estimate_vram", "calibration_table",
            "error_band", "calibration_text", "memory_plan_table", "T4_USABLE_GIB", "COLAB_RAM_GIB", "MARGIN_GIB"]

@@ -53,9 +53,9 @@ def test_generate_shows_one_card_per_ticked_model_with_its_clip_score(engine):
     assert ui.error == "" and ui.progress.value == 1.0 and ui.progress.bar_style == "success"
     cards = ui.gallery.children
     assert len(cards) == 3 and [d.model for d in ui.result.images] == ["SD1.5 base", LORA, "SDXL base"]
-    for card, drawn, px in zip(cards, ui.result.images, (192, 192, 256)):
+    for card, drawn, px in zip(cards, ui.result.images, (192, 192, 192)):
         image, caption = card.children
-        assert shown(image).shape == (px, px, 3)  # 64 px (SD1.5) ×3, 128 px (SDXL) ×2 on screen (NEAREST)
+        assert shown(image).shape == (px, px, 3)  # 64 px (both tiny bases' own size) ×3 on screen (NEAREST)
         assert f"CLIP {drawn.clip_score:.1f}" in caption.value and f"seed 4" in caption.value
     small = np.asarray(ui.result.images[0].image).astype(np.int16)
     assert np.array_equal(shown(cards[0].children[0])[::3, ::3], small)  # the pixels drawn, not a re-render
