@@ -78,10 +78,27 @@ def memory_plan(families=("sd15", "sdxl"), images: int = PLAN_IMAGES) -> list[di
             rows.append(dict(family=family, size=size, way=way, gib=round(gib, 2),
                              fits=gib * (1 + error_band()) + MARGIN_GIB <= T4_USABLE_GIB))
     if len(families) > 1:  # the engine keeps both families loaded only when this fits (else frees one first)
+        fits = explorer_fits(families)
         rows.append(dict(family="+".join(families), size=max(PLAN_SIZES[f] for f in families),
-                         way="both pipelines loaded, the larger drawing as this app does",
-                         gib=round(explorer_gib(families), 2), fits=explorer_fits(families)))
+                         way="both pipelines loaded, the larger drawing as this app does"
+                             + ("" if fits else " (so the engine frees one before the other loads)"),
+                         gib=round(explorer_gib(families), 2), fits=fits))
     return rows
+
+
+def host_ram_text(families=("sd15", "sdxl")) -> str:
+    """Peak host RAM while the engine loads each family's pipeline, one component at a time (helpers.memory)."""
+    from .evalplan import BASE_PRESETS, safety_checker_parameters
+    from .memory import COLAB_RAM_GIB, HAS_FP16_VARIANT, host_ram_gib, load_ram_gib
+    from .presets import get_preset
+    parts = []
+    for family in families:
+        preset = get_preset(BASE_PRESETS[family], "t4")
+        ram = host_ram_gib(preset)
+        if family == "sd15":  # its safety checker is one more component
+            ram = max(ram, load_ram_gib(safety_checker_parameters(), HAS_FP16_VARIANT[preset.model]))
+        parts.append(f"{family} {ram:.1f} GiB")
+    return f"Host RAM while loading, one component at a time: {', '.join(parts)} of Colab's {COLAB_RAM_GIB} GiB"
 
 
 def memory_plan_text(rows: list[dict]) -> str:
@@ -90,6 +107,8 @@ def memory_plan_text(rows: list[dict]) -> str:
              f"±{100 * error_band():.0f}% band and {MARGIN_GIB:.0f} GiB to spare):"]
     lines += [f"  {r['family']} at {r['size']} px, {r['way']}: {r['gib']:.1f} GiB → "
               f"{'fits' if r['fits'] else 'DOES NOT FIT'}" for r in rows]
+    lines.append("SD1.5 loads with its safety checker (0.57 GiB, counted above): a public link is not an evaluation "
+                 f"table. {host_ram_text(tuple(dict.fromkeys(f for r in rows for f in r['family'].split('+'))))}.")
     return "\n".join(lines)
 
 
@@ -326,5 +345,6 @@ if __name__ == "__main__":
     main()
 
 
-__all__ = ["GPU_JOBS", "QUEUE_SIZE", "TIME_LIMIT", "STEPS", "HOST", "memory_plan", "memory_plan_text", "LabApp",
+__all__ = ["GPU_JOBS", "QUEUE_SIZE", "TIME_LIMIT", "STEPS", "HOST", "memory_plan", "memory_plan_text", "host_ram_text",
+           "LabApp",
            "gallery_picture", "client_snippet", "curl_example", "api_help", "main"]
