@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
 
 import torch
 
@@ -41,15 +43,37 @@ def vae_scale_factor(vae_config) -> int:
 
 def from_pretrained(cls, ref: str, subfolder: str | None, dtype: torch.dtype, **kwargs):
     """`cls.from_pretrained` in `dtype`; for fp16 the repository's fp16 variant files when it has them (SDXL's UNet
-    is 5.1 GB as fp16 files instead of 10.3 GB in fp32, on a machine with 12.7 GB of RAM), else its plain files."""
+    is 5.1 GB as fp16 files instead of 10.3 GB in fp32, on a machine with 12.7 GB of RAM), else its plain files.
+    The repository is asked which files it has first: diffusers logs a red "An error occurred while trying to
+    fetch … Defaulting to unsafe serialization" for a missing variant (the fp16-fix VAE), then loads fine."""
     if subfolder:
         kwargs["subfolder"] = subfolder
-    if dtype == torch.float16:
+    if dtype == torch.float16 and has_fp16_variant(ref, subfolder) is not False:
         try:
             return cls.from_pretrained(ref, variant="fp16", dtype=dtype, **kwargs)
-        except (OSError, ValueError):  # no fp16 variant here (e.g. the fp16-fix VAE): the plain files
+        except (OSError, ValueError):  # could not ask (offline) and there is none: the plain files
             pass
     return cls.from_pretrained(ref, dtype=dtype, **kwargs)
+
+
+def has_fp16_variant(ref: str, subfolder: str | None = None) -> bool | None:
+    """Whether the model folder or Hub repository `ref` has fp16 variant weights (`*.fp16.safetensors` / `.bin`)
+    in `subfolder`; None when the Hub cannot be asked (offline)."""
+    folder = Path(ref) / (subfolder or "")
+    if Path(ref).is_dir():
+        return any(".fp16." in p.name for p in folder.iterdir()) if folder.is_dir() else False
+    try:
+        files = _repo_files(ref)
+    except Exception:  # offline or unreachable: try the variant and let the load decide
+        return None
+    prefix = f"{subfolder}/" if subfolder else ""
+    return any(f.startswith(prefix) and "/" not in f[len(prefix):] and ".fp16." in f for f in files)
+
+
+@lru_cache(maxsize=None)
+def _repo_files(repo_id: str) -> tuple[str, ...]:
+    from huggingface_hub import list_repo_files
+    return tuple(list_repo_files(repo_id))
 
 
 def _frozen_on(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
