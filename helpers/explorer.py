@@ -186,7 +186,10 @@ class StudyPanel:
                                "prompt-set")
         self.prompts = _tag(widgets.IntText(value=3, description="prompts", style=WIDE), "prompts")
         self.seeds = _tag(widgets.IntText(value=2, description="seeds", style=WIDE), "seeds")
-        self.rater = _tag(widgets.Text(value="", placeholder="your name", description="rater", style=WIDE), "rater")
+        # continuous_update=False: the name reaches the kernel on Enter (or leaving the field), not per keystroke;
+        # each new name shows that rater's next pair, two full images over Colab's comm channel
+        self.rater = _tag(widgets.Text(value="", placeholder="your name, then Enter", description="rater", style=WIDE,
+                                       continuous_update=False), "rater")
         self.start = _tag(widgets.Button(description="Start", button_style="primary"), "start")
         self.buttons = {c: _tag(widgets.Button(description=d, disabled=True), f"answer-{c}") for c, d in
                         (("left", "◀ Left is better"), ("tie", "Tie"), ("right", "Right is better ▶"))}

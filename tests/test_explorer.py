@@ -115,6 +115,7 @@ def test_without_runs_the_explorer_says_so_and_offers_the_bases(tmp_path):
 def test_the_study_through_its_widgets(engine, root):
     panel = StudyPanel(engine, seed=3)
     assert (panel.a.value, panel.b.value) == ("SD1.5 base", LORA)
+    assert panel.rater.continuous_update is False  # the name (and two images back) on Enter, not per keystroke
     panel.prompt_set.value, panel.prompts.value, panel.seeds.value = "cifar train", 2, 2
     panel.start.click()
     assert "Type your name" in panel.message.value and panel.study is None
