@@ -143,13 +143,17 @@ def scorer_ram_gib(scorer: str) -> float:
 def evaluation_plan(runs: dict[str, list[Preset]], images: dict[str, int], sizes: dict[str, int],
                     steps: dict[str, int], pickscore: bool = True, safety_checker: bool = True,
                     sources: dict[str, list[Preset]] | None = None) -> list[Phase]:
-    """The phases in the order the notebook runs them, then the hypothetical "all at once" row. `runs`: run presets
+    """The phases in the order the notebook runs them (first a fresh VM's installs and downloads), then the
+    hypothetical "all at once" row. `runs`: run presets
     per family that is drawn; `images`: images drawn per family (every variant × prompt × seed); `sources`: per
     family, the priors an image-conditioned run draws through (their CLIP text tower, weights, one prediction
     batch); `safety_checker`: SD1.5 loads its checker (helpers.engine does)."""
     from .presets import get_preset
-    from .timing import generation_seconds
-    phases, total_images = [], sum(images.values())
+    from .timing import generation_seconds, setup_seconds
+    models = [m for f in runs for m in (f, "safety_checker")[:1 + (safety_checker and f == "sd15")]]
+    models += ["clip"] + ["pickscore"] * pickscore + ["clip_l14"] * any((sources or {}).values())
+    seconds, what = setup_seconds(models)  # a fresh Colab VM: only Drive lasts, every model downloads again
+    phases, total_images = [Phase("setup", what, 0.0, seconds)], sum(images.values())
     for family in runs:
         extra = sum(run_gib(p) for p in runs[family])
         prompt_sources = (sources or {}).get(family, [])
@@ -169,7 +173,7 @@ def evaluation_plan(runs: dict[str, list[Preset]], images: dict[str, int], sizes
         phases.append(Phase(scorer, f"{SCORERS[scorer][0]} scoring {total_images} images in batches of "
                                     f"{SCORE_BATCH}", weights_gib(scorer) + scoring_room_gib(scorer)
                             + CUDA_OVERHEAD_GIB, scoring_seconds(scorer, total_images), scorer_ram_gib(scorer)))
-    everything = sum(p.gib - CUDA_OVERHEAD_GIB for p in phases) + CUDA_OVERHEAD_GIB
+    everything = sum(p.gib - CUDA_OVERHEAD_GIB for p in phases if p.gib) + CUDA_OVERHEAD_GIB
     phases.append(Phase("all at once", "every model above resident together", everything, 0.0,
                         max(p.ram_gib for p in phases)))
     return phases
@@ -177,18 +181,23 @@ def evaluation_plan(runs: dict[str, list[Preset]], images: dict[str, int], sizes
 
 def plan_text(phases: list[Phase]) -> str:
     from .memory import COLAB_RAM_GIB
-    from .timing import duration
+    from .timing import RANGE, duration, span
     band = error_band()
-    rows = [(p.name, f"{p.gib:.1f}", f"{p.gib * (1 + band) + MARGIN_GIB:.1f}", "fits" if p.fits else "DOES NOT FIT",
-             f"{p.ram_gib:.1f}", duration(p.seconds) if p.seconds else "", p.resident) for p in phases]
+    rows = [(p.name, *((f"{p.gib:.1f}", f"{p.gib * (1 + band) + MARGIN_GIB:.1f}", "fits" if p.fits else "DOES NOT FIT",
+                        f"{p.ram_gib:.1f}") if p.gib else ("", "", "", "")),
+             span(p.seconds, "download" if p.name == "setup" else "extrapolated") if p.seconds else "", p.resident)
+            for p in phases]
     header = ("phase", "GiB", "+band+margin", "verdict", "RAM GiB", "time", "resident")
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
     total = sum(p.seconds for p in phases)
+    low = sum(p.seconds * RANGE["download" if p.name == "setup" else "extrapolated"][0] for p in phases)
+    high = sum(p.seconds * RANGE["download" if p.name == "setup" else "extrapolated"][1] for p in phases)
     return "\n".join(lines + [f"T4: {T4_USABLE_GIB} GiB usable, band ±{100 * band:.0f}%, margin {MARGIN_GIB:.0f} "
                               f"GiB; RAM: peak host RAM while the phase loads, one component at a time (Colab: "
                               f"{COLAB_RAM_GIB} GiB); phases run one after another (each model freed before the "
-                              f"next): about {duration(total)} in all"])
+                              f"next): ≈ {duration(total)} in all ({duration(low)}–{duration(high)}; times: "
+                              "helpers.timing, anchored on a published T4 SDXL speed, downloads at ≈ 40 MB/s)"])
 
 
 LADDER = ((10, 4), (8, 4), (8, 3), (6, 3), (5, 3), (4, 3), (4, 2), (3, 2), (2, 2), (2, 1), (1, 1))
@@ -198,12 +207,13 @@ def choose_counts(runs: dict[str, list[Preset]], sets: dict[str, int], sizes: di
                   steps: dict[str, int], budget_seconds: float = 1800, pickscore: bool = True,
                   safety_checker: bool = True, sources: dict[str, list[Preset]] | None = None
                   ) -> tuple[int, int, list[Phase]]:
-    """The largest (prompts per set, seeds) of LADDER whose plan takes at most `budget_seconds` on a T4, and that
-    plan. `sets`: prompt sets per family; every family draws 1 + len(runs) variants."""
+    """The largest (prompts per set, seeds) of LADDER whose drawing and scoring take at most `budget_seconds` on a T4
+    (a fresh VM's installs and downloads come on top), and that plan. `sets`: prompt sets per family; every family
+    draws 1 + len(runs) variants."""
     for prompts, seeds in LADDER:
         images = {f: (1 + len(runs[f])) * sets[f] * prompts * seeds for f in runs}
         phases = evaluation_plan(runs, images, sizes, steps, pickscore, safety_checker, sources)
-        if sum(p.seconds for p in phases) <= budget_seconds:
+        if sum(p.seconds for p in phases if p.name != "setup") <= budget_seconds:  # the downloads come on top
             return prompts, seeds, phases
     return prompts, seeds, phases
 

@@ -78,5 +78,6 @@ def test_prompt_sets_follow_the_runs_data_and_the_t4_plan_sizes_them(board, tmp_
     assert [s.name for s in sets] == ["cifar train", "cifar held-out", "generic"] and all(len(s) == 3 for s in sets)
     assert len({p.split()[-1] for p in sets[0].prompts}) == 3  # spread over the classes, not one class thrice
     prompts, seeds, phases = t4_plan(catalog)
-    assert phases[0].name == "sd15" and f"drawing {3 * 3 * prompts * seeds} images" in phases[0].resident
+    assert phases[0].name == "setup" and "SD1.5 2.1 GB" in phases[0].resident and "SDXL" not in phases[0].resident
+    assert phases[1].name == "sd15" and f"drawing {3 * 3 * prompts * seeds} images at 256 px" in phases[1].resident
     assert t4_plan(Catalog.scan("tiny", tmp_path)) is None
