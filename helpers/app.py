@@ -42,8 +42,9 @@ from .drawing import LIMITS, Request, RequestError, TimeLimit  # noqa: E402
 from .engine import Engine  # noqa: E402
 
 GPU_JOBS = "gpu"  # the concurrency id shared by every endpoint that draws
-QUEUE_SIZE = 8  # waiting requests; a T4 draws an SDXL 1024 px image in ~1 min, so 8 is several minutes of waiting
-TIME_LIMIT = {"t4": 300.0, "tiny": 60.0}  # seconds per request, loading included (4 SDXL 1024 px images ≈ 4 min)
+QUEUE_SIZE = 8  # waiting requests: at a few SDXL images each, several minutes of waiting (time_plan_text)
+TIME_LIMIT = {"t4": 300.0, "tiny": 60.0}  # seconds per request, loading included: room for the largest request
+#                                           (4 SDXL 1024 px images) at the estimate, not at its slow end
 STEPS = {"t4": 25, "tiny": 4}  # default denoising steps
 MAX_UPLOAD = "20mb"
 HOST = "127.0.0.1"  # never 0.0.0.0: off Colab the app is for this machine; on Colab the share link is the way in
@@ -84,6 +85,20 @@ def memory_plan(families=("sd15", "sdxl"), images: int = PLAN_IMAGES) -> list[di
                              + ("" if fits else " (so the engine frees one before the other loads)"),
                          gib=round(explorer_gib(families), 2), fits=fits))
     return rows
+
+
+def time_plan_text(steps: int = STEPS["t4"]) -> str:
+    """How long a fresh Colab VM takes to serve (installs and downloads) and a request takes to draw, on a T4, from
+    helpers.timing (estimates with their ranges), beside the time limit."""
+    from .timing import generation_seconds, setup_seconds, span
+    setup, what = setup_seconds(["sd15", "safety_checker", "sdxl", "clip"])
+    lines = [f"Time on a T4 (helpers.timing, estimates): a fresh VM's {what}: {span(setup, 'download')}"]
+    for family, images in (("sd15", 1), ("sdxl", 1), ("sdxl", PLAN_IMAGES)):
+        size = PLAN_SIZES[family]
+        lines.append(f"  {images} {family} image(s) at {size} px, {steps} steps: "
+                     f"{span(generation_seconds(family, size, steps, images))}")
+    lines.append(f"  a request past {TIME_LIMIT['t4']:g} s is stopped between denoising steps (--time-limit)")
+    return "\n".join(lines)
 
 
 def host_ram_text(families=("sd15", "sdxl")) -> str:
@@ -170,7 +185,7 @@ class LabApp:
         if model in (None, "", []):
             raise gr.Error(f"Choose a model: one of {self.engine.catalog.names()}", title="Cannot draw this",
                            print_exception=False)
-        size = None if size == 0 else size  # 0 = the model's own size (its training resolution)
+        size = None if size == 0 else size  # 0 = the model's own: a base's native size, a run's training size
         return Request(prompt, (model,) if isinstance(model, str) else model, negative_prompt, seed, steps,
                        guidance, size, scale, count, **img2img)
 
@@ -317,7 +332,7 @@ def api_help(url: str = "http://127.0.0.1:7860/") -> str:
             f"(gallery, settings)\n"
             f"- `/img2img(model, prompt, image, strength, negative_prompt, seed, steps, guidance, size, scale, "
             f"count)` → (gallery, settings)\n- `/status()` → models, loaded pipelines, counters, limits\n\n"
-            f"size 0 = the model's own size. Replace the address with this app's (on Colab: its share link). "
+            f"size 0 = the model's own size (a base model's native size, a run's training size). Replace the address with this app's (on Colab: its share link). "
             f"Python:\n```python\n{client_snippet(url)}\n```\n"
             f"curl:\n```bash\n{curl_example(url)}\n```")
 
@@ -333,7 +348,7 @@ def main(argv: list[str] | None = None) -> None:
     from .runtime import choose_profile
     profile = choose_profile(args.profile)
     app = LabApp(Engine(Catalog.scan(profile)), args.time_limit, args.queue_size,
-                 plan=memory_plan_text(memory_plan()) if profile == "t4" else None)
+                 plan=memory_plan_text(memory_plan()) + "\n" + time_plan_text() if profile == "t4" else None)
     print(app.launch(share=args.share or None, port=args.port, inline=False))
     try:
         app.blocks.block_thread()  # until Ctrl+C
@@ -346,5 +361,6 @@ if __name__ == "__main__":
 
 
 __all__ = ["GPU_JOBS", "QUEUE_SIZE", "TIME_LIMIT", "STEPS", "HOST", "memory_plan", "memory_plan_text", "host_ram_text",
+           "time_plan_text",
            "LabApp",
            "gallery_picture", "client_snippet", "curl_example", "api_help", "main"]
