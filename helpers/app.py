@@ -40,6 +40,9 @@ import gradio as gr  # noqa: E402
 from .catalog import Catalog  # noqa: E402
 from .drawing import LIMITS, Request, RequestError, TimeLimit  # noqa: E402
 from .engine import Engine  # noqa: E402
+from .evalplan import pipeline_ram_gib  # noqa: E402
+from .memory import COLAB_RAM_GIB  # noqa: E402
+from .timing import generation_seconds, setup_seconds, span  # noqa: E402
 
 GPU_JOBS = "gpu"  # the concurrency id shared by every endpoint that draws
 QUEUE_SIZE = 8  # waiting requests: at a few SDXL images each, several minutes of waiting (time_plan_text)
@@ -90,7 +93,6 @@ def memory_plan(families=("sd15", "sdxl"), images: int = PLAN_IMAGES) -> list[di
 def time_plan_text(steps: int = STEPS["t4"]) -> str:
     """How long a fresh Colab VM takes to serve (installs and downloads) and a request takes to draw, on a T4, from
     helpers.timing (estimates with their ranges), beside the time limit."""
-    from .timing import generation_seconds, setup_seconds, span
     setup, what = setup_seconds(["sd15", "safety_checker", "sdxl", "clip"])
     lines = [f"Time on a T4 (helpers.timing, estimates): a fresh VM's {what}: {span(setup, 'download')}"]
     for family, images in (("sd15", 1), ("sdxl", 1), ("sdxl", PLAN_IMAGES)):
@@ -103,16 +105,7 @@ def time_plan_text(steps: int = STEPS["t4"]) -> str:
 
 def host_ram_text(families=("sd15", "sdxl")) -> str:
     """Peak host RAM while the engine loads each family's pipeline, one component at a time (helpers.memory)."""
-    from .evalplan import BASE_PRESETS, safety_checker_parameters
-    from .memory import COLAB_RAM_GIB, HAS_FP16_VARIANT, host_ram_gib, load_ram_gib
-    from .presets import get_preset
-    parts = []
-    for family in families:
-        preset = get_preset(BASE_PRESETS[family], "t4")
-        ram = host_ram_gib(preset)
-        if family == "sd15":  # its safety checker is one more component
-            ram = max(ram, load_ram_gib(safety_checker_parameters(), HAS_FP16_VARIANT[preset.model]))
-        parts.append(f"{family} {ram:.1f} GiB")
+    parts = [f"{family} {pipeline_ram_gib(family):.1f} GiB" for family in families]
     return f"Host RAM while loading, one component at a time: {', '.join(parts)} of Colab's {COLAB_RAM_GIB} GiB"
 
 

@@ -22,46 +22,24 @@ from functools import lru_cache
 
 import torch
 
-from .configs import CLIP_H14_TEXT, CLIP_H14_VISION, CLIP_L14_TEXT, CLIP_L14_VISION
-from .memory import (CUDA_OVERHEAD_GIB, HAS_FP16_VARIANT, INFERENCE_SLACK, MARGIN_GIB, T4_USABLE_GIB, error_band,
+from .memory import (COLAB_RAM_GIB, CUDA_OVERHEAD_GIB, HAS_FP16_VARIANT, INFERENCE_SLACK, MARGIN_GIB, T4_USABLE_GIB, error_band,
                      host_ram_gib, inference_peak_gib, load_ram_gib, prior_source_gib)
-from .memory_meta import (GIB, crossattn_parameter_count, full_size_unet, lora_parameter_count, make_trainable,
-                          parameter_counts)
-from .presets import Preset
+from .memory_meta import (GIB, SCORERS, crossattn_parameter_count, full_size_scorer, full_size_unet,
+                          lora_parameter_count, make_trainable, parameter_counts, safety_checker_parameters)
+from .presets import Preset, get_preset
+from .timing import RANGE, duration, generation_seconds, scorer_tflop, seconds_per_tflop, setup_seconds, span
 
-SCORERS = {"clip": ("open_clip ViT-L-14 (openai)", CLIP_L14_TEXT, CLIP_L14_VISION, 768),
-           "pickscore": ("PickScore v1 (CLIP-H-14)", CLIP_H14_TEXT, CLIP_H14_VISION, 1024)}
 NATIVE_SIZE = {"sd15": 512, "sdxl": 1024}  # each family's own size: what a base draws at when asked for size 0
 BASE_PRESETS = {"sd15": "sd15_xattn_cifar10", "sdxl": "sdxl_lora_naruto_1024"}  # what loads each base pipeline
 #                                                                               (helpers.catalog.BASES)
 SCORE_BATCH = 32  # images per scorer call (helpers.evaluation.score_images)
 
 
-@lru_cache(maxsize=None)
-def _scorer_model(name: str):
-    from transformers import CLIPConfig, CLIPModel
-    _, text, vision, dim = SCORERS[name]
-    with torch.device("meta"):
-        return CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=dim))
-
-
-@lru_cache(maxsize=None)
-def safety_checker_parameters() -> int:
-    """Parameters of SD1.5's safety checker (diffusers' StableDiffusionSafetyChecker: a CLIP ViT-L/14 vision tower,
-    its projection and the concept embeddings), built on the meta device."""
-    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
-    from transformers import CLIPConfig
-    with torch.device("meta"):
-        checker = StableDiffusionSafetyChecker(CLIPConfig(text_config=CLIP_L14_TEXT, vision_config=CLIP_L14_VISION,
-                                                          projection_dim=768))
-    return sum(p.numel() for p in checker.parameters())
-
-
 def weights_gib(model: str) -> float:
     """fp16 weights of "sd15" / "sdxl" (whole pipeline), a scorer ("clip", "pickscore") or SD1.5's
     "safety_checker", GiB."""
     if model in SCORERS:
-        return 2 * sum(p.numel() for p in _scorer_model(model).parameters()) / GIB
+        return 2 * sum(p.numel() for p in full_size_scorer(model).parameters()) / GIB
     if model == "safety_checker":
         return 2 * safety_checker_parameters() / GIB
     return 2 * sum(parameter_counts(model).values()) / GIB
@@ -71,6 +49,14 @@ def pipeline_gib(family: str, safety_checker: bool = True) -> float:
     """fp16 weights of a family's inference pipeline as helpers.sampling.load_pipeline loads it: SD1.5 with its
     safety checker when the path asks for one (helpers.engine does)."""
     return weights_gib(family) + (weights_gib("safety_checker") if safety_checker and family == "sd15" else 0.0)
+
+
+def pipeline_ram_gib(family: str, safety_checker: bool = True) -> float:
+    """Peak host RAM while a family's inference pipeline loads one component at a time (helpers.memory's rule),
+    SD1.5's safety checker included when the path loads it."""
+    base = get_preset(BASE_PRESETS[family], "t4")
+    checker = safety_checker and family == "sd15"
+    return max(host_ram_gib(base), load_ram_gib(safety_checker_parameters(), HAS_FP16_VARIANT[base.model]) * checker)
 
 
 @lru_cache(maxsize=None)
@@ -97,21 +83,7 @@ def scoring_room_gib(model: str, batch: int = SCORE_BATCH) -> float:
     return INFERENCE_SLACK * 2 * batch * tokens * (2 * vision["hidden_size"] + vision["intermediate_size"]) / GIB
 
 
-@lru_cache(maxsize=None)
-def scorer_tflop(model: str) -> float:
-    """TFLOPs to score one image: the vision tower at its input size (texts are encoded once per prompt)."""
-    from torch.utils.flop_counter import FlopCounterMode
-    clip = _scorer_model(model).half()
-    size = SCORERS[model][2]["image_size"]
-    with torch.device("meta"):
-        pixels = torch.randn(1, 3, size, size, dtype=torch.float16)
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        clip.visual_projection(clip.vision_model(pixel_values=pixels).pooler_output)
-    return counter.get_total_flops() / 1e12
-
-
 def scoring_seconds(model: str, images: int) -> float:
-    from .timing import seconds_per_tflop
     return images * scorer_tflop(model) * seconds_per_tflop()
 
 
@@ -136,7 +108,7 @@ SCORER_FILE_BYTES = {"clip": 4, "pickscore": 6}  # host bytes per weight while a
 
 
 def scorer_ram_gib(scorer: str) -> float:
-    n = sum(p.numel() for p in _scorer_model(scorer).parameters())
+    n = sum(p.numel() for p in full_size_scorer(scorer).parameters())
     return load_ram_gib(n, True) + (SCORER_FILE_BYTES[scorer] - 2) * n / GIB
 
 
@@ -148,8 +120,6 @@ def evaluation_plan(runs: dict[str, list[Preset]], images: dict[str, int], sizes
     per family that is drawn; `images`: images drawn per family (every variant × prompt × seed); `sources`: per
     family, the priors an image-conditioned run draws through (their CLIP text tower, weights, one prediction
     batch); `safety_checker`: SD1.5 loads its checker (helpers.engine does)."""
-    from .presets import get_preset
-    from .timing import generation_seconds, setup_seconds
     models = [m for f in runs for m in (f, "safety_checker")[:1 + (safety_checker and f == "sd15")]]
     models += ["clip"] + ["pickscore"] * pickscore + ["clip_l14"] * any((sources or {}).values())
     seconds, what = setup_seconds(models)  # a fresh Colab VM: only Drive lasts, every model downloads again
@@ -160,10 +130,7 @@ def evaluation_plan(runs: dict[str, list[Preset]], images: dict[str, int], sizes
         held = sum(prior_source_gib(p) for p in prompt_sources)
         checker = safety_checker and family == "sd15"
         room = inference_peak_gib(family, sizes[family], 1 if sizes[family] >= 768 else 4, False, True, True)
-        base = get_preset(BASE_PRESETS[family], "t4")
-        ram = host_ram_gib(base)
-        if checker:
-            ram = max(ram, load_ram_gib(safety_checker_parameters(), HAS_FP16_VARIANT[base.model]))
+        ram = pipeline_ram_gib(family, checker)
         resident = (f"{family} pipeline{' + safety checker' if checker else ''} + {len(runs[family])} run(s) "
                     f"({extra:.2f} GiB)" + (f" + {len(prompt_sources)} prior(s) ({held:.2f} GiB)" if held else "")
                     + f", drawing {images[family]} images at {sizes[family]} px")
@@ -180,8 +147,6 @@ def evaluation_plan(runs: dict[str, list[Preset]], images: dict[str, int], sizes
 
 
 def plan_text(phases: list[Phase]) -> str:
-    from .memory import COLAB_RAM_GIB
-    from .timing import RANGE, duration, span
     band = error_band()
     rows = [(p.name, *((f"{p.gib:.1f}", f"{p.gib * (1 + band) + MARGIN_GIB:.1f}", "fits" if p.fits else "DOES NOT FIT",
                         f"{p.ram_gib:.1f}") if p.gib else ("", "", "", "")),
@@ -239,7 +204,7 @@ def explorer_fits(families, sizes: dict[str, int] | None = None, images_per_call
     return gib * (1 + error_band()) + MARGIN_GIB <= T4_USABLE_GIB
 
 
-__all__ = ["SCORERS", "NATIVE_SIZE", "weights_gib", "pipeline_gib", "safety_checker_parameters", "scorer_ram_gib",
+__all__ = ["SCORERS", "NATIVE_SIZE", "BASE_PRESETS", "weights_gib", "pipeline_gib", "pipeline_ram_gib", "safety_checker_parameters", "scorer_ram_gib",
            "run_gib", "scoring_room_gib", "scorer_tflop",
            "scoring_seconds", "Phase", "evaluation_plan", "plan_text", "choose_counts", "explorer_gib",
            "explorer_fits"]

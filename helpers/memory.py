@@ -25,6 +25,8 @@ from __future__ import annotations
 from functools import lru_cache
 from math import ceil
 
+import torch
+
 from .memory_live import (clip_image_encode_bytes, prior_predict_bytes, text_encode_bytes, unet_inference_bytes,
                           vae_decode_bytes, vae_encode_bytes)
 from .memory_meta import (GIB, crossattn_parameter_count, full_size_clip, full_size_text_encoders,  # noqa: F401
@@ -32,6 +34,7 @@ from .memory_meta import (GIB, crossattn_parameter_count, full_size_clip, full_s
                           text_lora_sizes)
 from .caches import CACHE_ENCODE_PIXELS
 from .presets import CLIP_L14, SD15, SDXL, SDXL_VAE_FIX, Preset, get_preset
+from .prior import make_network
 from .memory_calibration import calibration_table, calibration_text, error_band  # noqa: F401  (notebook 00, app)
 
 T4_USABLE_GIB = 14.74  # what torch reports as a Colab T4's "total capacity" (16 GB board, ECC and reserve off)
@@ -246,8 +249,6 @@ def prior_predict_gib(preset: Preset) -> float:
 def prior_source_gib(preset: Preset) -> float:
     """What a finished prior drawing from prompts holds on the GPU (helpers.prior_images.prompt_source): its CLIP's
     text tower and projection in fp16, the prior's fp32 weights and one prediction batch (`prior_predict_gib`)."""
-    import torch
-    from .prior import make_network
     clip = full_size_clip()
     text = sum(p.numel() for m in (clip.text_model, clip.text_projection) for p in m.parameters())
     with torch.device("meta"):

@@ -11,6 +11,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from .prior import condition, make_network
+from .prior_eval import CANDIDATES, PREDICT_BATCH
 from .memory_meta import (TOKENS, _efficient_attention, _storages, _unet_inputs, full_size_text_encoders,
                           full_size_unet, full_size_vae, latent_factor)
 
@@ -117,8 +119,6 @@ def prior_predict_bytes(preset, dim: int) -> int:
     """Peak live bytes of one denoising call of `preset`'s prior (built by helpers.prior on the meta device, fp32
     as helpers.prior_eval.load_prior loads it) on PREDICT_BATCH texts × CANDIDATES: what predicting held-out rows
     or a prompt source's embeddings holds beside the loaded models."""
-    from .prior import condition, make_network  # the training stack: not needed by the rest of this module
-    from .prior_eval import CANDIDATES, PREDICT_BATCH
     rows, tokens = PREDICT_BATCH * CANDIDATES, preset.prior_text_tokens
     with torch.device("meta"):
         net = make_network(preset, dim).eval()

@@ -25,6 +25,7 @@ from .catalog import Entry, shared_size
 from .engine import Engine
 from .evaluation import IMAGE_COLUMNS, POOLED, ScoreTable, evaluate_variants, results_frame, score_images, score_table
 from .models import release_cuda_cache
+from .runs import run_preset
 
 # training style and held-out prompts per data source and profile; every family also gets the generic set
 SOURCE_SETS = {"cifar10": lambda profile: [prompt_sets.cifar_prompts("train"), prompt_sets.cifar_prompts("held-out")],
@@ -55,7 +56,6 @@ def t4_plan(catalog, budget_seconds: float = 1800, pickscore: bool = True, safet
     engine loads it. None without finished runs."""
     from .evalplan import choose_counts
     from .presets import get_preset
-    from .runs import run_preset
     runs, sets, sizes, sources = {}, {}, {}, {}
     for family, entries in catalog.by_family().items():
         found = [e for e in entries if e.is_run]

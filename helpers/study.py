@@ -29,6 +29,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .catalog import shared_size
 from .evaluate import sign_test
 
 ANSWER_COLUMNS = ("time", "study", "rater", "pair", "prompt_set", "prompt", "seed", "left", "right", "choice",
@@ -90,7 +91,6 @@ def generate_pairs(engine, a: str, b: str, prompt_set, seeds, out_dir: str | Pat
     """Draw `a` and `b` on every prompt of `prompt_set` with every seed (one pipeline: both must be of one family)
     through helpers.evaluation.evaluate_variants, CLIP-score them, and pair them. `size`: None = the runs' training
     size (helpers.catalog.shared_size), so a base is compared with a run where the run was trained."""
-    from .catalog import shared_size
     from .evaluation import evaluate_variants
     first, second = engine.catalog.get(a), engine.catalog.get(b)
     if first.base_key != second.base_key:

@@ -21,9 +21,11 @@ from __future__ import annotations
 from functools import lru_cache
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
-from .evalplan import safety_checker_parameters, weights_gib
-from .memory_meta import GIB, parameter_counts
+from .configs import SD_VAE
+from .memory_meta import (SCORERS, full_size_clip, full_size_scorer, full_size_unet, full_size_vae, parameter_counts,
+                          safety_checker_parameters)
 from .presets import Preset
 
 # The calibration point: SDXL LoRA r16 on a free Colab T4, 1024 px, gradient checkpointing, fp16, 8-bit AdamW.
@@ -34,10 +36,6 @@ TFLOP = 1e12
 @lru_cache(maxsize=None)
 def unet_forward_tflop(family: str, resolution: int) -> float:
     """TFLOPs of one UNet forward pass for one image at `resolution` (counted on the meta device)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from .configs import SD_VAE
-    from .memory_meta import full_size_unet
     unet = full_size_unet(family).half()
     latent = resolution // 2 ** (len(SD_VAE["block_out_channels"]) - 1)
     with torch.device("meta"):
@@ -83,11 +81,21 @@ def training_estimate(preset: Preset) -> dict:
 
 
 @lru_cache(maxsize=None)
+def scorer_tflop(model: str) -> float:
+    """TFLOPs to score one image with a scorer of SCORERS: the vision tower at its input size (texts are encoded
+    once per prompt). Also what a CLIP image embedding costs (notebook 04's cache)."""
+    clip = full_size_scorer(model).half()
+    size = SCORERS[model][2]["image_size"]
+    with torch.device("meta"):
+        pixels = torch.randn(1, 3, size, size, dtype=torch.float16)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        clip.visual_projection(clip.vision_model(pixel_values=pixels).pooler_output)
+    return counter.get_total_flops() / TFLOP
+
+
+@lru_cache(maxsize=None)
 def vae_encode_tflop(resolution: int) -> float:
     """TFLOPs of one VAE encode of one image at `resolution` (the latent cache; counted on the meta device)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from .memory_meta import full_size_vae
     vae = full_size_vae().half()
     with torch.device("meta"):
         x = torch.randn(1, 3, resolution, resolution, dtype=torch.float16)
@@ -99,7 +107,6 @@ def vae_encode_tflop(resolution: int) -> float:
 def caching_seconds(preset: Preset, images: int) -> float:
     """Building the caches of `images` pictures: a VAE encode each (both orientations with random flips), and with
     a CLIP (notebook 04) its image embedding."""
-    from .evalplan import scorer_tflop
     work = vae_encode_tflop(preset.resolution) * (2 if preset.random_flip else 1) * preset.cache_latents
     work += scorer_tflop("clip") if preset.clip_model else 0.0  # ViT-L/14's vision tower, the scorer's own
     return images * work * seconds_per_tflop()
@@ -109,10 +116,7 @@ def caching_seconds(preset: Preset, images: int) -> float:
 def prior_training_seconds(preset: Preset) -> float:
     """Training a prior (notebook 04 part 2): its forward FLOPs at the preset's batch, counted on the meta device,
     × 3 (forward, and a backward twice its size: every weight trains) × max_steps."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from .memory_meta import full_size_clip
-    from .prior import condition, make_network
+    from .prior import condition, make_network  # the training stack: only for notebook 04's priors
     dim, b, tokens = full_size_clip().config.projection_dim, preset.batch_size, preset.prior_text_tokens
     with torch.device("meta"):
         net = make_network(preset, dim)
@@ -176,8 +180,8 @@ def model_download_mb(model: str) -> float:
         return (2 * (sum(counts.values()) - counts["vae"]) + vae * counts["vae"]) / 1e6
     if model == "safety_checker":
         return 2 * safety_checker_parameters() / 1e6
-    scorer = "clip" if model == "clip_l14" else model
-    return 2 * weights_gib(scorer) * GIB / 1e6  # fp32 files: twice the fp16 weights
+    scorer = full_size_scorer("clip" if model == "clip_l14" else model)
+    return 4 * sum(p.numel() for p in scorer.parameters()) / 1e6  # fp32 files
 
 
 def setup_seconds(models: list[str], data: list[str] = ()) -> tuple[float, str]:
@@ -220,7 +224,7 @@ def time_plan(rows: list[tuple[str, float, str]]) -> str:
                       "±2× there, ×½–×3 where extrapolated, downloads at ≈ 40 MB/s ±2×"])
 
 
-__all__ = ["PUBLISHED", "unet_forward_tflop", "passes", "seconds_per_tflop", "training_estimate",
+__all__ = ["PUBLISHED", "unet_forward_tflop", "scorer_tflop", "passes", "seconds_per_tflop", "training_estimate",
            "generation_seconds", "duration", "RANGE", "span", "training_kind", "DOWNLOAD_MB_S", "INSTALL_SECONDS",
            "DATA_MB", "model_download_mb", "setup_seconds", "time_plan", "vae_encode_tflop", "caching_seconds",
            "prior_training_seconds", "DATA_IMAGES", "run_time_plan"]

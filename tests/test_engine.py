@@ -13,18 +13,14 @@ from helpers.catalog import Catalog
 from helpers.drawing import Request
 from helpers.engine import Engine
 from helpers.precision import T4_DTYPES_ENV
-from tiny_runs import train_tiny_run
+from tiny_runs import storage_with_run
 
 LORA = "sd15_xattn_cifar10-lora-tiny"
 
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("storage")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("LAB_STORAGE", str(root))
-        train_tiny_run(root, "lora")
-    return root
+    return storage_with_run(tmp_path_factory, "lora")
 
 
 def test_unload_frees_the_pipeline_while_variants_are_still_referenced(root):
@@ -43,11 +39,7 @@ def test_unload_frees_the_pipeline_while_variants_are_still_referenced(root):
 @pytest.fixture(scope="module")
 def big_root(tmp_path_factory):
     """A finished tiny run trained at 128 px: larger than the tiny SD1.5's own 64 px."""
-    root = tmp_path_factory.mktemp("storage")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("LAB_STORAGE", str(root))
-        train_tiny_run(root, "lora", resolution=128)
-    return root
+    return storage_with_run(tmp_path_factory, "lora", resolution=128)
 
 
 def test_a_base_alone_draws_at_its_own_size(big_root):

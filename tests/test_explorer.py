@@ -13,18 +13,14 @@ from PIL import Image
 from helpers.catalog import Catalog
 from helpers.engine import Engine
 from helpers.explorer import EVALUATED, Explorer, StudyPanel
-from tiny_runs import train_tiny_run
+from tiny_runs import storage_with_run
 
 LORA = "sd15_xattn_cifar10-lora-tiny"
 
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("storage")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("LAB_STORAGE", str(root))
-        train_tiny_run(root, "lora")
-    return root
+    return storage_with_run(tmp_path_factory, "lora")
 
 
 @pytest.fixture(scope="module")

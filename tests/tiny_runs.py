@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 
 def train_tiny_run(root: Path, method: str = "lora", steps: int = 2, **overrides) -> Path:
     """A finished tiny SD1.5 run (notebook 02's preset, with `overrides`) in `root/runs`: `steps` optimizer steps on
@@ -35,3 +37,12 @@ def train_tiny_ip_adapter_run(root: Path, steps: int = 2, images: int = 40) -> P
     folder = runs.run_folder(preset, root)
     Trainer(preset, components, EmbeddedDataset(dataset, embeddings), folder, hooks=[ExportHook()]).run()
     return folder
+
+
+def storage_with_run(tmp_path_factory, method: str = "lora", **overrides) -> Path:
+    """A fresh storage folder holding one finished tiny run (`train_tiny_run`), trained with LAB_STORAGE on it."""
+    root = tmp_path_factory.mktemp("storage")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LAB_STORAGE", str(root))
+        train_tiny_run(root, method, **overrides)
+    return root
