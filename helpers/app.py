@@ -40,10 +40,14 @@ import gradio as gr  # noqa: E402
 from .catalog import Catalog  # noqa: E402
 from .drawing import LIMITS, Request, RequestError, TimeLimit  # noqa: E402
 from .engine import Engine  # noqa: E402
+from .evalplan import pipeline_ram_gib  # noqa: E402
+from .memory import COLAB_RAM_GIB  # noqa: E402
+from .timing import generation_seconds, setup_seconds, span  # noqa: E402
 
 GPU_JOBS = "gpu"  # the concurrency id shared by every endpoint that draws
-QUEUE_SIZE = 8  # waiting requests; a T4 draws an SDXL 1024 px image in ~1 min, so 8 is several minutes of waiting
-TIME_LIMIT = {"t4": 300.0, "tiny": 60.0}  # seconds per request, loading included (4 SDXL 1024 px images ≈ 4 min)
+QUEUE_SIZE = 8  # waiting requests: at a few SDXL images each, several minutes of waiting (time_plan_text)
+TIME_LIMIT = {"t4": 300.0, "tiny": 60.0}  # seconds per request, loading included: room for the largest request
+#                                           (4 SDXL 1024 px images) at the estimate, not at its slow end
 STEPS = {"t4": 25, "tiny": 4}  # default denoising steps
 MAX_UPLOAD = "20mb"
 HOST = "127.0.0.1"  # never 0.0.0.0: off Colab the app is for this machine; on Colab the share link is the way in
@@ -54,10 +58,11 @@ PLAN_IMAGES = 4  # images per request at most (LIMITS["count"])
 # ---------------------------------------------------------------- the T4 memory plan
 
 def memory_plan(families=("sd15", "sdxl"), images: int = PLAN_IMAGES) -> list[dict]:
-    """Per family at its native size: planned GPU peak (GiB, fp16 weights of the pipeline + the ViT-L-14 scorer +
-    sampling room + CUDA overhead) of `images` images drawn three ways; `fits` = within a T4 with the error band
-    and 1 GiB to spare (helpers.memory). The last way is what helpers.sampling does."""
-    from .evalplan import explorer_fits, explorer_gib, weights_gib
+    """Per family at its native size: planned GPU peak (GiB, fp16 weights of the pipeline as the engine loads it,
+    SD1.5 with its safety checker, + the ViT-L-14 scorer + sampling room + CUDA overhead) of `images` images drawn
+    three ways; `fits` = within a T4 with the error band and 1 GiB to spare (helpers.memory). The last way is what
+    helpers.sampling does."""
+    from .evalplan import explorer_fits, explorer_gib, pipeline_gib, weights_gib
     from .memory import CUDA_OVERHEAD_GIB, MARGIN_GIB, T4_USABLE_GIB, error_band, inference_peak_gib
     from .sampling import images_per_call
     rows = []
@@ -72,15 +77,36 @@ def memory_plan(families=("sd15", "sdxl"), images: int = PLAN_IMAGES) -> list[di
             ways.append((f"{per_call} per call, VAE slicing" + (" + tiling" if tiled else "") + " (this app)",
                          per_call, True, True))
         for way, per, sliced, tiled in ways:
-            gib = (weights_gib(family) + weights_gib("clip") + CUDA_OVERHEAD_GIB
+            gib = (pipeline_gib(family) + weights_gib("clip") + CUDA_OVERHEAD_GIB
                    + inference_peak_gib(family, size, per, False, sliced, tiled))
             rows.append(dict(family=family, size=size, way=way, gib=round(gib, 2),
                              fits=gib * (1 + error_band()) + MARGIN_GIB <= T4_USABLE_GIB))
     if len(families) > 1:  # the engine keeps both families loaded only when this fits (else frees one first)
+        fits = explorer_fits(families)
         rows.append(dict(family="+".join(families), size=max(PLAN_SIZES[f] for f in families),
-                         way="both pipelines loaded, the larger drawing as this app does",
-                         gib=round(explorer_gib(families), 2), fits=explorer_fits(families)))
+                         way="both pipelines loaded, the larger drawing as this app does"
+                             + ("" if fits else " (so the engine frees one before the other loads)"),
+                         gib=round(explorer_gib(families), 2), fits=fits))
     return rows
+
+
+def time_plan_text(steps: int = STEPS["t4"]) -> str:
+    """How long a fresh Colab VM takes to serve (installs and downloads) and a request takes to draw, on a T4, from
+    helpers.timing (estimates with their ranges), beside the time limit."""
+    setup, what = setup_seconds(["sd15", "safety_checker", "sdxl", "clip"])
+    lines = [f"Time on a T4 (helpers.timing, estimates): a fresh VM's {what}: {span(setup, 'download')}"]
+    for family, images in (("sd15", 1), ("sdxl", 1), ("sdxl", PLAN_IMAGES)):
+        size = PLAN_SIZES[family]
+        lines.append(f"  {images} {family} image(s) at {size} px, {steps} steps: "
+                     f"{span(generation_seconds(family, size, steps, images))}")
+    lines.append(f"  a request past {TIME_LIMIT['t4']:g} s is stopped between denoising steps (--time-limit)")
+    return "\n".join(lines)
+
+
+def host_ram_text(families=("sd15", "sdxl")) -> str:
+    """Peak host RAM while the engine loads each family's pipeline, one component at a time (helpers.memory)."""
+    parts = [f"{family} {pipeline_ram_gib(family):.1f} GiB" for family in families]
+    return f"Host RAM while loading, one component at a time: {', '.join(parts)} of Colab's {COLAB_RAM_GIB} GiB"
 
 
 def memory_plan_text(rows: list[dict]) -> str:
@@ -89,6 +115,8 @@ def memory_plan_text(rows: list[dict]) -> str:
              f"±{100 * error_band():.0f}% band and {MARGIN_GIB:.0f} GiB to spare):"]
     lines += [f"  {r['family']} at {r['size']} px, {r['way']}: {r['gib']:.1f} GiB → "
               f"{'fits' if r['fits'] else 'DOES NOT FIT'}" for r in rows]
+    lines.append("SD1.5 loads with its safety checker (0.57 GiB, counted above): a public link is not an evaluation "
+                 f"table. {host_ram_text(tuple(dict.fromkeys(f for r in rows for f in r['family'].split('+'))))}.")
     return "\n".join(lines)
 
 
@@ -136,7 +164,7 @@ class LabApp:
                 self.jobs -= 1
         self._tally(True)
         gallery = [(d.image, f"{result.labels.get(d.model, d.model)} · seed {d.seed}"
-                    + ("" if d.clip_score is None else f" · CLIP {d.clip_score:.1f}")) for d in result.images]
+                    + (f" · {d.score_text}" if d.score_text else "")) for d in result.images]
         return [gallery, result.settings()]
 
     def _tally(self, ok: bool) -> None:
@@ -150,7 +178,7 @@ class LabApp:
         if model in (None, "", []):
             raise gr.Error(f"Choose a model: one of {self.engine.catalog.names()}", title="Cannot draw this",
                            print_exception=False)
-        size = None if size == 0 else size  # 0 = the model's own size (its training resolution)
+        size = None if size == 0 else size  # 0 = the model's own: a base's native size, a run's training size
         return Request(prompt, (model,) if isinstance(model, str) else model, negative_prompt, seed, steps,
                        guidance, size, scale, count, **img2img)
 
@@ -297,7 +325,7 @@ def api_help(url: str = "http://127.0.0.1:7860/") -> str:
             f"(gallery, settings)\n"
             f"- `/img2img(model, prompt, image, strength, negative_prompt, seed, steps, guidance, size, scale, "
             f"count)` → (gallery, settings)\n- `/status()` → models, loaded pipelines, counters, limits\n\n"
-            f"size 0 = the model's own size. Replace the address with this app's (on Colab: its share link). "
+            f"size 0 = the model's own size (a base model's native size, a run's training size). Replace the address with this app's (on Colab: its share link). "
             f"Python:\n```python\n{client_snippet(url)}\n```\n"
             f"curl:\n```bash\n{curl_example(url)}\n```")
 
@@ -313,7 +341,7 @@ def main(argv: list[str] | None = None) -> None:
     from .runtime import choose_profile
     profile = choose_profile(args.profile)
     app = LabApp(Engine(Catalog.scan(profile)), args.time_limit, args.queue_size,
-                 plan=memory_plan_text(memory_plan()) if profile == "t4" else None)
+                 plan=memory_plan_text(memory_plan()) + "\n" + time_plan_text() if profile == "t4" else None)
     print(app.launch(share=args.share or None, port=args.port, inline=False))
     try:
         app.blocks.block_thread()  # until Ctrl+C
@@ -325,5 +353,7 @@ if __name__ == "__main__":
     main()
 
 
-__all__ = ["GPU_JOBS", "QUEUE_SIZE", "TIME_LIMIT", "STEPS", "HOST", "memory_plan", "memory_plan_text", "LabApp",
+__all__ = ["GPU_JOBS", "QUEUE_SIZE", "TIME_LIMIT", "STEPS", "HOST", "memory_plan", "memory_plan_text", "host_ram_text",
+           "time_plan_text",
+           "LabApp",
            "gallery_picture", "client_snippet", "curl_example", "api_help", "main"]

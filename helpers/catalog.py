@@ -19,20 +19,24 @@ Rule this module owns:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
+from types import SimpleNamespace
 
 from . import runs as runs_
 from . import ip_adapter  # noqa: F401  (registers notebook 04's "ip_adapter" method)
 from .adapters import METHODS, method_class
 from .checkpoint import checkpoint_dirs
 from .drawing import RequestError
+from .models import vae_scale_factor
 from .presets import Preset, get_preset
 from .prior import PRIORS_DIR  # (also registers the prior methods)
 from .runtime import storage_root
+from .tiny import resolve
 
 BASES = {"sd15": ("SD1.5 base", "sd15_xattn_cifar10"), "sdxl": ("SDXL base", "sdxl_lora_naruto_1024")}
-# (family → shown name, the preset whose model/VAE/precision loads the base pipeline and whose resolution is its
-# default size). Runs of the series, with the notebook and the setting that makes each:
+# (family → shown name, the preset whose model/VAE/precision loads the base pipeline; a base draws at its own size,
+# `own_size`, not the preset's resolution). Runs of the series, with the notebook and the setting that makes each:
 SERIES_RUNS = (
     ("02", "sd15_xattn_cifar10", "crossattn", "run notebook 02"),
     ("02", "sd15_xattn_cifar10", "lora", "run notebook 02 with METHOD = 'lora'"),
@@ -67,13 +71,36 @@ class Entry:
 
     @property
     def default_size(self) -> int:
-        return self.preset.resolution
+        """What it draws at when a request leaves the size to it: a run its training size, a base model its own
+        (the UNet's sample size × the VAE's scale: SD1.5 512, SDXL 1024), never the CIFAR preset's 256."""
+        return self.preset.resolution if self.is_run else own_size(self.preset.model, self.preset.vae)
 
     @property
     def label(self) -> str:
         """A short name that wraps on a sheet: the run folder's name without its profile, in words."""
         name = self.name.replace(f"-{self.preset.profile}", "") if self.is_run else self.name
         return name.replace("_", " ").replace("-", " ")
+
+
+@lru_cache(maxsize=None)
+def own_size(model: str, vae: str | None = None) -> int:
+    """A base model's own size in px, from its configs (no weights): what its stock pipeline draws by default."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel  # heavy: only when a size is asked for
+    unet = UNet2DConditionModel.load_config(resolve(model), subfolder="unet")
+    vae_config = (AutoencoderKL.load_config(resolve(vae)) if vae
+                  else AutoencoderKL.load_config(resolve(model), subfolder="vae"))
+    return unet["sample_size"] * vae_scale_factor(SimpleNamespace(**vae_config))
+
+
+def shared_size(entries) -> tuple[int, str]:
+    """(size, why) for drawing `entries` of one base model as a paired comparison (same noise, same size): the
+    largest training size among the runs, so a base is compared with a run where the run was trained; without a run,
+    the base model's own size."""
+    runs = sorted((e for e in entries if e.is_run), key=lambda e: e.preset.resolution)
+    if not runs:
+        base = next(iter(entries))
+        return base.default_size, f"{base.name}'s own size"
+    return runs[-1].preset.resolution, f"the training size of {runs[-1].name}"
 
 
 @dataclass(frozen=True)
@@ -170,4 +197,4 @@ class Catalog:
 
 
 
-__all__ = ["BASES", "SERIES_RUNS", "RUN_FOLDERS", "Entry", "MissingRun", "Catalog"]
+__all__ = ["BASES", "SERIES_RUNS", "RUN_FOLDERS", "Entry", "MissingRun", "Catalog", "own_size", "shared_size"]

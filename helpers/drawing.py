@@ -50,8 +50,16 @@ class Drawn:
     model: str
     seed: int
     image: Image.Image
-    clip_score: float | None  # 100 · cos(image, prompt) by the engine's scorer; None without one
+    clip_score: float | None  # 100 · cos(image, prompt) by the engine's scorer; None without one or when withheld
     size: int
+    withheld: bool = False  # SD1.5's safety checker replaced the picture by a black square: not scored
+
+    @property
+    def score_text(self) -> str:
+        """What a person reads under the image: its CLIP score, or why it has none."""
+        if self.withheld:
+            return "withheld by the SD1.5 safety checker"
+        return "" if self.clip_score is None else f"CLIP {self.clip_score:.1f}"
 
 
 @dataclass
@@ -61,6 +69,7 @@ class Result:
     seconds: float
     clip_model: str | None
     labels: dict[str, str] = field(default_factory=dict)  # model → its short label (Entry.label)
+    note: str = ""  # how the size was chosen when the request left it to the models (helpers.engine)
 
     def by_model(self) -> dict[str, list[Drawn]]:
         out: dict[str, list[Drawn]] = {}
@@ -72,8 +81,8 @@ class Result:
         request = {k: v for k, v in asdict(self.request).items() if k != "init_image"}
         request["init_image"] = None if self.request.init_image is None else "given"
         return {"request": request, "clip_model": self.clip_model, "seconds": round(self.seconds, 3),
-                "images": [{"model": d.model, "seed": d.seed, "size": d.size, "clip_score": d.clip_score}
-                           for d in self.images]}
+                "images": [{"model": d.model, "seed": d.seed, "size": d.size, "clip_score": d.clip_score,
+                            "withheld": d.withheld} for d in self.images], "note": self.note}
 
     def save(self, folder: str | Path, stem: str | None = None) -> tuple[Path, Path]:
         """A sheet (rows = seeds, columns = models, CLIP scores in the row labels) and the settings as JSON."""
@@ -87,8 +96,9 @@ class Result:
         rows = [[by_model[m][k].image for m in models] for k in range(self.request.count)]
 
         def label(k: int) -> str:
-            scores = [by_model[m][k].clip_score for m in models]
-            text = " | ".join("–" if s is None else f"{s:.1f}" for s in scores)
+            drawn = [by_model[m][k] for m in models]
+            text = " | ".join("withheld" if d.withheld else "–" if d.clip_score is None else f"{d.clip_score:.1f}"
+                              for d in drawn)
             return f"{self.request.prompt}\nseed {by_model[models[0]][k].seed} · CLIP {text}"
 
         columns = [self.labels.get(m, m) for m in models]

@@ -19,8 +19,14 @@ loads a model or calls a pipeline itself; they all come here. Requests, results 
 Rules this module owns:
 - One pipeline per base model (family, weights, VAE, precision) is loaded on first use and kept; every catalog run
   of that base is loaded into it once (helpers.runs.RunSet) and switched on per image, so a T4 never holds two
-  copies of a UNet. On a GPU, before a second base model loads, the T4 plan (helpers.evalplan.explorer_fits) decides
-  whether both fit; if not, the other one is freed first.
+  copies of a UNet. Under the T4's rules (fp16 on a GPU, or the T4-dtype mode on a CPU, helpers.precision), before
+  a second base model loads, the T4 plan (helpers.evalplan.explorer_fits) decides whether both fit; if not, the
+  other one is freed first. `unload()` frees them: variants handed out hold their pipeline weakly.
+- SD1.5 loads with its safety checker (`safety_checker=True`, counted by the plan): the engine's pictures reach
+  people (explorer, study raters, the app's public link). A picture it withholds (a black square) is marked
+  (`Drawn.withheld`) and never scored; evaluations count and leave it out (helpers.evaluation).
+- Size 0 / None: a run draws at its training size, a base alone at its own size (SD1.5 512, SDXL 1024), a base
+  beside runs of its model at their training size, said in `Result.note` (`Engine.sizes`).
 - A request draws `count` images per model with seeds seed, seed+1, …: every model starts from the same noise per
   seed (one CPU generator per image, helpers.sampling), so the images differ only by the weights.
 - All drawing goes through helpers.sampling.generate; with an init image the same call runs the family's img2img
@@ -43,20 +49,24 @@ import torch
 
 from . import runs as runs_
 from .adapters import make_method
-from .catalog import Catalog, Entry
+from .catalog import Catalog, Entry, shared_size
 from .configs import check_image_size
 from .drawing import (MAX_SIZE, Drawn, Interrupted, Request, RequestError, Result, TimeLimit, _number, _open_image,
                       _quiet, advice_for)
+from .precision import precision_for
 
 
 class Engine:
     """Pipelines per base model, runs switched inside them, validated generation with CLIP scores."""
 
-    def __init__(self, catalog: Catalog, scorer="auto", device: torch.device | str | None = None):
+    def __init__(self, catalog: Catalog, scorer="auto", device: torch.device | str | None = None,
+                 safety_checker: bool = True):
         from .runtime import device as default_device
         self.catalog = catalog
         self.device = torch.device(device or default_device())
         self._scorer = scorer  # "auto" = the profile's ClipScorer on first use; None = no scores
+        self.safety_checker = safety_checker  # SD1.5's checker: the engine's pictures reach people (the explorer,
+        #   the A/B study's raters, the app's public link); a picture it withholds is marked, never scored
         self._pipes: dict[tuple, tuple] = {}  # base key → (pipe, RunSet), most recently used last
         self._img2img: dict[tuple, object] = {}
         self._sources: dict[Path, object] = {}  # source run folder → its ImageEmbeds (a loaded prior)
@@ -90,13 +100,14 @@ class Engine:
         if key in self._pipes:
             self._pipes[key] = self._pipes.pop(key)  # most recently used last
             return self._pipes[key]
-        if self.device.type == "cuda" and self._pipes:
+        if self._pipes and precision_for(entry.preset.mixed_precision, self.device).fp16:  # the T4's rules
             from .evalplan import explorer_fits
             families = [k[0] for k in self._pipes] + [entry.family]
-            if not explorer_fits(families):
+            if not explorer_fits(families, safety_checker=self.safety_checker):
                 self.unload()
         from .sampling import load_pipeline
-        pipe = load_pipeline(self._base_entry(entry).preset, self.device, progress=False)
+        pipe = load_pipeline(self._base_entry(entry).preset, self.device, progress=False,
+                             safety_checker=self.safety_checker)
         board = runs_.RunSet(pipe)
         with _quiet():  # diffusers/peft say a UNet-only LoRA has no text-encoder keys, once per run: expected
             for run in self.catalog.runs():  # once per run folder, also when several sources draw it
@@ -117,7 +128,10 @@ class Engine:
         entry = self.catalog.get(name)
         _, board = self._runset(entry)
         label = label or (name if scale == 1.0 or not entry.is_run else f"{name} ×{scale:g}")
-        embeds = self._image_embeds(entry.source) if entry.source is not None else None
+        embeds = None
+        if entry.source is not None:  # looked up on each call, so the variant does not keep the prior (and its
+            source = entry.source   # CLIP) alive after unload(): a later call loads it again
+            embeds = lambda prompts, seeds: self._image_embeds(source)(prompts, seeds)  # noqa: E731
         return board.variant(entry.folder.name if entry.is_run else None, scale, label, image_embeds=embeds)
 
     def _image_embeds(self, source: Path):
@@ -190,7 +204,7 @@ class Engine:
         `progress(fraction, text)` after every denoising step; `should_stop()` is asked there too, and past
         `time_limit` seconds from this call (loading included) the drawing stops there with `TimeLimit`."""
         from .models import release_cuda_cache
-        from .sampling import generate, images_per_call, pipeline_calls
+        from .sampling import generate, images_per_call, pipeline_calls, withheld
         request = self.check(request)
         start, drawn = time.perf_counter(), []
         seeds = [request.seed + k for k in range(request.count)]
@@ -211,7 +225,7 @@ class Engine:
 
         try:
             variants = [self.variant(e.name, request.scale) for e in entries]
-            sizes = [request.size or e.default_size for e in entries]
+            sizes, note = self.sizes(request, entries)
             prompts = [request.prompt] * request.count
             embeds = [v.image_embeds(prompts, seeds) if v.image_embeds is not None else None for v in variants]
             calls = [len(pipeline_calls(request.count, images_per_call(s, s), e)) for s, e in zip(sizes, embeds)]
@@ -232,11 +246,11 @@ class Engine:
                 if state["stopped"]:
                     raise Interrupted(f"stopped while drawing with {entry.name} (after {state['done']} of "
                                       f"{state['total']} steps)")
-                drawn += [Drawn(entry.name, s, im, None, size) for s, im in zip(seeds, images)]
-            scorer = self.scorer
-            if scorer is not None:
-                scores = scorer.score([d.image for d in drawn], [request.prompt] * len(drawn))
-                for d, score in zip(drawn, scores):
+                drawn += [Drawn(entry.name, s, im, None, size, withheld(im)) for s, im in zip(seeds, images)]
+            scorer, shown = self.scorer, [d for d in drawn if not d.withheld]  # a black square gets no score
+            if scorer is not None and shown:
+                scores = scorer.score([d.image for d in shown], [request.prompt] * len(shown))
+                for d, score in zip(shown, scores):
                     d.clip_score = float(score)
         except RequestError:
             raise
@@ -247,7 +261,24 @@ class Engine:
             release_cuda_cache()
             raise RequestError(advice) from e
         return Result(request, drawn, time.perf_counter() - start,
-                      None if self._scorer is None else self.scorer.name, {e.name: e.label for e in entries})
+                      None if self._scorer is None else self.scorer.name, {e.name: e.label for e in entries}, note)
+
+    def sizes(self, request: Request, entries: list[Entry]) -> tuple[list[int], str]:
+        """The size each entry draws at, and how it was chosen. A size in the request: all at it. Left to the
+        models (0 / None): a run at its training size; a base alone at its own size; a base beside runs of its own
+        model at their training size (helpers.catalog.shared_size), so base and run compare like for like."""
+        if request.size:
+            return [request.size] * len(entries), ""
+        sizes, notes = [], []
+        for entry in entries:
+            if entry.is_run:
+                sizes.append(entry.default_size)
+                continue
+            size, why = shared_size([e for e in entries if e.base_key == entry.base_key])
+            sizes.append(size)
+            if any(e.is_run and e.base_key == entry.base_key for e in entries):
+                notes.append(f"{entry.name} drawn at {size} px, {why}, to pair with it")
+        return sizes, "; ".join(notes)
 
     def save_folder(self, request: Request) -> Path:
         """Where Save puts a request's sheet: the first chosen run's folder (explorer/), else <storage>/explorer."""

@@ -23,7 +23,9 @@ from .grids import comparison_sheets
 from .prompts import PromptSet
 from .sampling import Variant, check_variants, folder_name, generate_variants, read_manifest
 
-IMAGE_COLUMNS = ("image_path", "prompt_set", "split", "prompt", "seed", "variant")
+IMAGE_COLUMNS = ("image_path", "prompt_set", "split", "prompt", "seed", "variant", "withheld")
+#  withheld: SD1.5's safety checker replaced the picture by a black square (helpers.sampling.withheld): it gets no
+#  score and is left out of every mean and pair, counted in the table's `withheld` column
 RESULT_COLUMNS = IMAGE_COLUMNS + ("clip_model", "score")
 POOLED = "all"  # the prompt_set of rows pooled over every prompt set
 PAIRS = ("baseline", "all")  # paired rows for every variant vs the baseline, or for every two variants
@@ -36,10 +38,13 @@ def results_frame(rows: Iterable[dict], csv_path: str | Path | None = None, colu
     also written there."""
     import pandas as pd
     frame = rows.copy() if isinstance(rows, pd.DataFrame) else pd.DataFrame(list(rows))
+    if "withheld" in columns and "withheld" not in frame.columns and not frame.empty:
+        frame["withheld"] = False  # drawn without a safety checker (or before the column existed)
     missing = [c for c in columns if c not in frame.columns]
     if frame.empty or missing:
         raise ValueError(f"results need rows with columns {tuple(columns)}; missing {missing or 'all rows'}")
-    frame = frame[list(columns)].astype({"seed": int, **({"score": float} if "score" in columns else {})})
+    frame = frame[list(columns)].astype({"seed": int, **({"score": float} if "score" in columns else {}),
+                                         **({"withheld": bool} if "withheld" in columns else {})})
     if csv_path is not None:
         Path(csv_path).parent.mkdir(parents=True, exist_ok=True)
         frame.to_csv(csv_path, index=False)
@@ -47,10 +52,15 @@ def results_frame(rows: Iterable[dict], csv_path: str | Path | None = None, colu
 
 
 def score_images(scorer: ClipScorer, images, batch_size: int = 32, csv_path: str | Path | None = None):
-    """CLIP-score every image of an images frame (or images.csv): the frame with `clip_model` and `score` added."""
+    """CLIP-score every image of an images frame (or images.csv): the frame with `clip_model` and `score` added.
+    A withheld image (a black square from SD1.5's safety checker) is not scored: its score is NaN."""
+    import numpy as np
     import pandas as pd
     images = results_frame(pd.read_csv(images) if isinstance(images, (str, Path)) else images, columns=IMAGE_COLUMNS)
-    scores = scorer.score(list(images["image_path"]), list(images["prompt"]), batch_size)
+    scores = np.full(len(images), np.nan)
+    shown = ~images["withheld"].to_numpy()
+    if shown.any():
+        scores[shown] = scorer.score(list(images["image_path"][shown]), list(images["prompt"][shown]), batch_size)
     return results_frame(images.assign(clip_model=scorer.name, score=scores), csv_path)
 
 
@@ -100,19 +110,27 @@ class ScoreTable:
 
     def caption(self) -> str:
         models = ", ".join(dict.fromkeys(r["clip_model"] for r in self.rows))
+        withheld = (" withheld: images SD1.5's safety checker blacked out (left out; a pair with one is left out)."
+                    if self.withheld else "")
         return (f"CLIP score ({models}): mean with a bootstrap {self.level:.0%} CI; paired rows: variant − reference "
-                f"on the same prompt and seed, wins of n, p from a two-sided sign test")
+                f"on the same prompt and seed, wins of n, p from a two-sided sign test.{withheld}")
+
+    @property
+    def withheld(self) -> int:
+        """Rows that left out images SD1.5's safety checker withheld (0: nothing was withheld)."""
+        return sum(r.get("withheld", 0) > 0 for r in self.rows)
 
     def _cells(self) -> list[list[str]]:
         several_models = len({r["clip_model"] for r in self.rows}) > 1
         cells = [["prompt set", "variant", "n", "mean", f"{self.level:.0%} CI", "wins", "p"]
-                 + (["clip_model"] if several_models else [])]
+                 + (["withheld"] if self.withheld else []) + (["clip_model"] if several_models else [])]
         for r in self.rows:
             sign = "+" if r["paired"] else ""
             name = f"{r['variant']} − {r['reference']}" if r["paired"] else r["variant"]
             cells.append([r["prompt_set"], name, str(r["n"]), f"{r['mean']:{sign}.2f}",
                           f"[{r['low']:{sign}.2f}, {r['high']:{sign}.2f}]",
                           f"{r['wins']}/{r['n']}" if r["paired"] else "", f"{r['p']:.2g}" if r["paired"] else ""]
+                         + ([str(r.get("withheld", 0))] if self.withheld else [])
                          + ([r["clip_model"]] if several_models else []))
         return cells
 
@@ -151,20 +169,25 @@ def score_table(results, baseline: str | None = None, pairs: str = "baseline", l
         scopes = [(s, by_model[by_model["prompt_set"] == s]) for s in sets]
         for scope, part in scopes + ([(POOLED, by_model)] if len(sets) > 1 else []):
             for variant, group in part.groupby("variant", sort=False):
-                mean, low, high = bootstrap_ci(group["score"], n_boot, level, seed)
-                rows.append(dict(prompt_set=scope, variant=variant, reference=None, n=len(group), mean=mean, low=low,
-                                 high=high, wins=None, p=None, paired=False, clip_model=model))
+                scored = group["score"].dropna()  # NaN: withheld by the safety checker, never a score
+                mean, low, high = (bootstrap_ci(scored, n_boot, level, seed) if len(scored)
+                                   else (float("nan"),) * 3)
+                rows.append(dict(prompt_set=scope, variant=variant, reference=None, n=len(scored), mean=mean, low=low,
+                                 high=high, wins=None, p=None, paired=False, clip_model=model,
+                                 withheld=len(group) - len(scored)))
             key = ["prompt_set", "prompt", "seed"]
             for variant, reference in chosen:
                 pairs_ = part[part["variant"] == variant].merge(part[part["variant"] == reference], on=key,
                                                                 suffixes=("", "_ref"))
-                if pairs_.empty:
-                    continue
                 if pairs_.duplicated(key).any():
                     raise ValueError(f"{variant!r} vs {reference!r}: a (prompt, seed) pair appears more than once")
-                d = paired_difference(pairs_["score"], pairs_["score_ref"], n_boot, level, seed)
+                kept = pairs_.dropna(subset=["score", "score_ref"])
+                if kept.empty:
+                    continue
+                d = paired_difference(kept["score"], kept["score_ref"], n_boot, level, seed)
                 rows.append(dict(prompt_set=scope, variant=variant, reference=reference, n=d["n"], mean=d["mean_diff"],
-                                 low=d["low"], high=d["high"], wins=d["wins"], p=d["p"], paired=True, clip_model=model))
+                                 low=d["low"], high=d["high"], wins=d["wins"], p=d["p"], paired=True, clip_model=model,
+                                 withheld=len(pairs_) - len(kept)))
     return ScoreTable(rows, level, baseline)
 
 
@@ -234,7 +257,7 @@ def evaluate_variants(pipe, variants: Sequence[Variant], prompt_sets: PromptSet 
     for name, manifest in manifests.items():
         listed = read_manifest(manifest)
         assert [(m["prompt"], m["seed"]) for m in listed] == [(r["prompt"], r["seed"]) for r in plan], manifest
-        rows += [dict(r, image_path=m["file"], variant=name) for r, m in zip(plan, listed)]
+        rows += [dict(r, image_path=m["file"], variant=name, withheld=m["withheld"]) for r, m in zip(plan, listed)]
     images = results_frame(rows, out_dir / "images.csv", IMAGE_COLUMNS)
     grids = {s.name: _grid(images, s, names, len(seeds), out_dir / "grids") for s in prompt_sets}
     scores = table = None

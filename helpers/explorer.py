@@ -97,7 +97,8 @@ class Explorer:
         self.save.on_click(self._on_save)
         header = widgets.HTML(f"<b>Prompt explorer</b> · {escape(catalog.note())} <i>size 0 = each model's own "
                               f"({', '.join(f'{e.name}: {e.default_size}' for e in catalog.entries if not e.is_run)}"
-                              f" px); CLIP score = 100 · cos(image, prompt).</i>")
+                              f" px; a run: its training size, and a base ticked beside it draws there too); "
+                              f"CLIP score = 100 · cos(image, prompt).</i>")
         self.widget = _tag(widgets.VBox([
             header, self.prompt, self.negative,
             widgets.HBox([widgets.VBox([self.seed, self.size]), widgets.VBox([self.steps, self.guidance, self.scale])]),
@@ -138,12 +139,14 @@ class Explorer:
             self.generate.disabled = False
         self.progress.value, self.progress.bar_style = 1.0, "success"
         self.status.value = f"{len(self.result.images)} image(s) in {self.result.seconds:.1f} s"
+        if self.result.note:  # how size 0 was resolved: a base beside a run draws at the run's training size
+            self.message.value = _note(self.result.note)
         self.gallery.children = [self._card(d) for d in self.result.images]
         self.save.disabled = False
 
     def _card(self, drawn) -> widgets.VBox:
         label = self.result.labels.get(drawn.model, drawn.model)
-        score = "" if drawn.clip_score is None else f"CLIP {drawn.clip_score:.1f}"
+        score = drawn.score_text
         image = _tag(widgets.Image(value=png_bytes(drawn.image), format="png",
                                    layout=widgets.Layout(width=f"{max(SHOW_PX, min(drawn.size, 320))}px")), "image")
         caption = _tag(widgets.HTML(f"<div title='{escape(drawn.model)}' style='max-width:{max(SHOW_PX, 200)}px'>"
@@ -183,7 +186,10 @@ class StudyPanel:
                                "prompt-set")
         self.prompts = _tag(widgets.IntText(value=3, description="prompts", style=WIDE), "prompts")
         self.seeds = _tag(widgets.IntText(value=2, description="seeds", style=WIDE), "seeds")
-        self.rater = _tag(widgets.Text(value="", placeholder="your name", description="rater", style=WIDE), "rater")
+        # continuous_update=False: the name reaches the kernel on Enter (or leaving the field), not per keystroke;
+        # each new name shows that rater's next pair, two full images over Colab's comm channel
+        self.rater = _tag(widgets.Text(value="", placeholder="your name, then Enter", description="rater", style=WIDE,
+                                       continuous_update=False), "rater")
         self.start = _tag(widgets.Button(description="Start", button_style="primary"), "start")
         self.buttons = {c: _tag(widgets.Button(description=d, disabled=True), f"answer-{c}") for c, d in
                         (("left", "◀ Left is better"), ("tie", "Tie"), ("right", "Right is better ▶"))}
@@ -239,7 +245,9 @@ class StudyPanel:
         except Exception as e:  # a sentence, not a traceback
             self.message.value = _error(f"{type(e).__name__}: {e}")
             return
-        self.message.value = _note(f"{len(pairs)} pairs; answers go to {self.study.csv_path}")
+        left_out = (f" ({self.study.left_out} left out: the SD1.5 safety checker withheld a side)"
+                    if self.study.left_out else "")
+        self.message.value = _note(f"{len(self.study.pairs)} pairs{left_out}; answers go to {self.study.csv_path}")
         self._show_next()
 
     def _show_next(self) -> None:

@@ -115,6 +115,18 @@ def image_grid(images: list[Image.Image], rows: int, cols: int, labels: list[str
     return grid
 
 
+THUMB_PX = 256  # a tile of a thumbnail sheet: what a notebook shows inline; the full-size file stays on Drive
+
+
+def thumbnail_sheet(images: list[Image.Image], labels: list[str] | None = None, title: str | None = None,
+                    tile: int = THUMB_PX) -> Image.Image:
+    """One row of `images` shrunk to at most `tile` px a side (smaller ones kept), labelled: what a notebook shows
+    inline. Six 1024 px training samples would be a 6144 px PNG of several MB in the notebook file; this is 1536."""
+    scale = min(1.0, tile / max(images[0].size))
+    size = (max(1, round(images[0].width * scale)), max(1, round(images[0].height * scale)))
+    small = [im.convert("RGB").resize(size, Image.Resampling.LANCZOS) if scale < 1 else im for im in images]
+    return image_grid(small, 1, len(small), labels, title)
+
 # ---------------------------------------------------------------- comparison sheets
 
 @dataclass(frozen=True)

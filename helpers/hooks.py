@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .grids import thumbnail_sheet
 from .models import on_device, release_cuda_cache
 from .precision import forked_rng
 from .presets import Preset
@@ -116,8 +117,9 @@ class ExportHook(Hook):
 
 
 class SampleHook(Hook):
-    """Every `preset.sample_every` steps and at the end, images from the fixed prompts and seeds go to samples/
-    (and inline in a notebook). Sampling runs under a forked RNG so it never changes the training randomness."""
+    """Every `preset.sample_every` steps and at the end, images from the fixed prompts and seeds go to samples/ at
+    full size, and a thumbnail sheet inline in a notebook. Sampling runs under a forked RNG so it never changes the
+    training randomness."""
 
     def __init__(self, seeds: tuple[int, ...] = (0,), show: bool = True):
         self.seeds, self.show = seeds, show
@@ -162,10 +164,10 @@ class SampleHook(Hook):
             raise TrainingStopped(sampling_oom_message(t.preset, t.state.step))
         path = t.run_dir / "samples" / f"step-{t.state.step:06d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
-        grid = image_grid(images, rows=1, cols=len(images), labels=prompts, title=f"step {t.state.step}")
-        grid.save(path)
-        if self.show:
-            _display(grid)
+        title = f"step {t.state.step}"
+        image_grid(images, rows=1, cols=len(images), labels=prompts, title=title).save(path)  # full size, on Drive
+        if self.show:  # a notebook keeps what it shows in its file: thumbnails, not six 1024 px images per sample
+            _display(thumbnail_sheet(images, prompts, f"{title} · full size: {path}"))
         return path
 
 

@@ -266,6 +266,16 @@ class EmbeddedDataset(torch.utils.data.Dataset):
     def records(self):
         return [self.dataset.records[i] for i in self.indices]
 
+    @property
+    def latents(self):
+        """The wrapped dataset's latent cache: with it, training never runs the VAE (Trainer.idle_modules)."""
+        return getattr(self.dataset, "latents", None)
+
+    @property
+    def text(self):
+        """The wrapped dataset's text cache: with it, training never runs the text encoder (Trainer.idle_modules)."""
+        return getattr(self.dataset, "text", None)
+
     def set_epoch(self, epoch: int) -> None:
         self.dataset.set_epoch(epoch)
 

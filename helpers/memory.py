@@ -25,13 +25,16 @@ from __future__ import annotations
 from functools import lru_cache
 from math import ceil
 
-from .memory_live import (clip_image_encode_bytes, text_encode_bytes, unet_inference_bytes, vae_decode_bytes,
-                          vae_encode_bytes)
+import torch
+
+from .memory_live import (clip_image_encode_bytes, prior_predict_bytes, text_encode_bytes, unet_inference_bytes,
+                          vae_decode_bytes, vae_encode_bytes)
 from .memory_meta import (GIB, crossattn_parameter_count, full_size_clip, full_size_text_encoders,  # noqa: F401
                           full_size_unet, full_size_vae, lora_parameter_count, measure_training, parameter_counts,
                           text_lora_sizes)
 from .caches import CACHE_ENCODE_PIXELS
-from .presets import SD15, SDXL, SDXL_VAE_FIX, Preset, get_preset
+from .presets import CLIP_L14, SD15, SDXL, SDXL_VAE_FIX, Preset, get_preset
+from .prior import make_network
 from .memory_calibration import calibration_table, calibration_text, error_band  # noqa: F401  (notebook 00, app)
 
 T4_USABLE_GIB = 14.74  # what torch reports as a Colab T4's "total capacity" (16 GB board, ECC and reserve off)
@@ -55,7 +58,7 @@ SAFETENSORS_TENSOR_BYTES = 140  # header entry per tensor in trainable.safetenso
 TORCH_SAVE_ENTRY_BYTES = 800  # optimizer.pt: pickle + zip record per parameter's state (measured on tiny runs)
 SMALL_FILES_BYTES = 18_000  # state.pt (RNG states ≈ 12 KB, scheduler, scaler) + meta.json + manifest.json
 VAE_FORCE_UPCAST = {SD15: False, SDXL: True, SDXL_VAE_FIX: False}  # force_upcast in each VAE's config.json
-HAS_FP16_VARIANT = {SD15: True, SDXL: True, SDXL_VAE_FIX: False}  # *.fp16.safetensors in the Hub repo
+HAS_FP16_VARIANT = {SD15: True, SDXL: True, SDXL_VAE_FIX: False, CLIP_L14: False}  # *.fp16.* files in the Hub repo
 
 
 def _gib(n_bytes: float) -> float:
@@ -80,20 +83,25 @@ def checkpoint_mb(sizes, optimizer: str) -> float:
     return n_bytes / 1e6
 
 
-def host_ram_gib(preset: Preset, fp16_variant: bool = True) -> float:
-    """Peak host RAM while loading: baseline + the largest component as diffusers materialises it. A safetensors
+def load_ram_gib(parameters: int, fp16_file: bool) -> float:
+    """Peak host RAM (baseline included) while one component is loaded in fp16 and moved to the GPU. A safetensors
     file is memory-mapped: loaded in its own dtype its pages are only read while the module is copied to the GPU;
     an fp32 file loaded with dtype=fp16 is read whole (file pages) AND converted into a new fp16 copy (anonymous
     memory), both at once (modeling_utils → load_model_dict_into_meta: param.to(dtype)). Measured on SD1.5's UNet
     by scripts/memory_host_ram.py: fp16 files +1.6 GiB, fp32 file → fp16 +4.8 GiB (3.2 file + 1.6 copy)."""
+    return HOST_BASELINE_GIB + _gib(2 * parameters if fp16_file else 4 * parameters + 2 * parameters)
+
+
+def host_ram_gib(preset: Preset, fp16_variant: bool = True) -> float:
+    """Peak host RAM while loading the components of `preset` one at a time (helpers.models.load_components, which
+    training and every inference pipeline use): baseline + the largest component (`load_ram_gib`), the CLIP of an
+    image-conditioned preset included."""
     counts = parameter_counts(preset.family)
     components = [(preset.model, counts["unet"]), (preset.vae or preset.model, counts["vae"]),
                   *((preset.model, counts[k]) for k in counts if k.startswith("text_encoder"))]
-    worst = 0
-    for ref, n in components:
-        variant = fp16_variant and HAS_FP16_VARIANT.get(ref, False)
-        worst = max(worst, 2 * n if variant else 4 * n + 2 * n)
-    return HOST_BASELINE_GIB + _gib(worst)
+    if preset.clip_model:
+        components.append((preset.clip_model, parameter_counts_clip()))
+    return max(load_ram_gib(n, fp16_variant and HAS_FP16_VARIANT.get(ref, False)) for ref, n in components)
 
 
 def images_per_call(resolution: int, prompts: int) -> int:
@@ -232,13 +240,31 @@ def _prior_measure(preset: Preset) -> tuple[tuple[int, ...], int]:
     return sizes, sum(s.nbytes() for s in saved.values())
 
 
+def prior_predict_gib(preset: Preset) -> float:
+    """INFERENCE_SLACK × the peak live tensors of one prediction call of the prior (PREDICT_BATCH texts ×
+    CANDIDATES, fp32), measured on the meta device."""
+    return INFERENCE_SLACK * _gib(prior_predict_bytes(preset, full_size_clip().config.projection_dim))
+
+
+def prior_source_gib(preset: Preset) -> float:
+    """What a finished prior drawing from prompts holds on the GPU (helpers.prior_images.prompt_source): its CLIP's
+    text tower and projection in fp16, the prior's fp32 weights and one prediction batch (`prior_predict_gib`)."""
+    clip = full_size_clip()
+    text = sum(p.numel() for m in (clip.text_model, clip.text_projection) for p in m.parameters())
+    with torch.device("meta"):
+        prior = sum(p.numel() for n, p in make_network(preset, clip.config.projection_dim).named_parameters()
+                    if not n.startswith("clip_"))
+    return _gib(2 * text + 4 * prior) + prior_predict_gib(preset)
+
+
 def prior_plan(preset: Preset, encode_pixels: int = CACHE_ENCODE_PIXELS) -> dict:
     """The T4 plan of a prior preset, in `estimate_vram`'s terms: the embedding cache is the adapter's caching phase;
     training and generation keep the adapter plan's loaded state (SD1.5 + adapter run + CLIP; its sampling phase
     without the sampling activations) and add the prior's weights, optimizer state and EMA (fp32), plus its grads
     and ACTIVATION_SLACK × measured activations while training, or the adapter's sampling activations while
     generating, with the CLIP scorer notebook 04 compares the pictures with (helpers.evaluate, fp16) loaded beside
-    them (the prior's own inference tensors are a few MB)."""
+    them; predicting (the held-out metrics, a prompt's embedding) holds INFERENCE_SLACK × one batch of
+    helpers.prior_eval.PREDICT_BATCH texts (`prior_predict_gib`), the larger of the two working rooms."""
     from .evalplan import weights_gib as weights_gib_of
     from .prior import ADAPTER_PRESET
     adapter = estimate_vram(get_preset(ADAPTER_PRESET, "t4"), encode_pixels)
@@ -250,9 +276,11 @@ def prior_plan(preset: Preset, encode_pixels: int = CACHE_ENCODE_PIXELS) -> dict
     activations = ACTIVATION_SLACK * _gib(saved)
     loaded = adapter["phases_gib"]["sampling"] - adapter["sampling_activation_gib"]
     prior_state = weights_gib + optimizer_gib + ema_gib
+    predict = prior_predict_gib(preset)
     phases = {"caching": adapter["phases_gib"]["caching"],
               "training": loaded + prior_state + grads_gib + activations,
-              "sampling": loaded + prior_state + weights_gib_of("clip") + adapter["sampling_activation_gib"]}
+              "sampling": loaded + prior_state + weights_gib_of("clip")
+                          + max(adapter["sampling_activation_gib"], predict)}
     peak_phase = max(phases, key=phases.get)
     total = phases[peak_phase]
     band = error_band() * total
@@ -264,7 +292,8 @@ def prior_plan(preset: Preset, encode_pixels: int = CACHE_ENCODE_PIXELS) -> dict
                                        "host_ram_no_variant_gib", "encode_batch")},
             "preset": preset.name, "trainable_params": trainable, "trainable_gib": weights_gib,
             "grads_gib": grads_gib, "optimizer_gib": optimizer_gib, "ema_gib": ema_gib, "autocast_copy_gib": 0.0,
-            "activation_gib": activations, "adapter_loaded_gib": loaded, "overhead_gib": CUDA_OVERHEAD_GIB,
+            "activation_gib": activations, "adapter_loaded_gib": loaded, "predict_gib": predict,
+            "overhead_gib": CUDA_OVERHEAD_GIB,
             "phases_gib": phases, "peak_phase": peak_phase, "total_gib": total, "band_gib": band, "spare_gib": spare,
             "usable_gib": T4_USABLE_GIB, "verdict": "fits" if spare >= MARGIN_GIB else "does not fit",
             "checkpoint_mb": ckpt, "checkpoints_written": writes,
@@ -302,5 +331,5 @@ def memory_plan_table(presets, encode_pixels: int = CACHE_ENCODE_PIXELS) -> str:
 
 __all__ = ["full_size_unet", "full_size_text_encoders", "full_size_vae", "full_size_clip", "parameter_counts",
            "crossattn_parameter_count", "lora_parameter_count", "optimizer_state_bytes", "checkpoint_mb",
-           "host_ram_gib", "images_per_call", "activation_gib", "inference_peak_gib", "estimate_vram", "calibration_table",
+           "host_ram_gib", "load_ram_gib", "prior_predict_gib", "prior_source_gib", "images_per_call", "activation_gib", "inference_peak_gib", "estimate_vram", "calibration_table",
            "error_band", "calibration_text", "memory_plan_table", "T4_USABLE_GIB", "COLAB_RAM_GIB", "MARGIN_GIB"]

@@ -11,6 +11,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from .prior import condition, make_network
+from .prior_eval import CANDIDATES, PREDICT_BATCH
 from .memory_meta import (TOKENS, _efficient_attention, _storages, _unet_inputs, full_size_text_encoders,
                           full_size_unet, full_size_vae, latent_factor)
 
@@ -112,5 +114,21 @@ def clip_image_encode_bytes(images: int) -> int:
     return _peak_live(clip, lambda: clip.visual_projection(clip.vision_model(x).pooler_output))
 
 
+@lru_cache(maxsize=None)
+def prior_predict_bytes(preset, dim: int) -> int:
+    """Peak live bytes of one denoising call of `preset`'s prior (built by helpers.prior on the meta device, fp32
+    as helpers.prior_eval.load_prior loads it) on PREDICT_BATCH texts × CANDIDATES: what predicting held-out rows
+    or a prompt source's embeddings holds beside the loaded models."""
+    rows, tokens = PREDICT_BATCH * CANDIDATES, preset.prior_text_tokens
+    with torch.device("meta"):
+        net = make_network(preset, dim).eval()
+        text = torch.randn(rows, dim)
+        states, masks = torch.randn(rows, tokens, dim), torch.ones(rows, tokens, dtype=torch.bool)
+    if preset.method == "mlp_prior":
+        return _peak_live(net, lambda: net(text))
+    return _peak_live(net, lambda: net(text, torch.full((rows,), 500, device="meta"),
+                                       **condition(text, states if tokens else None, masks)))
+
+
 __all__ = ["unet_inference_bytes", "vae_decode_bytes", "vae_encode_bytes", "text_encode_bytes",
-           "clip_image_encode_bytes"]
+           "clip_image_encode_bytes", "prior_predict_bytes"]

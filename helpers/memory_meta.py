@@ -18,7 +18,8 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
-from .configs import CLIP_L14_TEXT, CLIP_L14_VISION, OPENCLIP_BIGG_TEXT, SD_VAE, TEXT_LORA_TARGETS, UNETS
+from .configs import (CLIP_H14_TEXT, CLIP_H14_VISION, CLIP_L14_TEXT, CLIP_L14_VISION, OPENCLIP_BIGG_TEXT, SD_VAE,
+                      TEXT_LORA_TARGETS, UNETS)
 
 GIB = 2**30
 
@@ -60,6 +61,31 @@ def full_size_clip():
     from transformers import CLIPConfig, CLIPModel
     with torch.device("meta"):
         return CLIPModel(CLIPConfig(text_config=CLIP_L14_TEXT, vision_config=CLIP_L14_VISION, projection_dim=768))
+
+
+SCORERS = {"clip": ("open_clip ViT-L-14 (openai)", CLIP_L14_TEXT, CLIP_L14_VISION, 768),
+           "pickscore": ("PickScore v1 (CLIP-H-14)", CLIP_H14_TEXT, CLIP_H14_VISION, 1024)}  # name → (label, towers)
+
+
+@lru_cache(maxsize=None)
+def full_size_scorer(name: str):
+    """A scorer of SCORERS ("clip": ViT-L/14, "pickscore": CLIP-H/14) as a transformers CLIPModel, weightless."""
+    from transformers import CLIPConfig, CLIPModel
+    _, text, vision, dim = SCORERS[name]
+    with torch.device("meta"):
+        return CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=dim))
+
+
+@lru_cache(maxsize=None)
+def safety_checker_parameters() -> int:
+    """Parameters of SD1.5's safety checker (diffusers' StableDiffusionSafetyChecker: a CLIP ViT-L/14 vision tower,
+    its projection and the concept embeddings), built on the meta device."""
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig
+    with torch.device("meta"):
+        checker = StableDiffusionSafetyChecker(CLIPConfig(text_config=CLIP_L14_TEXT, vision_config=CLIP_L14_VISION,
+                                                          projection_dim=768))
+    return _count(checker)
 
 
 def latent_factor() -> int:
@@ -246,6 +272,7 @@ def measure_training(family: str, method: str, rank: int, targets: tuple, dropou
     return tuple(sizes), plain, checkpointed
 
 
-__all__ = ["full_size_unet", "full_size_text_encoders", "full_size_vae", "full_size_clip", "parameter_counts",
+__all__ = ["full_size_unet", "full_size_text_encoders", "full_size_vae", "full_size_clip", "full_size_scorer",
+           "safety_checker_parameters", "SCORERS", "parameter_counts",
            "crossattn_parameter_count", "lora_parameter_count", "make_trainable", "text_lora_sizes",
            "measure_training", "latent_factor", "GIB"]

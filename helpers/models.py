@@ -8,6 +8,8 @@ import gc
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
 
 import torch
 
@@ -43,15 +45,37 @@ def vae_scale_factor(vae_config) -> int:
 
 def from_pretrained(cls, ref: str, subfolder: str | None, dtype: torch.dtype, **kwargs):
     """`cls.from_pretrained` in `dtype`; for fp16 the repository's fp16 variant files when it has them (SDXL's UNet
-    is 5.1 GB as fp16 files instead of 10.3 GB in fp32, on a machine with 12.7 GB of RAM), else its plain files."""
+    is 5.1 GB as fp16 files instead of 10.3 GB in fp32, on a machine with 12.7 GB of RAM), else its plain files.
+    The repository is asked which files it has first: diffusers logs a red "An error occurred while trying to
+    fetch … Defaulting to unsafe serialization" for a missing variant (the fp16-fix VAE), then loads fine."""
     if subfolder:
         kwargs["subfolder"] = subfolder
-    if dtype == torch.float16:
+    if dtype == torch.float16 and has_fp16_variant(ref, subfolder) is not False:
         try:
             return cls.from_pretrained(ref, variant="fp16", dtype=dtype, **kwargs)
-        except (OSError, ValueError):  # no fp16 variant here (e.g. the fp16-fix VAE): the plain files
+        except (OSError, ValueError):  # could not ask (offline) and there is none: the plain files
             pass
     return cls.from_pretrained(ref, dtype=dtype, **kwargs)
+
+
+def has_fp16_variant(ref: str, subfolder: str | None = None) -> bool | None:
+    """Whether the model folder or Hub repository `ref` has fp16 variant weights (`*.fp16.safetensors` / `.bin`)
+    in `subfolder`; None when the Hub cannot be asked (offline)."""
+    folder = Path(ref) / (subfolder or "")
+    if Path(ref).is_dir():
+        return any(".fp16." in p.name for p in folder.iterdir()) if folder.is_dir() else False
+    try:
+        files = _repo_files(ref)
+    except Exception:  # offline or unreachable: try the variant and let the load decide
+        return None
+    prefix = f"{subfolder}/" if subfolder else ""
+    return any(f.startswith(prefix) and "/" not in f[len(prefix):] and ".fp16." in f for f in files)
+
+
+@lru_cache(maxsize=None)
+def _repo_files(repo_id: str) -> tuple[str, ...]:
+    from huggingface_hub import list_repo_files
+    return tuple(list_repo_files(repo_id))
 
 
 def _frozen_on(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
@@ -184,19 +208,43 @@ def family_of(pipe) -> str:
     return "sdxl" if "text_encoder_2" in pipe.components else "sd15"
 
 
-def pipeline_from_components(components: Components, unet=None):
-    """A stock diffusers pipeline around already-loaded components (no second copy of the weights), for samples
-    during training. The scheduler is the base model's own (from its scheduler/ folder)."""
+def pipeline_from_components(components: Components, unet=None, scheduler=None, safety_checker: dict | None = None):
+    """A stock diffusers pipeline around already-loaded components (no second copy of the weights). `scheduler`:
+    default DPM-Solver++ from the base model's training schedule (samples during training); `safety_checker`: SD1.5's
+    checker and feature extractor (`load_safety_checker`), None = none."""
     from diffusers import DPMSolverMultistepScheduler
     if not components.text_encoders:
         raise ValueError("sampling needs the text encoders loaded (load_components(..., with_text_encoders=True))")
-    scheduler = DPMSolverMultistepScheduler.from_config(components.noise_scheduler.config)
+    scheduler = scheduler or DPMSolverMultistepScheduler.from_config(components.noise_scheduler.config)
     parts = dict(vae=components.vae, text_encoder=components.text_encoders[0], tokenizer=components.tokenizers[0],
                  unet=unet if unet is not None else components.unet, scheduler=scheduler)
     if components.family == "sdxl":
         parts.update(text_encoder_2=components.text_encoders[1], tokenizer_2=components.tokenizers[1])
     else:
-        parts.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        checker = safety_checker or {}
+        parts.update(safety_checker=checker.get("safety_checker"), feature_extractor=checker.get("feature_extractor"),
+                     requires_safety_checker=bool(checker))
     pipe = pipeline_class(components.family)(**parts)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def pipeline_scheduler(model: str):
+    """The inference scheduler the model's own pipeline uses (model_index.json: PNDM for SD1.5, Euler for SDXL)."""
+    import diffusers
+    _, name = diffusers.DiffusionPipeline.load_config(model)["scheduler"]
+    return getattr(diffusers, name).from_pretrained(model, subfolder="scheduler")
+
+
+def load_safety_checker(model: str, dtype: torch.dtype, device: torch.device | str) -> dict:
+    """SD1.5's safety checker (a CLIP ViT-L/14 vision tower, 304M parameters) and its feature extractor on `device`,
+    when the model ships one (its model_index.json lists it); {} when it does not (the tiny models)."""
+    import diffusers
+    from transformers import CLIPImageProcessor
+    checker_class, _ = diffusers.DiffusionPipeline.load_config(model).get("safety_checker", [None, None])
+    if checker_class is None:
+        return {}
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    checker = _frozen_on(from_pretrained(StableDiffusionSafetyChecker, model, "safety_checker", dtype), device)
+    return {"safety_checker": checker,
+            "feature_extractor": CLIPImageProcessor.from_pretrained(model, subfolder="feature_extractor")}

@@ -190,8 +190,8 @@ PRESETS: dict[str, dict[str, Preset]] = {
         # 1 × 8 accumulation = 8 images/step; 1,221 images → 152.6 steps/epoch; 5 epochs ≈ 763 → 765 steps.
         # Memory: UNet fp16 5.1 GB + LoRA/Adam 0.23 GB + activations at 1024 px (128×128 latents) × 1 with
         # checkpointing ≈ 5 GB → ≈ 11 GB; without checkpointing it does not fit 15 GB.
-        # A T4 does ≈ 1 image/4 s at 1024 px with checkpointing: 765 × 8 × 4 s ≈ 6.8 h, longer than one
-        # free session, so checkpoints every 30 steps (≈ 16 min) and resume.
+        # Time: helpers.timing.training_estimate (notebook 03 prints it with its range) is longer than one free
+        # session, so a checkpoint every 30 steps (240 images) bounds what a disconnect loses, and the run resumes.
         "t4": Preset("sdxl_lora_naruto_1024", "t4", "sdxl", SDXL, "naruto", NARUTO,
                      "lora", vae=SDXL_VAE_FIX, resolution=1024, batch_size=1, grad_accum=8, max_steps=765,
                      learning_rate=1e-4, lr_schedule="cosine", warmup_steps=0, lora_rank=16, lora_alpha=16,

@@ -37,6 +37,9 @@ from .evaluate import bootstrap_ci
 from .prior import PRIOR_DIR, SCHEDULER_DIR, MlpPrior, condition, from_prior_space, to_prior_space
 
 CANDIDATES = 2  # DALL·E 2: sample 2 image embeddings per caption, keep the one closer to the text
+PREDICT_BATCH = 64  # texts per network call (× CANDIDATES rows). Notebook 04's 1,000 held-out rows in one fp32 call
+#                    of the t4 diffusion prior would peak at ≈ 4 GiB (81 tokens × 512 wide × 6 blocks); 64 plan at
+#                    ≈ 0.5 GiB (helpers.memory.prior_predict_gib), 16 calls of a few ms each on a T4
 
 SPREAD_SEEDS = (0, 1, 2, 3)  # seeds per caption for the spread
 COLUMNS = ("cos(text, image)", "cos(pred, image)", "cos(pred, text)", "cos(text, shuffled)", "seed spread")
@@ -69,6 +72,11 @@ class Prior:
         seeds = [int(seeds)] * n if isinstance(seeds, int) else [int(s) for s in seeds]
         if len(seeds) != n:
             raise ValueError(f"need one seed per text ({n}), got {len(seeds)}")
+        if n > PREDICT_BATCH:  # each row's noise comes from its own seed, so its prediction is the same in any batch
+            part = lambda x, s: None if x is None else x[s:s + PREDICT_BATCH]  # noqa: E731
+            return torch.cat([self.predict(part(text_embeds, s), part(text_states, s), part(text_masks, s),
+                                           seeds[s:s + PREDICT_BATCH], candidates, guidance)
+                              for s in range(0, n, PREDICT_BATCH)])
         self.network.eval()
         device = self.device
         text_embeds = text_embeds.to(device).float()
@@ -263,5 +271,5 @@ def prior_metrics(priors: Sequence[Prior], embeddings, seed: int = 0, spread_see
     return MetricsTable(pd.DataFrame(table_rows), values, level)
 
 
-__all__ = ["Prior", "load_prior", "finished_priors", "CANDIDATES", "prior_metrics", "MetricsTable", "seed_spread",
+__all__ = ["Prior", "load_prior", "finished_priors", "CANDIDATES", "PREDICT_BATCH", "prior_metrics", "MetricsTable", "seed_spread",
            "true_spread", "shuffled_order", "SPREAD_SEEDS", "COLUMNS"]

@@ -9,6 +9,7 @@ stock pipeline whose adapters are switched per variant (a T4 cannot hold two cop
 from __future__ import annotations
 
 import json
+import weakref
 from dataclasses import asdict, fields
 from pathlib import Path
 
@@ -122,7 +123,7 @@ class RunSet:
         `image_embeds`, where each image's embedding comes from: (prompts, seeds) → (N, D) (helpers.sampling), e.g.
         a prior (`Method.image_embeds_source`), true embeddings (helpers.ip_adapter.fixed_embeddings,
         nearest_true_embeds) or zeros for the caption alone (helpers.ip_adapter.caption_only); any other run takes
-        none."""
+        none. The variant holds this RunSet weakly: once its pipeline is freed, `apply` says so."""
         if name is not None and name not in self.loaded:
             raise KeyError(f"no run {name!r} loaded; loaded: {sorted(self.loaded)}")
         label = label or ("base" if name is None else name if scale == 1.0 else f"{name} ×{scale:g}")
@@ -131,7 +132,15 @@ class RunSet:
         if image_embeds is None and self.needs_image_embeds(name):
             raise ValueError(f"run {name!r} is conditioned on CLIP image embeddings: pass image_embeds=(prompts, "
                              "seeds) → (N, D), e.g. a prior's embeddings or helpers.ip_adapter.caption_only(dim)")
-        return Variant(label, lambda pipe: self.use(name, scale), image_embeds)
+        board = weakref.ref(self)  # a variant must not keep its pipeline alive: unloading frees the pipeline
+
+        def apply(pipe) -> None:
+            runs = board()
+            if runs is None:
+                raise RuntimeError(f"variant {label!r} cannot be applied: its pipeline was freed (e.g. by "
+                                   "Engine.unload()); ask for the variant again")
+            runs.use(name, scale)
+        return Variant(label, apply, image_embeds)
 
 
 __all__ = ["is_finished", "load_snippet", "run_name", "run_folder", "write_run_info", "run_preset", "finished_runs", "RunSet", "RUN_FILE"]

@@ -32,7 +32,8 @@ from .presets import Preset
 from .runtime import device as default_device
 from .tiny import resolve
 
-MANIFEST_FIELDS = ("file", "prompt", "seed")
+MANIFEST_FIELDS = ("file", "prompt", "seed", "withheld")
+WITHHELD = "withheld"  # PIL Image.info key set on a picture SD1.5's safety checker replaced by a black square
 ImageEmbeds = Callable[[list[str], list[int]], torch.Tensor]  # (prompts, seeds) -> one CLIP image embedding per
 #                                                               image (N, D), for an image-conditioned run
 ONE_AT_A_TIME_PX = 768  # from this size up, one image per pipeline call: 4 × 1024² SDXL images in one fp16 call
@@ -42,24 +43,24 @@ VAE_TILE_PX = 512  # tiled decode in 512 px tiles (the SD/fp16-fix VAE configs' 
 #                    which would leave a 1024 px image untiled): helpers.memory models this tile
 
 
-def load_pipeline(preset: Preset, device: torch.device | str | None = None, progress: bool = True):
-    """The stock pipeline of `preset.family` for `preset.model` (fp16 variant files where they exist), with
-    `preset.vae` swapped in when set; dtypes by helpers.precision (fp16 on a T4, the VAE upcast where its config
-    says so). Real SD1.5 keeps its default safety checker; the tiny pipelines were saved without one."""
-    from diffusers import AutoencoderKL
-    from .models import from_pretrained, pipeline_class
+def load_pipeline(preset: Preset, device: torch.device | str | None = None, progress: bool = True,
+                  safety_checker: bool = False):
+    """The stock pipeline of `preset.family` for `preset.model` with `preset.vae` swapped in when set, built the way
+    training loads (helpers.models.load_components: one module at a time, each on `device` as soon as it is
+    loaded, so host RAM holds one component, never the whole pipeline: SDXL is 6.5 GiB in fp16 on a 12.7 GB
+    machine), with the model's own inference scheduler; dtypes by helpers.precision (fp16 on a T4, the VAE upcast
+    where its config says so). `safety_checker`: also SD1.5's safety checker, for paths whose pictures other people
+    see (helpers.engine); evaluation paths leave it out, as diffusers' training scripts' validation does."""
+    from .models import load_components, load_safety_checker, pipeline_from_components, pipeline_scheduler
     from .precision import precision_for
     device = torch.device(device or default_device())
-    precision = precision_for(preset.mixed_precision, device)
-    extra = {}
-    if preset.vae:
-        config = AutoencoderKL.load_config(resolve(preset.vae))
-        vae_dtype = precision.vae_dtype(config.get("force_upcast", False), preset.vae_fp32)
-        extra["vae"] = from_pretrained(AutoencoderKL, resolve(preset.vae), None, vae_dtype)
-    pipe = from_pretrained(pipeline_class(preset.family), resolve(preset.model), None, precision.weight_dtype,
-                           **extra)
+    components = load_components(preset, device)
+    model = resolve(preset.model)
+    checker = (load_safety_checker(model, precision_for(preset.mixed_precision, device).weight_dtype, device)
+               if safety_checker and preset.family == "sd15" else None)
+    pipe = pipeline_from_components(components, scheduler=pipeline_scheduler(model), safety_checker=checker)
     pipe.set_progress_bar_config(disable=not progress)
-    return pipe.to(device)
+    return pipe
 
 
 def images_per_call(height: int, width: int) -> int:
@@ -130,7 +131,8 @@ def generate(pipe, prompts: list[str], seeds: list[int], steps: int, guidance: f
              step_callback: Callable | None = None, image: Image.Image | None = None, strength: float = 0.8,
              image_embeds: torch.Tensor | None = None) -> list[Image.Image]:
     """One image per aligned (prompt, seed) pair. With `out_dir`, saves `{prefix}{i:03d}_seed{seed}.png` and
-    `{prefix}manifest.csv` (file, prompt, seed) there.
+    `{prefix}manifest.csv` (file, prompt, seed, withheld) there. A picture SD1.5's safety checker blacked out comes
+    back marked (`withheld(image)`): a mark, never a picture to score.
 
     At most `images_per_call(height, width)` images per pipeline call, VAE slicing/tiling as `set_vae_memory`
     says, and fp16 autocast when the UNet holds fp16 weights (trained fp32 layers inside an fp16 UNet).
@@ -179,8 +181,11 @@ def generate(pipe, prompts: list[str], seeds: list[int], steps: int, guidance: f
             else:
                 extra.update(height=height, width=width)
             out = pipe(prompt=chunk_prompts, generator=generators, num_inference_steps=steps,
-                       guidance_scale=guidance, **extra).images
-            for i, drawn in zip(chunk, out):
+                       guidance_scale=guidance, **extra)
+            flagged = getattr(out, "nsfw_content_detected", None) or [False] * len(chunk)  # SD1.5's checker only
+            for i, drawn, black in zip(chunk, out.images, flagged):
+                if black:  # a black square, not a picture: marked so nothing scores or shows it as one
+                    drawn.info[WITHHELD] = True
                 images[i] = drawn
             if getattr(pipe, "_interrupt", False):  # stopped by step_callback: draw no further calls
                 break
@@ -194,16 +199,22 @@ def generate(pipe, prompts: list[str], seeds: list[int], steps: int, guidance: f
             for i, (image, prompt, seed) in enumerate(zip(images, prompts, seeds)):
                 name = f"{prefix}{i:03d}_seed{seed}.png"
                 image.save(out_dir / name)
-                writer.writerow((name, prompt, seed))
+                writer.writerow((name, prompt, seed, int(withheld(image))))
     return images
 
 
+def withheld(image: Image.Image) -> bool:
+    """Whether SD1.5's safety checker replaced this picture by a black square (`generate` marks it)."""
+    return bool(image.info.get(WITHHELD))
+
+
 def read_manifest(path: str | Path) -> list[dict]:
-    """Rows of a manifest written by `generate`: {"file": absolute path, "prompt", "seed": int}."""
+    """Rows of a manifest written by `generate`: {"file": absolute path, "prompt", "seed": int, "withheld": bool}
+    (a manifest written before the column existed: nothing withheld)."""
     path = Path(path)
     with open(path, newline="") as f:
-        return [{"file": str(path.parent / r["file"]), "prompt": r["prompt"], "seed": int(r["seed"])}
-                for r in csv.DictReader(f)]
+        return [{"file": str(path.parent / r["file"]), "prompt": r["prompt"], "seed": int(r["seed"]),
+                 "withheld": r.get("withheld") == "1"} for r in csv.DictReader(f)]
 
 
 # ---------------------------------------------------------------- variants of one pipeline

@@ -21,10 +21,11 @@ from html import escape
 from pathlib import Path
 
 from . import prompts as prompt_sets
-from .catalog import Entry
+from .catalog import Entry, shared_size
 from .engine import Engine
 from .evaluation import IMAGE_COLUMNS, POOLED, ScoreTable, evaluate_variants, results_frame, score_images, score_table
 from .models import release_cuda_cache
+from .runs import run_preset
 
 # training style and held-out prompts per data source and profile; every family also gets the generic set
 SOURCE_SETS = {"cifar10": lambda profile: [prompt_sets.cifar_prompts("train"), prompt_sets.cifar_prompts("held-out")],
@@ -48,23 +49,26 @@ def family_sets(runs: list[Entry], prompts_per_set: int) -> list[prompt_sets.Pro
 TINY_COUNTS = (3, 2)  # prompts per set × seeds in the tiny profile (notebook 05's CI budget)
 
 
-def t4_plan(catalog, budget_seconds: float = 1800, pickscore: bool = True):
+def t4_plan(catalog, budget_seconds: float = 1800, pickscore: bool = True, safety_checker: bool = True):
     """(prompts per set, seeds, phases): the T4 form of every finished run of `catalog` (its preset in the t4
-    profile), the largest prompt × seed counts that finish in `budget_seconds` on a T4, and the phase plan
-    (helpers.evalplan). None without finished runs."""
-    from .catalog import BASES
+    profile, drawn at its family's shared size: the runs' training size), the largest prompt × seed counts that
+    finish in `budget_seconds` on a T4, and the phase plan (helpers.evalplan), SD1.5 with its safety checker as the
+    engine loads it. None without finished runs."""
     from .evalplan import choose_counts
     from .presets import get_preset
-    runs, sets, sizes = {}, {}, {}
+    runs, sets, sizes, sources = {}, {}, {}, {}
     for family, entries in catalog.by_family().items():
         found = [e for e in entries if e.is_run]
         if found:
             runs[family] = [get_preset(e.preset.name, "t4", method=e.preset.method) for e in found]
             sets[family] = len(family_sets(found, 1))
-            sizes[family] = get_preset(BASES[family][1], "t4").resolution
+            sizes[family] = max(p.resolution for p in runs[family])  # helpers.catalog.shared_size's rule
+            sources[family] = [get_preset(p.name, "t4", method=p.method)
+                               for p in {run_preset(e.source) for e in found if e.source is not None}]
     if not runs:
         return None
-    return choose_counts(runs, sets, sizes, {f: T4_STEPS[f] for f in runs}, budget_seconds, pickscore)
+    return choose_counts(runs, sets, sizes, {f: T4_STEPS[f] for f in runs}, budget_seconds, pickscore,
+                         safety_checker, sources)
 
 
 @dataclass
@@ -75,25 +79,38 @@ class Scoreboard:
     summary: object  # DataFrame, one row per variant and score model (pooled over the family's prompt sets)
     chart: Path | None
     missing: list = field(default_factory=list)  # helpers.catalog.MissingRun
+    sizes: dict = field(default_factory=dict)  # family → the size it was drawn at, and why
+
+    @property
+    def withheld(self) -> int:
+        """Images SD1.5's safety checker withheld (left out of every mean and pair), over both score models."""
+        return int(self.scores["withheld"].sum()) // max(1, self.scores["clip_model"].nunique())
 
     def _cells(self) -> list[list[str]]:
         head = ["family", "variant", "score", "n", "mean [95% CI]", "Δ vs base [95% CI]", "wins", "p"]
-        rows = [head]
+        rows = [head + (["withheld"] if self.withheld else [])]
         for r in self.summary.to_dict("records"):
             delta = "" if r["reference"] is None or r["reference"] != r["reference"] else (
                 f"{r['diff']:+.2f} [{r['diff_low']:+.2f}, {r['diff_high']:+.2f}]")
             wins = "" if not delta else f"{int(r['wins'])}/{int(r['n'])}"
             rows.append([r["family"], r["variant"], r["score_model"], str(int(r["n"])),
                          f"{r['mean']:.2f} [{r['low']:.2f}, {r['high']:.2f}]", delta, wins,
-                         "" if not delta else f"{r['p']:.2g}"])
+                         "" if not delta else f"{r['p']:.2g}"] + ([str(int(r["withheld"]))] if self.withheld else []))
         return rows
+
+    def notes(self) -> list[str]:
+        """Drawing sizes per family, the images the safety checker withheld, the runs still missing."""
+        notes = [f"{family} drawn at {size}" for family, size in self.sizes.items()]
+        if self.withheld:
+            notes.append(f"{self.withheld} image(s) withheld by the SD1.5 safety checker (black squares): left out "
+                         "of the means and pairs, counted in `withheld`")
+        return notes + [f"missing: {m.name}: {m.why}" for m in self.missing]
 
     def __str__(self) -> str:
         cells = self._cells()
         widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
         lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
-        missing = [f"missing: {m.name}: {m.why}" for m in self.missing]
-        return "\n".join(lines + missing)
+        return "\n".join(lines + self.notes())
 
     __repr__ = __str__
 
@@ -101,10 +118,10 @@ class Scoreboard:
         head, *body = self._cells()
         th = "".join(f"<th>{escape(c)}</th>" for c in head)
         trs = "".join("<tr>" + "".join(f"<td>{escape(c)}</td>" for c in row) + "</tr>" for row in body)
-        missing = "".join(f"<li>{escape(m.name)}: {escape(m.why)}</li>" for m in self.missing)
+        notes = "".join(f"<li>{escape(n)}</li>" for n in self.notes())
         return (f"<table><caption>every run vs its own base, pooled over the family's prompt sets (paired on prompt"
                 f" and seed; p: two-sided sign test)</caption><thead><tr>{th}</tr></thead><tbody>{trs}</tbody></table>"
-                + (f"<p>missing runs:</p><ul>{missing}</ul>" if missing else ""))
+                + (f"<ul>{notes}</ul>" if notes else ""))
 
 
 def summary_rows(family: str, table: ScoreTable) -> list[dict]:
@@ -118,7 +135,7 @@ def summary_rows(family: str, table: ScoreTable) -> list[dict]:
             continue
         row = dict(family=family, variant=r["variant"], score_model=r["clip_model"], n=r["n"], mean=r["mean"],
                    low=r["low"], high=r["high"], reference=None, diff=None, diff_low=None, diff_high=None,
-                   wins=None, p=None)
+                   wins=None, p=None, withheld=r.get("withheld", 0))
         paired = [p for p in table.rows if p["paired"] and p["prompt_set"] == scope and p["variant"] == r["variant"]
                   and p["clip_model"] == r["clip_model"]]
         if paired:
@@ -186,7 +203,7 @@ def evaluate_runs(engine: Engine, prompts_per_set: int, seeds, out_dir: str | Pa
     `steps`: denoising steps per family (default: T4_STEPS on a T4, each base preset's sample_steps in tiny)."""
     import pandas as pd
     out_dir, catalog = Path(out_dir), engine.catalog
-    images, families = [], {}
+    images, families, sizes = [], {}, {}
     for family, entries in catalog.by_family().items():
         runs = [e for e in entries if e.is_run]
         if not runs:
@@ -194,11 +211,12 @@ def evaluate_runs(engine: Engine, prompts_per_set: int, seeds, out_dir: str | Pa
         base = next(e for e in entries if not e.is_run)
         n_steps = (steps or {}).get(family) or (T4_STEPS[family] if catalog.profile == "t4"
                                                  else base.preset.sample_steps)
+        size, why = shared_size([base, *runs])  # base and runs paired at the runs' training size
         variants = [engine.variant(e.name) for e in [base, *runs]]
         result = evaluate_variants(engine.pipeline(base.name), variants, family_sets(runs, prompts_per_set), seeds,
-                                   out_dir / family, scorer=None, steps=n_steps, size=base.default_size)
+                                   out_dir / family, scorer=None, steps=n_steps, size=size)
         images.append(result.images.assign(family=family))
-        families[family] = base.name
+        families[family], sizes[family] = base.name, f"{size} px, {why}"
         engine.unload()  # the next family (or scorer) gets the GPU
     if not images:
         raise ValueError(f"no finished runs to evaluate under {catalog.root / 'runs'}; missing:\n"
@@ -222,7 +240,7 @@ def evaluate_runs(engine: Engine, prompts_per_set: int, seeds, out_dir: str | Pa
     summary = pd.DataFrame([row for f, t in tables.items() for row in summary_rows(f, t)])
     summary.to_csv(out_dir / "summary.csv", index=False)
     board = Scoreboard(out_dir, scores, tables, summary, plot_differences(tables, out_dir / "chart.png"),
-                       list(catalog.missing))
+                       list(catalog.missing), sizes)
     (out_dir / "summary.md").write_text("\n".join("| " + " | ".join(r) + " |" for r in board._cells()) + "\n")
     pd.DataFrame([m.__dict__ for m in catalog.missing], columns=["name", "notebook", "why"]).to_csv(
         out_dir / "missing.csv", index=False)

@@ -29,6 +29,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .catalog import shared_size
 from .evaluate import sign_test
 
 ANSWER_COLUMNS = ("time", "study", "rater", "pair", "prompt_set", "prompt", "seed", "left", "right", "choice",
@@ -43,7 +44,12 @@ class Pair:
     prompt: str
     seed: int
     images: dict  # variant → image path
-    clip: dict  # variant → CLIP score of that image
+    clip: dict  # variant → CLIP score of that image (NaN: withheld by SD1.5's safety checker, a black square)
+
+    @property
+    def withheld(self) -> bool:
+        """A side is a black square from SD1.5's safety checker: nothing for a person to compare."""
+        return any(score != score for score in self.clip.values())
 
     @property
     def key(self) -> str:
@@ -83,7 +89,8 @@ def pairs_from_scores(scores, a: str, b: str, clip_model: str | None = None) -> 
 def generate_pairs(engine, a: str, b: str, prompt_set, seeds, out_dir: str | Path, steps: int | None = None,
                    size: int | None = None) -> list[Pair]:
     """Draw `a` and `b` on every prompt of `prompt_set` with every seed (one pipeline: both must be of one family)
-    through helpers.evaluation.evaluate_variants, CLIP-score them, and pair them."""
+    through helpers.evaluation.evaluate_variants, CLIP-score them, and pair them. `size`: None = the runs' training
+    size (helpers.catalog.shared_size), so a base is compared with a run where the run was trained."""
     from .evaluation import evaluate_variants
     first, second = engine.catalog.get(a), engine.catalog.get(b)
     if first.base_key != second.base_key:
@@ -92,7 +99,7 @@ def generate_pairs(engine, a: str, b: str, prompt_set, seeds, out_dir: str | Pat
     base = first if not first.is_run else second
     steps = steps or base.preset.sample_steps
     result = evaluate_variants(engine.pipeline(a), [engine.variant(a), engine.variant(b)], prompt_set, seeds,
-                               out_dir, scorer=engine.scorer, steps=steps, size=size or base.default_size)
+                               out_dir, scorer=engine.scorer, steps=steps, size=size or shared_size([first, second])[0])
     return pairs_from_scores(result.scores, a, b)
 
 
@@ -115,12 +122,15 @@ class Study:
     def __init__(self, pairs: list[Pair], a: str, b: str, csv_path: str | Path, seed: int = 0):
         if a == b:
             raise ValueError("pick two different variants to compare")
-        if not pairs:
-            raise ValueError("a study needs at least one pair of images")
         keys = [p.key for p in pairs]
         if len(set(keys)) != len(keys):
             raise ValueError("every (prompt set, prompt, seed) may appear once in a study")
-        self.pairs, self.a, self.b, self.seed = list(pairs), a, b, seed
+        shown = [p for p in pairs if not p.withheld]
+        self.left_out = len(pairs) - len(shown)  # pairs with a side SD1.5's safety checker withheld
+        if not shown:
+            raise ValueError("a study needs at least one pair of images" + (
+                f" ({self.left_out} left out: the SD1.5 safety checker withheld one side)" if self.left_out else ""))
+        self.pairs, self.a, self.b, self.seed = shown, a, b, seed
         self.csv_path = Path(csv_path)
         self.name = f"{a} vs {b}"
 

@@ -253,3 +253,7 @@ def test_the_t4_memory_plan_says_sdxl_4_images_need_slicing_and_one_at_a_time():
         < rows[("sdxl", "4 per call")]["gib"]
     assert all(r["fits"] for r in memory_plan() if r["family"] == "sd15" and "this app" in r["way"])
     assert "DOES NOT FIT" in memory_plan_text(memory_plan())
+    # SD1.5's safety checker (0.57 GiB) is counted: both families with the scorer do not fit, the engine frees one
+    both = next(r for r in memory_plan() if r["family"] == "sd15+sdxl")
+    assert not both["fits"] and "frees one" in both["way"] and both["gib"] == pytest.approx(11.2, abs=0.05)
+    assert "sd15 3.6 GiB, sdxl 6.8 GiB" in memory_plan_text(memory_plan())

@@ -178,6 +178,15 @@ def drive(browser, url: str, storage: Path) -> None:
         clickable(browser, f"button.lab-answer-{choice}").click()
         wait_until(browser, lambda d: f"{k} of 3" in d.find_element("css selector", ".lab-counter").text, 30,
                    f"answer {k} was not counted")
+    # the rater's name reaches the kernel on Enter, not per keystroke (each new name sends that rater's two images)
+    from selenium.webdriver.common.keys import Keys
+    one(browser, ".lab-rater input").send_keys(" 2")
+    time.sleep(3)
+    assert one(browser, ".lab-counter").text.endswith("answered by browser test"), "a keystroke reached the kernel"
+    one(browser, ".lab-rater input").send_keys(Keys.ENTER)
+    wait_until(browser, lambda d: "0 of 3 answered by browser test 2" in d.find_element("css selector",
+                                                                                       ".lab-counter").text, 30,
+               "Enter did not switch the rater")
     study = browser.find_element("css selector", ".lab-study")
     browser.execute_script("arguments[0].scrollIntoView()", study)
     study.screenshot(str(SHOTS / "study.png"))

@@ -144,8 +144,8 @@ def test_generate_switches_runs_in_one_pipeline_same_noise_and_scores(engine, ro
 
 def test_families_keep_their_own_pipelines_and_sizes(engine):
     result = engine.generate(Request("a green frog", ("SDXL base", "SD1.5 base"), steps=2))
-    assert [(d.model, d.size, d.image.size) for d in result.images] == [("SDXL base", 128, (128, 128)),
-                                                                        ("SD1.5 base", 64, (64, 64))]
+    assert [(d.model, d.size, d.image.size) for d in result.images] == [("SDXL base", 64, (64, 64)),
+                                                                        ("SD1.5 base", 64, (64, 64))]  # their own
     assert sorted(engine.loaded()) == ["SD1.5 base", "SDXL base"]  # a CPU holds both
     same = engine.generate(Request("a green frog", ("SDXL base", "SD1.5 base"), steps=2, size=128))
     assert {d.image.size for d in same.images} == {(128, 128)}

@@ -13,18 +13,14 @@ from PIL import Image
 from helpers.catalog import Catalog
 from helpers.engine import Engine
 from helpers.explorer import EVALUATED, Explorer, StudyPanel
-from tiny_runs import train_tiny_run
+from tiny_runs import storage_with_run
 
 LORA = "sd15_xattn_cifar10-lora-tiny"
 
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("storage")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("LAB_STORAGE", str(root))
-        train_tiny_run(root, "lora")
-    return root
+    return storage_with_run(tmp_path_factory, "lora")
 
 
 @pytest.fixture(scope="module")
@@ -53,9 +49,9 @@ def test_generate_shows_one_card_per_ticked_model_with_its_clip_score(engine):
     assert ui.error == "" and ui.progress.value == 1.0 and ui.progress.bar_style == "success"
     cards = ui.gallery.children
     assert len(cards) == 3 and [d.model for d in ui.result.images] == ["SD1.5 base", LORA, "SDXL base"]
-    for card, drawn, px in zip(cards, ui.result.images, (192, 192, 256)):
+    for card, drawn, px in zip(cards, ui.result.images, (192, 192, 192)):
         image, caption = card.children
-        assert shown(image).shape == (px, px, 3)  # 64 px (SD1.5) ×3, 128 px (SDXL) ×2 on screen (NEAREST)
+        assert shown(image).shape == (px, px, 3)  # 64 px (both tiny bases' own size) ×3 on screen (NEAREST)
         assert f"CLIP {drawn.clip_score:.1f}" in caption.value and f"seed 4" in caption.value
     small = np.asarray(ui.result.images[0].image).astype(np.int16)
     assert np.array_equal(shown(cards[0].children[0])[::3, ::3], small)  # the pixels drawn, not a re-render
@@ -115,6 +111,7 @@ def test_without_runs_the_explorer_says_so_and_offers_the_bases(tmp_path):
 def test_the_study_through_its_widgets(engine, root):
     panel = StudyPanel(engine, seed=3)
     assert (panel.a.value, panel.b.value) == ("SD1.5 base", LORA)
+    assert panel.rater.continuous_update is False  # the name (and two images back) on Enter, not per keystroke
     panel.prompt_set.value, panel.prompts.value, panel.seeds.value = "cifar train", 2, 2
     panel.start.click()
     assert "Type your name" in panel.message.value and panel.study is None

@@ -272,6 +272,29 @@ def test_networks_have_the_preset_shapes():
     assert set(COLUMNS) >= {"cos(text, image)", "cos(pred, image)", "cos(pred, text)", "cos(text, shuffled)"}
 
 
+def test_predictions_go_through_the_network_in_planned_batches_with_the_same_results():
+    from helpers import prior_eval
+    from helpers.prior import noise_scheduler, set_clip_stats
+    preset = get_preset("prior_diffusion_cifar10", "tiny", prior_sample_steps=2)
+    torch.manual_seed(0)
+    net = make_network(preset, 32)
+    set_clip_stats(net, torch.randn(8, 32))
+    prior = prior_eval.Prior(preset.method, net.eval(), noise_scheduler(preset), 2, preset.prior_text_tokens)
+    rows = 2 * prior_eval.PREDICT_BATCH + 3  # like notebook 04's 1,000 held-out rows on a T4: more than one call
+    tokens = preset.prior_text_tokens
+    text, states = torch.randn(rows, 32), torch.randn(rows, tokens, 32)
+    masks = torch.ones(rows, tokens, dtype=torch.bool)
+    seen = []
+    hook = net.register_forward_pre_hook(lambda module, args: seen.append(len(args[0])))
+    try:
+        batched = prior.predict(text, states, masks, seeds=list(range(rows)))
+    finally:
+        hook.remove()
+    assert max(seen) == prior_eval.PREDICT_BATCH * prior_eval.CANDIDATES  # the plan's batch, never all rows at once
+    alone = torch.cat([prior.predict(text[i:i + 1], states[i:i + 1], masks[i:i + 1], seeds=[i]) for i in (0, rows - 1)])
+    assert torch.allclose(batched[[0, rows - 1]], alone, atol=1e-5)  # a row's prediction is its own, batch or not
+
+
 # ---------------------------------------------------------------- the T4 plan
 
 def test_t4_plan_of_both_priors_fits_with_a_gib_to_spare():
@@ -296,6 +319,13 @@ def test_t4_plan_of_both_priors_fits_with_a_gib_to_spare():
     double = memory.estimate_vram(get_preset("prior_diffusion_cifar10", "t4", batch_size=256))
     assert double["activation_gib"] == pytest.approx(2 * small["activation_gib"], rel=0.05)
     assert double["verdict"] == "does not fit"  # why the preset trains 128 pairs per step
+    # predicting is planned at its batch: one call over notebook 04's 1,000 held-out rows would need GiBs
+    from helpers import prior_eval
+    from helpers.memory_live import prior_predict_bytes
+    diffusion = get_preset("prior_diffusion_cifar10", "t4")
+    planned = memory.estimate_vram(diffusion)["predict_gib"]
+    assert planned == pytest.approx(memory.INFERENCE_SLACK * prior_predict_bytes(diffusion, 768) / 2**30)
+    assert 0.1 < planned < 1.0 and planned * 1000 / prior_eval.PREDICT_BATCH > 3
 
 
 # ---------------------------------------------------------------- text → prior → embedding → SD1.5 + adapter

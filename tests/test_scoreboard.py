@@ -1,4 +1,6 @@
 """helpers.scoreboard: every finished run against its own base, both scores, the files, the missing runs."""
+import gc
+
 import pandas as pd
 import pytest
 
@@ -10,15 +12,35 @@ from helpers.scoreboard import evaluate_runs, family_sets, t4_plan
 from tiny_runs import train_tiny_run
 
 
+ALIVE_AT_PICKSCORE: list[str] = []  # what was still in memory when the PickScore phase began
+
+
+def _alive(kinds) -> list:
+    gc.collect()
+    return [o for o in gc.get_objects() if isinstance(o, kinds)]
+
+
 @pytest.fixture(scope="module")
 def board(tmp_path_factory):
+    from diffusers import DiffusionPipeline
     root = tmp_path_factory.mktemp("storage")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LAB_STORAGE", str(root))
         for method in ("crossattn", "lora"):
             train_tiny_run(root, method)
     engine = Engine(Catalog.scan("tiny", root), device="cpu")
-    return evaluate_runs(engine, 2, [0, 1], root / "results", lambda: PickScorer.from_profile("tiny", "cpu"))
+    before = {id(o) for o in _alive((DiffusionPipeline, evaluate.ClipScorer))}  # other tests' objects
+
+    def pickscore():  # called by evaluate_runs when the plan says only PickScore is loaded
+        ALIVE_AT_PICKSCORE.extend(type(o).__name__ for o in _alive((DiffusionPipeline, evaluate.ClipScorer))
+                                  if id(o) not in before)
+        return PickScorer.from_profile("tiny", "cpu")
+    return evaluate_runs(engine, 2, [0, 1], root / "results", pickscore)
+
+
+def test_each_phase_frees_what_the_plan_says_before_the_next_loads(board):
+    # the plan (helpers.evalplan): PickScore alone on the GPU; the pipelines and the CLIP scorer are gone
+    assert ALIVE_AT_PICKSCORE == []
 
 
 def test_the_summary_covers_every_run_with_both_scores_and_lists_the_missing(board):
@@ -56,5 +78,6 @@ def test_prompt_sets_follow_the_runs_data_and_the_t4_plan_sizes_them(board, tmp_
     assert [s.name for s in sets] == ["cifar train", "cifar held-out", "generic"] and all(len(s) == 3 for s in sets)
     assert len({p.split()[-1] for p in sets[0].prompts}) == 3  # spread over the classes, not one class thrice
     prompts, seeds, phases = t4_plan(catalog)
-    assert phases[0].name == "sd15" and f"drawing {3 * 3 * prompts * seeds} images" in phases[0].resident
+    assert phases[0].name == "setup" and "SD1.5 2.1 GB" in phases[0].resident and "SDXL" not in phases[0].resident
+    assert phases[1].name == "sd15" and f"drawing {3 * 3 * prompts * seeds} images at 256 px" in phases[1].resident
     assert t4_plan(Catalog.scan("tiny", tmp_path)) is None

@@ -302,3 +302,20 @@ def test_exported_t4_dtype_lora_loads_in_stock_fp16_pipeline(storage, tmp_path, 
                                                      variant="fp16")
     pipe.load_lora_weights(tmp_path / "run" / "final")
     assert any("lora" in n for n, _ in pipe.unet.named_parameters())
+
+
+# ---------------------------------------------------------------- fp16 loads of a repository without fp16 files
+
+def test_an_fp16_load_without_fp16_files_logs_no_error(t4_dtypes, capfd):
+    from diffusers import AutoencoderKL
+    from transformers import CLIPModel
+
+    from helpers.models import from_pretrained, has_fp16_variant
+    vae_fix, clip = tiny.resolve("tiny/sdxl-vae-fp16-fix"), tiny.resolve("tiny/clip")  # like their Hub repos: no fp16
+    assert has_fp16_variant(vae_fix) is False and has_fp16_variant(tiny.resolve("tiny/sdxl"), "unet") is True
+    capfd.readouterr()
+    vae = from_pretrained(AutoencoderKL, vae_fix, None, torch.float16)  # diffusers logs to the process's stderr
+    model = from_pretrained(CLIPModel, clip, None, torch.float16)
+    assert vae.dtype == model.dtype == torch.float16
+    said = capfd.readouterr().err
+    assert "error occurred" not in said and "unsafe serialization" not in said, said

@@ -390,3 +390,22 @@ def test_finished_runs_load_back_and_switch_in_one_stock_pipeline(storage, tmp_p
     assert [v.name for v in variants] == ["base", "sd15_xattn_cifar10-lora-tiny ×0.5"]
     with pytest.raises(FileNotFoundError, match="not a finished run"):
         runs.run_preset(tmp_path)
+
+
+# ---------------------------------------------------------------- samples during training
+
+def test_samples_show_a_thumbnail_sheet_and_keep_the_full_grid_in_the_run(storage, tmp_path, monkeypatch):
+    from PIL import Image
+
+    from helpers import grids, hooks
+    shown = []
+    monkeypatch.setattr(hooks, "_display", shown.append)  # what a notebook would receive (IPython's display)
+    preset = presets.get_preset("sd15_xattn_cifar10", "tiny", resolution=512, max_steps=1, sample_every=1,
+                                sample_steps=2, max_train_images=2, batch_size=2, checkpoint_every=1)
+    c = load_components(preset)
+    Trainer(preset, c, data.prepare_dataset(preset, c), tmp_path / "run", hooks=[hooks.SampleHook()]).run()
+    full = Image.open(tmp_path / "run" / "samples" / "step-000001.png")
+    prompts = len(preset.sample_prompts)
+    assert full.width == prompts * 512  # every sample at full size, in the run folder (on Drive in Colab)
+    (sheet,) = shown
+    assert sheet.width == prompts * grids.THUMB_PX < full.width

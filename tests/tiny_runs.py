@@ -3,15 +3,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 
-def train_tiny_run(root: Path, method: str = "lora", steps: int = 2) -> Path:
-    """A finished tiny SD1.5 run (notebook 02's preset) in `root/runs`: `steps` optimizer steps on eight images."""
+
+def train_tiny_run(root: Path, method: str = "lora", steps: int = 2, **overrides) -> Path:
+    """A finished tiny SD1.5 run (notebook 02's preset, with `overrides`) in `root/runs`: `steps` optimizer steps on
+    eight images."""
     from helpers import data, presets, runs
     from helpers.hooks import ExportHook
     from helpers.models import load_components
     from helpers.train import Trainer
     preset = presets.get_preset("sd15_xattn_cifar10", "tiny", method=method, max_steps=steps, sample_every=0,
-                                max_train_images=8)
+                                max_train_images=8, **overrides)
     components = load_components(preset)
     folder = runs.run_folder(preset, root)
     Trainer(preset, components, data.prepare_dataset(preset, components), folder, hooks=[ExportHook()]).run()
@@ -34,3 +37,12 @@ def train_tiny_ip_adapter_run(root: Path, steps: int = 2, images: int = 40) -> P
     folder = runs.run_folder(preset, root)
     Trainer(preset, components, EmbeddedDataset(dataset, embeddings), folder, hooks=[ExportHook()]).run()
     return folder
+
+
+def storage_with_run(tmp_path_factory, method: str = "lora", **overrides) -> Path:
+    """A fresh storage folder holding one finished tiny run (`train_tiny_run`), trained with LAB_STORAGE on it."""
+    root = tmp_path_factory.mktemp("storage")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LAB_STORAGE", str(root))
+        train_tiny_run(root, method, **overrides)
+    return root
