@@ -170,7 +170,3 @@ def settle(root: Path, repo_url: str = "") -> str:
     commit = pin_commit(root, repo_url)
     install(root)
     return commit
-
-
-__all__ = ["DRIVE_MOUNT", "DRIVE_FOLDER", "RECORD_FILE", "is_colab", "public_url", "read_record", "write_record",
-           "pin_commit", "missing_requirements", "install", "settle"]

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
-from .precision import Precision, precision_for
-from .presets import Preset
-from .tiny import resolve
+from .core.precision import Precision, precision_for
+from .core.presets import Preset
+from .tiny.world import resolve
 
 
 @dataclass
@@ -33,7 +33,7 @@ class Components:
 
 
 def weight_dtype_for(preset: Preset, device: torch.device) -> torch.dtype:
-    """dtype of the frozen weights: the one fp16 rule of `helpers.precision` (fp16 on CUDA, fp32 on CPU unless
+    """dtype of the frozen weights: the one fp16 rule of `helpers.core.precision` (fp16 on CUDA, fp32 on CPU unless
     the T4-dtype test mode is on)."""
     return precision_for(preset.mixed_precision, device).weight_dtype
 

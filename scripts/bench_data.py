@@ -17,7 +17,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from helpers import data, models, runtime  # noqa: E402
-from helpers.presets import get_preset  # noqa: E402
+from helpers.core.presets import get_preset  # noqa: E402
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""Pretrain the tiny world on a CPU, deterministically, and write it to helpers/assets/tiny_world/ (committed).
+"""Pretrain the tiny world on a CPU, deterministically, and write it to helpers/tiny/assets/tiny_world/ (committed).
 
     python scripts/build_tiny_world.py                 # every stage, ≤ 30 min on 2 cores (two stages at a time)
     python scripts/build_tiny_world.py --stages sd15   # one stage again (earlier stages' results are reused)
@@ -33,7 +33,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from helpers import tiny, tiny_data as td  # noqa: E402
-from helpers.sources import CIFAR10_CLASSES  # noqa: E402
+from helpers.data.sources import CIFAR10_CLASSES  # noqa: E402
 
 WORK = tiny.REPO_ROOT / "outputs" / "tiny_build"
 REPORT = tiny.WORLD_DIR / "build_report"
@@ -125,7 +125,7 @@ def train_vae(sets: dict, steps: int) -> dict:
         batch = source[idx, :, y:y + crop, x:x + crop]
         posterior = vae.encode(batch).latent_dist
         # Decoded from a SAMPLE of the posterior, as SD's VAE is trained, so σ stays small next to the latents'
-        # spread: fine-tuning draws its training latents from the posterior (helpers.diffusion.sample_latents, like
+        # spread: fine-tuning draws its training latents from the posterior (helpers.methods.diffusion.sample_latents, like
         # diffusers' scripts). Decoding only the mean would leave σ untrained at ≈ 1, and fine-tunes learn that noise.
         recon = vae.decode(posterior.sample(generator=gen)).sample
         loss = F.mse_loss(recon, batch) + 0.1 * F.l1_loss(recon, batch) + 1e-6 * posterior.kl().mean()

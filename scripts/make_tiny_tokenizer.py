@@ -1,4 +1,4 @@
-"""Write the tiny CLIP tokenizer committed under helpers/assets/tiny_clip_tokenizer/.
+"""Write the tiny CLIP tokenizer committed under helpers/tiny/assets/tiny_clip_tokenizer/.
 
 The real CLIP tokenizer is byte-level BPE with 49,408 tokens. The tiny one keeps the same algorithm and the
 first MERGES merges of the real merge list (shipped inside open_clip, so nothing is downloaded): common words stay
@@ -14,7 +14,7 @@ from pathlib import Path
 import open_clip.tokenizer as oct
 
 MERGES = 1500  # vocab = 256 bytes + 256 word-final bytes + 1500 merges + 2 specials = 2014 tokens
-OUT = Path(__file__).resolve().parents[1] / "helpers" / "assets" / "tiny_clip_tokenizer"
+OUT = Path(__file__).resolve().parents[1] / "helpers" / "tiny" / "assets" / "tiny_clip_tokenizer"
 
 
 def main() -> None:

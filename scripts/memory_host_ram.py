@@ -1,4 +1,4 @@
-"""Measure what helpers.memory.host_ram_gib assumes: host RAM of loading a full-size UNet with diffusers.
+"""Measure what helpers.plan.memory.host_ram_gib assumes: host RAM of loading a full-size UNet with diffusers.
 
 Writes the full SD1.5 UNet (random weights, 3.4 GB fp32 + 1.7 GB fp16 files) to a temp folder, then loads it in a
 fresh process with dtype=fp16 from (a) the fp16 variant file and (b) the fp32 file, and reports the process baseline

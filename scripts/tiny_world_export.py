@@ -1,4 +1,4 @@
-"""The export stage of build_tiny_world.py: trained parts → Hub-layout folders under helpers/assets/tiny_world/.
+"""The export stage of build_tiny_world.py: trained parts → Hub-layout folders under helpers/tiny/assets/tiny_world/.
 
 Weight files are fp16 (half the size; each value is rounded once, harmless for models this size) while configs
 stay those of the fp32 models, so a plain `from_pretrained` loads fp32 on a CPU and the T4-dtype path loads fp16.

@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from .clip import CLIPTextConfig
-from ..presets import SD15 as SD15_REPO  # model ids live in presets.py
+from ..core.paths import TINY_ASSETS
+from ..core.presets import SD15 as SD15_REPO  # model ids live in core/presets.py
 from .convert import SDConfig, build, strip_text_model
 from .ddpm import ScheduleConfig
 from .pipeline import StableDiffusion
@@ -158,6 +159,5 @@ def load_for_profile(profile: str, repo_id: str = SD15_REPO) -> tuple[StableDiff
     if profile == "t4":
         folder = fetch_diffusers_folder(repo_id)
         return load_diffusers_folder(folder, "cuda", torch.float16, variant="fp16"), folder
-    from ..tiny import resolve
-    folder = Path(resolve("tiny/sd15"))
+    folder = TINY_ASSETS / "tiny_world" / "sd15"  # the committed tiny model (helpers.tiny; not imported: diffusers)
     return load_diffusers_folder(folder), folder

@@ -1,0 +1,308 @@
+"""Comparing variants of one pipeline end to end: prompt sets × seeds → images per variant → grids → CLIP
+scores → a table with CIs and paired differences, everything written to one folder.
+
+    result = evaluate_variants(pipe, [base, tuned], [cifar_prompts("train"), cifar_prompts("held-out")],
+                               seeds=[0, 1], out_dir=run / "eval", scorer=scorer, steps=25, size=256)
+
+writes, under `out_dir`:
+  <variant>/NNN_seedS.png, <variant>/manifest.csv   the images (helpers.generate.sampling.generate)
+  images.csv                                        every image: IMAGE_COLUMNS
+  grids/<prompt set>_K.png                          sheets, rows = prompt × seed, columns = variants
+  clip_scores.csv                                   every image and its CLIP score: RESULT_COLUMNS
+  clip_summary.csv, clip_summary.md                 the ScoreTable
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from html import escape
+from pathlib import Path
+
+from ..core import paths
+from ..data import dataset as data
+from ..generate import sampling
+from ..generate.grids import comparison_sheets
+from ..generate.sampling import Variant, check_variants, folder_name, generate_variants, read_manifest
+from ..methods import runs
+from ..models import load_components
+from ..train.loop import Trainer
+from .clip_score import ClipScorer
+from .prompts import PromptSet
+from .stats import bootstrap_ci, paired_difference
+
+IMAGE_COLUMNS = ("image_path", "prompt_set", "split", "prompt", "seed", "variant", "withheld")
+#  withheld: SD1.5's safety checker replaced the picture by a black square (helpers.generate.sampling.withheld): it gets no
+#  score and is left out of every mean and pair, counted in the table's `withheld` column
+RESULT_COLUMNS = IMAGE_COLUMNS + ("clip_model", "score")
+POOLED = "all"  # the prompt_set of rows pooled over every prompt set
+PAIRS = ("baseline", "all")  # paired rows for every variant vs the baseline, or for every two variants
+
+
+# ---------------------------------------------------------------- per-image results
+
+def results_frame(rows: Iterable[dict], csv_path: str | Path | None = None, columns: Sequence[str] = RESULT_COLUMNS):
+    """Per-image rows (dicts or a DataFrame) as a pandas DataFrame with `columns` in that order; with `csv_path`,
+    also written there."""
+    import pandas as pd
+    frame = rows.copy() if isinstance(rows, pd.DataFrame) else pd.DataFrame(list(rows))
+    if "withheld" in columns and "withheld" not in frame.columns and not frame.empty:
+        frame["withheld"] = False  # drawn without a safety checker (or before the column existed)
+    missing = [c for c in columns if c not in frame.columns]
+    if frame.empty or missing:
+        raise ValueError(f"results need rows with columns {tuple(columns)}; missing {missing or 'all rows'}")
+    frame = frame[list(columns)].astype({"seed": int, **({"score": float} if "score" in columns else {}),
+                                         **({"withheld": bool} if "withheld" in columns else {})})
+    if csv_path is not None:
+        Path(csv_path).parent.mkdir(parents=True, exist_ok=True)
+        frame.to_csv(csv_path, index=False)
+    return frame
+
+
+def score_images(scorer: ClipScorer, images, batch_size: int = 32, csv_path: str | Path | None = None):
+    """CLIP-score every image of an images frame (or images.csv): the frame with `clip_model` and `score` added.
+    A withheld image (a black square from SD1.5's safety checker) is not scored: its score is NaN."""
+    import numpy as np
+    import pandas as pd
+    images = results_frame(pd.read_csv(images) if isinstance(images, (str, Path)) else images, columns=IMAGE_COLUMNS)
+    scores = np.full(len(images), np.nan)
+    shown = ~images["withheld"].to_numpy()
+    if shown.any():
+        scores[shown] = scorer.score(list(images["image_path"][shown]), list(images["prompt"][shown]), batch_size)
+    return results_frame(images.assign(clip_model=scorer.name, score=scores), csv_path)
+
+
+# ---------------------------------------------------------------- the summary table
+
+def comparisons(variants: Sequence[str], baseline: str | None = None, pairs: str = "baseline") -> list[tuple]:
+    """(variant, reference) pairs to compare: every variant vs `baseline` (default: the first), and with
+    pairs="all" then every other two variants too (the later one minus the earlier one)."""
+    variants = list(variants)
+    baseline = variants[0] if baseline is None and variants else baseline
+    if baseline not in variants:
+        raise ValueError(f"unknown baseline variant {baseline!r}; choose one of {variants}")
+    if pairs not in PAIRS:
+        raise ValueError(f"pairs must be one of {PAIRS}, got {pairs!r}")
+    chosen = [(v, baseline) for v in variants if v != baseline]
+    if pairs == "all":
+        others = [v for v in variants if v != baseline]
+        chosen += [(b, a) for i, a in enumerate(others) for b in others[i + 1:]]
+    return chosen
+
+
+class ScoreTable:
+    """Per prompt set (and pooled over all sets, "all") and CLIP model: n, mean and CI of every variant, then
+    the paired rows (variant − reference on the same prompt and seed: mean difference, CI, wins, sign-test p).
+    Prints as text, renders as HTML in a notebook; `frame` has the numbers."""
+
+    def __init__(self, rows: list[dict], level: float, baseline: str):
+        self.rows, self.level, self.baseline = rows, level, baseline
+
+    def row(self, variant: str, paired: bool = False, prompt_set: str | None = None,
+            reference: str | None = None) -> dict:
+        """The row of `variant` (paired=True: its difference to `reference`, default the baseline) for
+        `prompt_set` (default: pooled over all sets, or the only set)."""
+        sets = {r["prompt_set"] for r in self.rows}
+        prompt_set = prompt_set or (POOLED if POOLED in sets else next(iter(sets), None))
+        reference = reference or self.baseline
+        for r in self.rows:
+            if (r["variant"], r["paired"], r["prompt_set"]) == (variant, paired, prompt_set) and (
+                    not paired or r["reference"] == reference):
+                return r
+        raise KeyError(f"no {'paired ' if paired else ''}row for variant {variant!r} in prompt set {prompt_set!r}")
+
+    @property
+    def frame(self):
+        import pandas as pd
+        return pd.DataFrame(self.rows)
+
+    def caption(self) -> str:
+        models = ", ".join(dict.fromkeys(r["clip_model"] for r in self.rows))
+        withheld = (" withheld: images SD1.5's safety checker blacked out (left out; a pair with one is left out)."
+                    if self.withheld else "")
+        return (f"CLIP score ({models}): mean with a bootstrap {self.level:.0%} CI; paired rows: variant − reference "
+                f"on the same prompt and seed, wins of n, p from a two-sided sign test.{withheld}")
+
+    @property
+    def withheld(self) -> int:
+        """Rows that left out images SD1.5's safety checker withheld (0: nothing was withheld)."""
+        return sum(r.get("withheld", 0) > 0 for r in self.rows)
+
+    def _cells(self) -> list[list[str]]:
+        several_models = len({r["clip_model"] for r in self.rows}) > 1
+        cells = [["prompt set", "variant", "n", "mean", f"{self.level:.0%} CI", "wins", "p"]
+                 + (["withheld"] if self.withheld else []) + (["clip_model"] if several_models else [])]
+        for r in self.rows:
+            sign = "+" if r["paired"] else ""
+            name = f"{r['variant']} − {r['reference']}" if r["paired"] else r["variant"]
+            cells.append([r["prompt_set"], name, str(r["n"]), f"{r['mean']:{sign}.2f}",
+                          f"[{r['low']:{sign}.2f}, {r['high']:{sign}.2f}]",
+                          f"{r['wins']}/{r['n']}" if r["paired"] else "", f"{r['p']:.2g}" if r["paired"] else ""]
+                         + ([str(r.get("withheld", 0))] if self.withheld else [])
+                         + ([r["clip_model"]] if several_models else []))
+        return cells
+
+    def __str__(self) -> str:
+        cells = self._cells()
+        widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
+        return "\n".join([self.caption()] + ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip()
+                                             for row in cells])
+
+    def to_markdown(self) -> str:
+        cells = self._cells()
+        lines = ["| " + " | ".join(row) + " |" for row in cells]
+        lines.insert(1, "|" + "---|" * len(cells[0]))
+        return "\n".join([self.caption(), ""] + lines)
+
+    def _repr_html_(self) -> str:
+        head, *body = self._cells()
+        th = "".join(f"<th>{escape(c)}</th>" for c in head)
+        trs = "".join("<tr>" + "".join(f"<td>{escape(c)}</td>" for c in row) + "</tr>" for row in body)
+        caption = f"<caption>{escape(self.caption())}</caption>"
+        return f"<table>{caption}<thead><tr>{th}</tr></thead><tbody>{trs}</tbody></table>"
+
+    __repr__ = __str__
+
+
+def score_table(results, baseline: str | None = None, pairs: str = "baseline", level: float = 0.95,
+                n_boot: int = 2000, seed: int = 0) -> ScoreTable:
+    """Summarise a results frame (or rows): per CLIP model and prompt set (plus "all" when there are several),
+    mean and bootstrap CI per variant, then the paired rows `comparisons(variants, baseline, pairs)` asks for."""
+    frame = results if hasattr(results, "groupby") else results_frame(results)
+    variants = list(dict.fromkeys(frame["variant"]))
+    chosen, baseline = comparisons(variants, baseline, pairs), baseline or variants[0]
+    sets = list(dict.fromkeys(frame["prompt_set"]))
+    rows = []
+    for model, by_model in frame.groupby("clip_model", sort=False):
+        scopes = [(s, by_model[by_model["prompt_set"] == s]) for s in sets]
+        for scope, part in scopes + ([(POOLED, by_model)] if len(sets) > 1 else []):
+            for variant, group in part.groupby("variant", sort=False):
+                scored = group["score"].dropna()  # NaN: withheld by the safety checker, never a score
+                mean, low, high = (bootstrap_ci(scored, n_boot, level, seed) if len(scored)
+                                   else (float("nan"),) * 3)
+                rows.append(dict(prompt_set=scope, variant=variant, reference=None, n=len(scored), mean=mean, low=low,
+                                 high=high, wins=None, p=None, paired=False, clip_model=model,
+                                 withheld=len(group) - len(scored)))
+            key = ["prompt_set", "prompt", "seed"]
+            for variant, reference in chosen:
+                pairs_ = part[part["variant"] == variant].merge(part[part["variant"] == reference], on=key,
+                                                                suffixes=("", "_ref"))
+                if pairs_.duplicated(key).any():
+                    raise ValueError(f"{variant!r} vs {reference!r}: a (prompt, seed) pair appears more than once")
+                kept = pairs_.dropna(subset=["score", "score_ref"])
+                if kept.empty:
+                    continue
+                d = paired_difference(kept["score"], kept["score_ref"], n_boot, level, seed)
+                rows.append(dict(prompt_set=scope, variant=variant, reference=reference, n=d["n"], mean=d["mean_diff"],
+                                 low=d["low"], high=d["high"], wins=d["wins"], p=d["p"], paired=True, clip_model=model,
+                                 withheld=len(pairs_) - len(kept)))
+    return ScoreTable(rows, level, baseline)
+
+
+# ---------------------------------------------------------------- the entry point
+
+@dataclass
+class EvaluationResult:
+    out_dir: Path
+    images: object  # DataFrame, one row per generated image (IMAGE_COLUMNS); also images.csv
+    scores: object | None  # DataFrame with RESULT_COLUMNS (clip_scores.csv), None without a scorer
+    table: ScoreTable | None  # None without a scorer
+    grids: dict[str, list[Path]] = field(default_factory=dict)  # prompt set name → its sheets
+
+    @property
+    def sheets(self) -> list[Path]:
+        return [path for paths in self.grids.values() for path in paths]
+
+    def _repr_html_(self) -> str:
+        table = self.table._repr_html_() if self.table is not None else "<p>not scored (no scorer)</p>"
+        files = "".join(f"<li>{escape(str(p))}</li>" for p in self.sheets)
+        return f"{table}<p>{len(self.images)} images in {escape(str(self.out_dir))}; grids:</p><ul>{files}</ul>"
+
+
+def _check_inputs(prompt_sets, seeds) -> tuple[list[PromptSet], list[int]]:
+    prompt_sets = [prompt_sets] if isinstance(prompt_sets, PromptSet) else list(prompt_sets)
+    if not prompt_sets or not all(isinstance(s, PromptSet) for s in prompt_sets):
+        raise ValueError("pass one or more PromptSets (helpers.evaluation.prompts), e.g. [cifar_prompts('train')]")
+    names = [folder_name(s.name) for s in prompt_sets]
+    if len(set(names)) != len(names):
+        raise ValueError(f"prompt set names must differ: {[s.name for s in prompt_sets]}")
+    seeds = [int(s) for s in seeds]
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"need one or more distinct seeds, got {seeds}")
+    return prompt_sets, seeds
+
+
+def _grid(images, prompt_set: PromptSet, variants: list[str], n_seeds: int, folder: Path) -> list[Path]:
+    """The sheets of one prompt set: a row per (prompt, seed) in plan order, a column per variant."""
+    part = images[images["prompt_set"] == prompt_set.name]
+    by_pair = part.pivot(index=["prompt", "seed"], columns="variant", values="image_path")
+    order = list(dict.fromkeys(zip(part["prompt"], part["seed"])))
+    name = prompt_set.name if prompt_set.split in prompt_set.name else f"{prompt_set.name} ({prompt_set.split})"
+    return comparison_sheets([list(by_pair.loc[pair, variants]) for pair in order],
+                             [f"{prompt}\nseed {seed}" for prompt, seed in order], variants,
+                             folder / folder_name(prompt_set.name),
+                             title=f"{name}: {len(prompt_set)} prompts × {n_seeds} seeds")
+
+
+def evaluate_variants(pipe, variants: Sequence[Variant], prompt_sets: PromptSet | Sequence[PromptSet],
+                      seeds: Sequence[int], out_dir: str | Path, scorer: ClipScorer | None, steps: int,
+                      size: int | None = None, guidance: float = 7.5, baseline: str | None = None,
+                      pairs: str = "baseline", level: float = 0.95) -> EvaluationResult:
+    """Every variant draws every prompt of every set with every seed on the ONE pipeline `pipe` (each variant's
+    `apply` first), then grids, and with a `scorer` CLIP scores and the ScoreTable against `baseline` (default: the
+    first variant). Inputs are checked before any image is drawn. `size`: square side, None = the pipeline's.
+    The pipeline is left in the last variant's state."""
+    variants = check_variants(variants)
+    prompt_sets, seeds = _check_inputs(prompt_sets, seeds)
+    names = [v.name for v in variants]
+    comparisons(names, baseline, pairs)  # an unknown baseline fails now, not after an hour of sampling
+    out_dir = Path(out_dir)
+    plan = [dict(prompt_set=s.name, split=s.split, prompt=p, seed=seed)
+            for s in prompt_sets for p in s.prompts for seed in seeds]
+    manifests = generate_variants(pipe, variants, [r["prompt"] for r in plan], [r["seed"] for r in plan], out_dir,
+                                  steps, guidance, size, size)
+    rows = []
+    for name, manifest in manifests.items():
+        listed = read_manifest(manifest)
+        assert [(m["prompt"], m["seed"]) for m in listed] == [(r["prompt"], r["seed"]) for r in plan], manifest
+        rows += [dict(r, image_path=m["file"], variant=name, withheld=m["withheld"]) for r, m in zip(plan, listed)]
+    images = results_frame(rows, out_dir / "images.csv", IMAGE_COLUMNS)
+    grids = {s.name: _grid(images, s, names, len(seeds), out_dir / "grids") for s in prompt_sets}
+    scores = table = None
+    if scorer is not None:
+        scores = score_images(scorer, images, csv_path=out_dir / "clip_scores.csv")
+        table = score_table(scores, baseline, pairs, level)
+        table.frame.to_csv(out_dir / "clip_summary.csv", index=False)
+        (out_dir / "clip_summary.md").write_text(table.to_markdown() + "\n")
+    return EvaluationResult(out_dir, images, scores, table, grids)
+
+
+def record_run_summary(csv_path: str | Path, row: dict, key: str = "method"):
+    """Add (or replace, by `key`) one run's summary row in a CSV shared by runs, e.g. crossattn vs LoRA on the same
+    data, and return the whole table as a DataFrame."""
+    import pandas as pd
+    path = Path(csv_path)
+    frame = pd.read_csv(path) if path.is_file() else pd.DataFrame()
+    if not frame.empty and key in frame.columns:
+        frame = frame[frame[key] != row[key]]
+    frame = pd.concat([frame, pd.DataFrame([row])], ignore_index=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(path, index=False)
+    return frame
+
+
+def fine_tune_and_evaluate(preset, prompt_sets: PromptSet | Sequence[PromptSet], root: Path,
+                           seeds: Sequence[int] = (0, 1), steps: int = 20, scorer: ClipScorer | None = None,
+                           guidance: float = 7.5) -> EvaluationResult:
+    """Train `preset` in `root`/runs/ (resuming a finished run there), then draw base vs tuned on ONE pipeline
+    and score them: what the tiny-world learning checks and scripts/measure_tiny_finetune.py measure."""
+    components = load_components(preset)
+    dataset = data.prepare_dataset(preset, components)
+    run = paths.run_folder(preset, Path(root))
+    Trainer(preset, components, dataset, run).run()
+    del components, dataset
+    pipe = sampling.load_pipeline(preset, "cpu", progress=False)
+    loaded = runs.RunSet(pipe)
+    tuned = loaded.add(run)
+    variants = [loaded.variant(None), loaded.variant(tuned, label="tuned")]
+    return evaluate_variants(pipe, variants, prompt_sets, seeds=list(seeds), out_dir=run / "eval", scorer=scorer,
+                             steps=steps, size=preset.resolution, guidance=guidance)
