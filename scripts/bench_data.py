@@ -16,8 +16,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from helpers import data, models, runtime  # noqa: E402
+from helpers import models
+from helpers.core import runtime
 from helpers.core.presets import get_preset  # noqa: E402
+from helpers.data import dataset as data
 
 
 def main() -> None:

@@ -20,9 +20,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def bench(cache_latents: bool, steps: int, resolution: int, root: Path) -> tuple[float, float]:
     import torch
 
-    from helpers import data, presets
+    from helpers.core import presets
+    from helpers.data import dataset as data
     from helpers.models import load_components
-    from helpers.train import Trainer
+    from helpers.train.loop import Trainer
 
     torch.manual_seed(0)
     preset = presets.get_preset("sdxl_lora_naruto_256", "tiny", cache_latents=cache_latents, max_steps=steps,

@@ -32,8 +32,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from helpers import tiny, tiny_data as td  # noqa: E402
 from helpers.data.sources import CIFAR10_CLASSES  # noqa: E402
+from helpers.tiny import pictures as td
+from helpers.tiny import world as tiny
 
 WORK = tiny.REPO_ROOT / "outputs" / "tiny_build"
 REPORT = tiny.WORLD_DIR / "build_report"

@@ -19,7 +19,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from helpers import evaluate, evaluation, presets, prompts  # noqa: E402
+from helpers.core import presets
+from helpers.evaluation import clip_score as evaluate
+from helpers.evaluation import compare as evaluation
+from helpers.evaluation import prompts
 
 
 def prompt_sets(family: str) -> list[prompts.PromptSet]:

@@ -30,9 +30,9 @@ def _status() -> dict:
 def probe(folder: str, variant: str | None) -> dict:
     """In this process: import the libraries, then load the UNet in fp16 and read every weight once (as .to("cuda")
     would), sampling RSS every 5 ms."""
-    import torch
     import diffusers  # noqa: F401
     import peft  # noqa: F401
+    import torch
     import transformers  # noqa: F401
     sys.path.insert(0, str(ROOT))
     import helpers.data  # noqa: F401
@@ -61,9 +61,9 @@ def main() -> None:
         return
     import torch
     sys.path.insert(0, str(ROOT))
-    from helpers import memory
+    from helpers.plan import meta as memory_meta
     with tempfile.TemporaryDirectory() as tmp:
-        unet = memory.full_size_unet("sd15").to_empty(device="cpu")
+        unet = memory_meta.full_size_unet("sd15").to_empty(device="cpu")
         for p in unet.parameters():
             torch.nn.init.normal_(p, std=0.02)
         unet.save_pretrained(f"{tmp}/fp32")

@@ -23,7 +23,7 @@ def main(selected: list[str]) -> int:
     from nbclient import NotebookClient
     from nbclient.exceptions import CellExecutionError
 
-    from helpers import runtime
+    from helpers.core import runtime
 
     profile = runtime.choose_profile(os.environ.get("LAB_PROFILE", "auto"))
     os.environ["LAB_PROFILE"] = profile

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from helpers import tiny
+from helpers.tiny import world as tiny
 
 
 def _fp16_weights(model, folder: Path, variant_too: bool = False) -> None:
@@ -78,8 +78,14 @@ def open_clip_config() -> dict:
 
 
 def export_all(work: Path) -> None:
-    from diffusers import (AutoencoderKL, EulerDiscreteScheduler, PNDMScheduler, StableDiffusionPipeline,
-                           StableDiffusionXLPipeline, UNet2DConditionModel)
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        PNDMScheduler,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
     from safetensors.torch import save_file
     from transformers import CLIPImageProcessor, CLIPModel
     out = tiny.WORLD_DIR

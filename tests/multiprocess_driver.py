@@ -28,10 +28,11 @@ def main() -> None:
     import torch
     from accelerate import Accelerator
 
-    from helpers import data, presets
-    from helpers.hooks import CheckpointHook, Hook, LogHook
+    from helpers.core import presets
+    from helpers.data import dataset as data
     from helpers.models import load_components
-    from helpers.train import Trainer
+    from helpers.train.hooks import CheckpointHook, Hook, LogHook
+    from helpers.train.loop import Trainer
 
     torch.set_num_threads(1)  # one kernel configuration in every process
     preset = presets.get_preset("sd15_xattn_cifar10", "tiny", method="lora", lora_rank=4, lora_alpha=8,

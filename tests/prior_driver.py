@@ -29,10 +29,10 @@ def main() -> None:
 
     import torch
 
-    from helpers.embeddings import embedding_set
-    from helpers.hooks import CheckpointHook, ExportHook, Hook, LogHook
-    from helpers.presets import get_preset
-    from helpers.prior import train_prior
+    from helpers.core.presets import get_preset
+    from helpers.data.embeddings import embedding_set
+    from helpers.prior.priors import train_prior
+    from helpers.train.hooks import CheckpointHook, ExportHook, Hook, LogHook
 
     torch.set_num_threads(1)  # identical kernels in every process, so runs are bitwise comparable
     preset = get_preset("prior_diffusion_cifar10", "tiny", **OVERRIDES)

@@ -18,12 +18,12 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from gradio_client.utils import QueueError
 from PIL import Image
-
-from helpers.app import LabApp, client_snippet, curl_example, memory_plan, memory_plan_text
-from helpers.catalog import Catalog
-from helpers.drawing import Request
-from helpers.engine import Engine
 from tiny_runs import train_tiny_run
+
+from helpers.studio.app import LabApp, client_snippet, curl_example, memory_plan, memory_plan_text
+from helpers.studio.catalog import Catalog
+from helpers.studio.drawing import Request
+from helpers.studio.engine import Engine
 
 LORA = "sd15_xattn_cifar10-lora-tiny"
 README = Path(__file__).resolve().parents[1] / "README.md"

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
 from tiny_runs import train_tiny_run
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -5,9 +5,9 @@ import os
 import pytest
 from dataset_cases import excel_csv, picture
 
-from helpers import sources
-from helpers.captions import TextEncodingError, clean_caption, read_text
-from helpers.validation import validate
+from helpers.data import sources
+from helpers.data.captions import TextEncodingError, clean_caption, read_text
+from helpers.data.validation import validate
 
 WORDS = "crème brûlée, naïve café ☕"
 

@@ -10,13 +10,15 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-
-from helpers import presets, runs, sampling
-from helpers.catalog import Catalog
-from helpers.drawing import Interrupted, Request, RequestError, TimeLimit, advice_for
-from helpers.engine import Engine
-from helpers.evaluate import ClipScorer
 from tiny_runs import train_tiny_ip_adapter_run, train_tiny_run
+
+from helpers.core import paths, presets
+from helpers.evaluation.clip_score import ClipScorer
+from helpers.generate import sampling
+from helpers.methods import runs
+from helpers.studio.catalog import Catalog
+from helpers.studio.drawing import Interrupted, Request, RequestError, TimeLimit, advice_for
+from helpers.studio.engine import Engine
 
 CROSSATTN, LORA = "sd15_xattn_cifar10-crossattn-tiny", "sd15_xattn_cifar10-lora-tiny"
 
@@ -228,9 +230,8 @@ def conditioned_root(tmp_path_factory):
 
 
 def test_an_image_conditioned_run_draws_from_a_prompt_once_a_prior_of_its_clip_exists(conditioned_root):
-    from helpers.embeddings import embedding_set
-    from helpers.prior import train_prior
-    from helpers.prior_eval import load_prior
+    from helpers.data.embeddings import embedding_set
+    from helpers.prior.priors import load_prior, train_prior
     root, run = conditioned_root
     catalog = Catalog.scan("tiny", root)
     assert run.name == "prior_sd15-ip_adapter-tiny" and not catalog.runs()
@@ -238,7 +239,7 @@ def test_an_image_conditioned_run_draws_from_a_prompt_once_a_prior_of_its_clip_e
     # a finished prior (the tiny MLP preset, ≈ 2 s) in priors/, and one of another CLIP's space (its run.json says so)
     preset = presets.get_preset("prior_mlp_cifar10", "tiny")
     es = embedding_set(preset, root=root, device="cpu")
-    _, trainer = train_prior(preset, es, root / "priors" / runs.run_name(preset), device="cpu")
+    _, trainer = train_prior(preset, es, root / "priors" / paths.run_name(preset), device="cpu")
     prior = trainer.run_dir
     other = root / "priors" / "prior_mlp_l14-mlp_prior-tiny" / "final"
     other.mkdir(parents=True)

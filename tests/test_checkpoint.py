@@ -6,7 +6,8 @@ import os
 
 import torch
 
-from helpers import checkpoint, presets
+from helpers.core import presets
+from helpers.train import checkpoint
 
 
 def save(run, step, weight):

@@ -73,15 +73,16 @@ def check_marked_outputs(run: vms.VMRun, expected: dict) -> None:
 
 def uninterrupted_1024_run(folder: Path) -> dict[str, torch.Tensor]:
     """The tiny 1024 px preset trained in one go, in a storage folder of its own (not the fake Drive)."""
-    from helpers import data, presets, runs
+    from helpers.core import paths, presets
+    from helpers.data import dataset as data
     from helpers.models import load_components
-    from helpers.train import Trainer
+    from helpers.train.loop import Trainer
     old = os.environ.get("LAB_STORAGE")
     os.environ["LAB_STORAGE"] = str(folder)
     try:
         preset = presets.get_preset("sdxl_lora_naruto_1024", "tiny")
         components = load_components(preset)
-        run = runs.run_folder(preset)
+        run = paths.run_folder(preset)
         Trainer(preset, components, data.prepare_dataset(preset, components), run).run()
         return load_file(run / "final" / "pytorch_lora_weights.safetensors")
     finally:

@@ -13,11 +13,14 @@ from PIL import Image, ImageOps
 from torch.utils.data import default_collate
 from transformers import CLIPTokenizer
 
-from helpers import caches, captions, data, images, models, sources, tiny
-from helpers.images import open_rgb
-from helpers.presets import get_preset
-from helpers.report import DatasetError
-from helpers.validation import validate
+from helpers import models
+from helpers.core.presets import get_preset
+from helpers.data import caches, captions, images, sources
+from helpers.data import dataset as data
+from helpers.data.images import open_rgb
+from helpers.data.report import DatasetError
+from helpers.data.validation import validate
+from helpers.tiny import world as tiny
 
 
 @pytest.fixture(autouse=True)
@@ -411,7 +414,8 @@ def test_a_local_model_is_known_by_its_contents_not_its_file_times(tmp_path):
     import os
     import shutil
 
-    from helpers import caches, tiny
+    from helpers.data import caches
+    from helpers.tiny import world as tiny
     first, second = tmp_path / "clone-1", tmp_path / "clone-2"
     for clone in (first, second):
         shutil.copytree(tiny.resolve("tiny/sdxl-vae-fp16-fix"), clone)

@@ -6,13 +6,15 @@ import math
 
 import pytest
 import torch
-
-from helpers import data, embeddings, presets
-from helpers.embeddings import ClipEncoder, cosine_matrix, embedding_set, held_out_split, slerp
-from helpers.models import encode_prompts, load_components
-from helpers.report import DatasetError
-from helpers.validation import Record
 from dataset_cases import picture
+
+from helpers.core import presets
+from helpers.data import dataset as data
+from helpers.data import embeddings
+from helpers.data.embeddings import ClipEncoder, cosine_matrix, embedding_set, held_out_split, slerp
+from helpers.data.report import DatasetError
+from helpers.data.validation import Record
+from helpers.models import encode_prompts, load_components
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +53,7 @@ def test_shapes_and_dims_come_from_the_clip_config(es):
                                                   for j in es.text_state_index.tolist()]
     assert es.labels.min() >= 0 and set(es.labels.tolist()) == set(range(10))
     assert es.class_names[3] == "cat"
-    assert embeddings.embed_dim(presets.CLIP_L14) == 768  # ViT-L/14, from helpers.configs (no download)
+    assert embeddings.embed_dim(presets.CLIP_L14) == 768  # ViT-L/14, from helpers.core.configs (no download)
 
 
 def test_rows_follow_the_training_dataset_and_its_records(preset, storage, es):

@@ -8,12 +8,12 @@ from dataclasses import replace
 
 import pytest
 import torch
-
-from helpers.catalog import Catalog
-from helpers.drawing import Request
-from helpers.engine import Engine
-from helpers.precision import T4_DTYPES_ENV
 from tiny_runs import storage_with_run
+
+from helpers.core.precision import T4_DTYPES_ENV
+from helpers.studio.catalog import Catalog
+from helpers.studio.drawing import Request
+from helpers.studio.engine import Engine
 
 LORA = "sd15_xattn_cifar10-lora-tiny"
 
@@ -65,7 +65,7 @@ def test_a_base_beside_a_run_draws_at_the_runs_training_size_and_says_so(big_roo
 # ---------------------------------------------------------------- the T4's rules: what stays loaded
 
 def test_under_the_t4_rules_sd15_with_its_checker_is_freed_before_sdxl_loads(root, monkeypatch):
-    from helpers import evalplan
+    from helpers.plan import inference as evalplan
     monkeypatch.setenv(T4_DTYPES_ENV, "1")
     assert not evalplan.explorer_fits(["sd15", "sdxl"])  # 11.2 GiB planned with the safety checker: over 10.95
     engine = Engine(Catalog.scan("tiny", root), scorer=None, device="cpu")
@@ -99,8 +99,8 @@ def safety_checker_against(image, threshold: float = 0.9995):
 
 
 def test_a_withheld_picture_is_marked_never_scored_and_counted_out_of_tables_and_the_study(root, tmp_path):
-    from helpers.scoreboard import evaluate_runs, family_sets
-    from helpers.study import Study, pairs_from_scores
+    from helpers.studio.scoreboard import evaluate_runs, family_sets
+    from helpers.studio.study import Study, pairs_from_scores
     engine = Engine(Catalog.scan("tiny", root), device="cpu")
     prompt = family_sets(engine.catalog.runs(), 1)[0].prompts[0]
     target = Request(prompt, (LORA,), seed=0, steps=engine.catalog.get("SD1.5 base").preset.sample_steps)

@@ -1,17 +1,22 @@
 """helpers.evalplan: notebook 05's T4 plan from the real architectures (meta device), phase by phase."""
 import pytest
 
-from helpers import evalplan, presets
-from helpers.memory import MARGIN_GIB, T4_USABLE_GIB, error_band
+from helpers.core import presets
+from helpers.plan import inference as evalplan
+from helpers.plan import meta as memory_meta
+from helpers.plan import model as memory_model
+from helpers.plan import timing
+from helpers.plan.calibration import error_band
+from helpers.plan.model import MARGIN_GIB, T4_USABLE_GIB
 
 
 def test_weights_are_the_real_parameter_counts_in_fp16():
     gib = 2**30
-    assert evalplan.weights_gib("sd15") * gib / 2 == pytest.approx(1.066e9, rel=0.01)  # UNet 860M + VAE + text
-    assert evalplan.weights_gib("sdxl") * gib / 2 == pytest.approx(3.469e9, rel=0.01)  # UNet 2.57B + two texts
-    assert evalplan.weights_gib("clip") * gib / 2 == pytest.approx(427.6e6, rel=0.01)  # ViT-L/14
-    assert evalplan.weights_gib("pickscore") * gib / 2 == pytest.approx(986e6, rel=0.01)  # CLIP-H/14
-    assert evalplan.scorer_tflop("pickscore") > 2 * 0.9 * evalplan.scorer_tflop("clip")  # wider and deeper
+    assert memory_meta.weights_gib("sd15") * gib / 2 == pytest.approx(1.066e9, rel=0.01)  # UNet 860M + VAE + text
+    assert memory_meta.weights_gib("sdxl") * gib / 2 == pytest.approx(3.469e9, rel=0.01)  # UNet 2.57B + two texts
+    assert memory_meta.weights_gib("clip") * gib / 2 == pytest.approx(427.6e6, rel=0.01)  # ViT-L/14
+    assert memory_meta.weights_gib("pickscore") * gib / 2 == pytest.approx(986e6, rel=0.01)  # CLIP-H/14
+    assert timing.scorer_tflop("pickscore") > 2 * 0.9 * timing.scorer_tflop("clip")  # wider and deeper
 
 
 def test_phases_fit_one_at_a_time_but_not_all_at_once_and_the_counts_fit_the_budget():
@@ -21,7 +26,7 @@ def test_phases_fit_one_at_a_time_but_not_all_at_once_and_the_counts_fit_the_bud
     prompts, seeds, phases = evalplan.choose_counts(runs, sets, sizes, steps, budget_seconds=1800)
     assert [p.name for p in phases] == ["setup", "sd15", "sdxl", "clip", "pickscore", "all at once"]
     assert all(p.fits for p in phases[:-1]) and not phases[-1].fits
-    assert phases[-1].gib == pytest.approx(sum(p.gib for p in phases[:-1]) - 3 * evalplan.CUDA_OVERHEAD_GIB)
+    assert phases[-1].gib == pytest.approx(sum(p.gib for p in phases[:-1]) - 3 * memory_model.CUDA_OVERHEAD_GIB)
     assert sum(p.seconds for p in phases[1:]) <= 1800  # drawing and scoring; a fresh VM's downloads come on top
     ladder = list(evalplan.LADDER)
     bigger = ladder[ladder.index((prompts, seeds)) - 1]  # the next larger set would not finish in 30 minutes
@@ -32,8 +37,7 @@ def test_phases_fit_one_at_a_time_but_not_all_at_once_and_the_counts_fit_the_bud
 
 
 def test_the_plan_counts_what_notebook_05_loads_and_downloads():
-    from helpers import timing
-    from helpers.memory import COLAB_RAM_GIB, host_ram_gib
+    from helpers.plan.model import COLAB_RAM_GIB, host_ram_gib
     sd15, sdxl = presets.get_preset("sd15_xattn_cifar10", "t4"), presets.get_preset("sdxl_lora_naruto_1024", "t4")
     adapter, prior = presets.get_preset("prior_sd15", "t4"), presets.get_preset("prior_diffusion_cifar10", "t4")
     runs, images = {"sd15": [sd15, adapter], "sdxl": [sdxl]}, {"sd15": 12, "sdxl": 8}
@@ -42,10 +46,10 @@ def test_the_plan_counts_what_notebook_05_loads_and_downloads():
     bare = {p.name: p for p in evalplan.evaluation_plan({"sd15": [sd15]}, {"sd15": 12}, sizes, steps,
                                                         safety_checker=False)}
     # SD1.5's safety checker (304M parameters), the adapter run and the prior it draws through are on the GPU
-    assert evalplan.weights_gib("safety_checker") == pytest.approx(2 * 303_981_588 / 2**30)
+    assert memory_meta.weights_gib("safety_checker") == pytest.approx(2 * 303_981_588 / 2**30)
     extra = with_all["sd15"].gib - bare["sd15"].gib
-    assert extra == pytest.approx(evalplan.weights_gib("safety_checker") + evalplan.run_gib(adapter)
-                                  + evalplan.prior_source_gib(prior))
+    assert extra == pytest.approx(memory_meta.weights_gib("safety_checker") + evalplan.run_gib(adapter)
+                                  + memory_model.prior_source_gib(prior))
     assert evalplan.run_gib(adapter) > 0.03  # its LoRA and IP-Adapter (the plan counted 0 for it before)
     # host RAM per phase, one component at a time: SDXL's UNet; PickScore's fp32 files read whole into fp16
     assert with_all["sdxl"].ram_gib == pytest.approx(host_ram_gib(sdxl)) and with_all["sdxl"].ram_gib < COLAB_RAM_GIB
@@ -61,6 +65,6 @@ def test_the_plan_counts_what_notebook_05_loads_and_downloads():
 
 def test_explorer_keeps_both_families_at_native_sizes_only_when_the_plan_says_so():
     both = evalplan.explorer_gib(["sd15", "sdxl"])
-    assert both > evalplan.weights_gib("sd15") + evalplan.weights_gib("sdxl") + evalplan.weights_gib("clip")
+    assert both > memory_meta.weights_gib("sd15") + memory_meta.weights_gib("sdxl") + memory_meta.weights_gib("clip")
     assert evalplan.explorer_fits(["sd15", "sdxl"]) == (both * (1 + error_band()) + MARGIN_GIB <= T4_USABLE_GIB)
     assert evalplan.explorer_fits(["sd15"]) and not evalplan.explorer_fits(["sd15", "sdxl"], {"sdxl": 2048})

@@ -7,8 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import evaluate, tiny
-from helpers.precision import precision_for
+from helpers.core.precision import precision_for
+from helpers.evaluation import clip_score as evaluate
+from helpers.evaluation import stats
+from helpers.tiny import world as tiny
 
 
 @pytest.fixture(scope="module")
@@ -98,9 +100,9 @@ def test_bad_inputs_raise_clear_errors(scorer):
     with pytest.raises(ValueError, match="permute"):
         scorer.score([torch.zeros(3, 16, 16)], ["x"])
     with pytest.raises(ValueError, match="non-empty"):
-        evaluate.bootstrap_ci([])
+        stats.bootstrap_ci([])
     with pytest.raises(ValueError, match="align"):
-        evaluate.paired_difference([1.0, 2.0], [1.0])
+        stats.paired_difference([1.0, 2.0], [1.0])
     with pytest.raises(ValueError, match="profile"):
         evaluate.ClipScorer.from_profile("colab")
 
@@ -110,34 +112,34 @@ def test_bootstrap_ci_contains_the_mean_and_narrows_with_more_samples():
     few, many = rng.normal(25, 3, 20), rng.normal(25, 3, 2000)
     widths = []
     for values in (few, many):
-        mean, low, high = evaluate.bootstrap_ci(values)
+        mean, low, high = stats.bootstrap_ci(values)
         assert mean == pytest.approx(values.mean())
         assert low < mean < high
         widths.append(high - low)
     assert widths[1] < widths[0] / 5  # width ∝ 1/√n: √100 = 10× narrower in expectation
     assert widths[1] == pytest.approx(2 * 1.96 * 3 / np.sqrt(2000), rel=0.15)  # the normal-theory width
-    assert evaluate.bootstrap_ci(few) == evaluate.bootstrap_ci(few)  # seeded
+    assert stats.bootstrap_ci(few) == stats.bootstrap_ci(few)  # seeded
 
 
 def test_paired_difference_zero_for_identical_and_excludes_zero_for_a_shift(scorer):
     same = scorer.score(_images(6), PROMPTS[:3] * 2)
-    d = evaluate.paired_difference(same, same.copy())
+    d = stats.paired_difference(same, same.copy())
     assert (d["mean_diff"], d["low"], d["high"], d["n"], d["wins"]) == (0.0, 0.0, 0.0, 6, 0)
     rng = np.random.default_rng(2)
     baseline = rng.normal(20, 4, 40)
-    shifted = evaluate.paired_difference(baseline + 2 + rng.normal(0, 1, 40), baseline)
+    shifted = stats.paired_difference(baseline + 2 + rng.normal(0, 1, 40), baseline)
     assert shifted["low"] > 0 and shifted["mean_diff"] == pytest.approx(2, abs=0.5) and shifted["wins"] >= 35
     assert shifted["wins"] + shifted["losses"] == 40 and shifted["p"] < 1e-6
     assert d["losses"] == 0 and d["p"] == 1.0  # all ties: no evidence either way
 
 
 def test_sign_test_against_binomial_by_hand():
-    assert evaluate.sign_test(9, 1) == pytest.approx(2 * (1 + 10) / 2**10)  # P(X ≤ 1), X ~ Bin(10, ½), two-sided
-    assert evaluate.sign_test(1, 9) == evaluate.sign_test(9, 1)
-    assert evaluate.sign_test(0, 6) == pytest.approx(2 / 64)
-    assert evaluate.sign_test(5, 5) == 1.0 and evaluate.sign_test(0, 0) == 1.0  # capped at 1; no pairs, no evidence
+    assert stats.sign_test(9, 1) == pytest.approx(2 * (1 + 10) / 2**10)  # P(X ≤ 1), X ~ Bin(10, ½), two-sided
+    assert stats.sign_test(1, 9) == stats.sign_test(9, 1)
+    assert stats.sign_test(0, 6) == pytest.approx(2 / 64)
+    assert stats.sign_test(5, 5) == 1.0 and stats.sign_test(0, 0) == 1.0  # capped at 1; no pairs, no evidence
     # large n (exact big integers, no overflow) agrees with the normal approximation with continuity correction
     z = (abs(300 - 250) - 0.5) / math.sqrt(500 / 4)
-    assert evaluate.sign_test(300, 200) == pytest.approx(math.erfc(z / math.sqrt(2)), rel=0.1)
+    assert stats.sign_test(300, 200) == pytest.approx(math.erfc(z / math.sqrt(2)), rel=0.1)
     with pytest.raises(ValueError, match=">= 0"):
-        evaluate.sign_test(-1, 3)
+        stats.sign_test(-1, 3)

@@ -4,12 +4,15 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
-
-from helpers import evaluate, evaluation, grids, sampling
-from helpers.precision import precision_for
-from helpers.presets import get_preset
-from helpers.prompts import PromptSet, user_prompts
 from test_sampling import attn2_variants  # tests/ is on sys.path under pytest (rootdir without __init__)
+
+from helpers.core.precision import precision_for
+from helpers.core.presets import get_preset
+from helpers.evaluation import clip_score as evaluate
+from helpers.evaluation import compare as evaluation
+from helpers.evaluation import stats
+from helpers.evaluation.prompts import PromptSet, user_prompts
+from helpers.generate import grids, sampling
 
 SEEDS = [0, 1]
 
@@ -72,7 +75,7 @@ def test_paired_rows_match_a_hand_computation_from_the_csv(result):
     assert (pooled["prompt_set"], pooled["reference"], pooled["n"]) == ("all", "base", 6)
     assert pooled["mean"] == pytest.approx(diff.mean())
     assert pooled["wins"] == (diff > 0).sum()
-    assert pooled["p"] == pytest.approx(evaluate.sign_test(int((diff > 0).sum()), int((diff < 0).sum())))
+    assert pooled["p"] == pytest.approx(stats.sign_test(int((diff > 0).sum()), int((diff < 0).sum())))
     assert pooled["low"] <= pooled["mean"] <= pooled["high"]
     only_a = table.row("attn2 ×1.5", paired=True, prompt_set="set a")
     assert only_a["n"] == 4 and only_a["mean"] == pytest.approx(diff.loc["set a"].mean())

@@ -9,11 +9,11 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
-
-from helpers.catalog import Catalog
-from helpers.engine import Engine
-from helpers.explorer import EVALUATED, Explorer, StudyPanel
 from tiny_runs import storage_with_run
+
+from helpers.studio.catalog import Catalog
+from helpers.studio.engine import Engine
+from helpers.studio.explorer import EVALUATED, Explorer, StudyPanel
 
 LORA = "sd15_xattn_cifar10-lora-tiny"
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import files
+from helpers.core import files
 
 REPO = Path(__file__).resolve().parents[1]
 HOST = socket.gethostname()
@@ -74,7 +74,7 @@ def test_writer_failing_midway_leaves_the_previous_version(tmp_path):
 KILLED_WRITER = """
 import os, signal, sys
 from pathlib import Path
-from helpers import files
+from helpers.core import files
 
 def fill(tmp):
     (tmp / "a.bin").write_bytes(b"new" * 100)

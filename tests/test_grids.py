@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import grids
+from helpers.generate import grids
 
 
 def _tiles(n, size=(10, 8)):

@@ -5,9 +5,10 @@ import pytest
 from dataset_cases import animated_gif, exif_rotated_jpeg, float_tiff, gradient16_png, multipage_tiff
 from PIL import Image
 
-from helpers import data, sources
-from helpers.images import ImageRefused, open_rgb
-from helpers.validation import validate
+from helpers.data import dataset as data
+from helpers.data import sources
+from helpers.data.images import ImageRefused, open_rgb
+from helpers.data.validation import validate
 
 
 def codes(notes) -> list[str]:

@@ -7,18 +7,31 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
-from helpers import data, presets, runs, sampling, tiny
-from helpers.checkpoint import checkpoint_dirs
-from helpers.embeddings import cosine_matrix, embedding_set
-from helpers.hooks import CheckpointHook, ExportHook, Hook, LogHook, SampleHook, read_log
-from helpers.ip_adapter import (IP_ADAPTER_FILE, NUM_TOKENS, EmbeddedDataset, IPAdapter, caption_only,
-                                condition_drops, fixed_embeddings, fresh_ip_adapter, round_trip_delta)
-from helpers.diffusion import SampleDraws
-from helpers.models import load_components
-from helpers.stops import TrainingStopped
-from helpers.train import Trainer
 from torch.utils.data import default_collate
+
+from helpers.core import presets
+from helpers.data import dataset as data
+from helpers.data.embeddings import cosine_matrix, embedding_set
+from helpers.generate import sampling
+from helpers.methods import runs
+from helpers.methods.diffusion import SampleDraws
+from helpers.methods.ip_adapter import (
+    IP_ADAPTER_FILE,
+    NUM_TOKENS,
+    EmbeddedDataset,
+    IPAdapter,
+    condition_drops,
+    fresh_ip_adapter,
+    round_trip_delta,
+)
+from helpers.models import load_components
+from helpers.plan import model as memory_model
+from helpers.prior.images import caption_only, fixed_embeddings
+from helpers.tiny import world as tiny
+from helpers.train.checkpoint import checkpoint_dirs
+from helpers.train.hooks import CheckpointHook, ExportHook, Hook, LogHook, SampleHook, read_log
+from helpers.train.loop import Trainer
+from helpers.train.stops import TrainingStopped
 
 EVAL_STEPS = 20  # sampling steps for the measured images (DPM-Solver), as notebook 04 draws them in tiny
 
@@ -195,6 +208,7 @@ def test_the_export_reproduces_the_trained_unet_in_a_fresh_stock_pipeline(traine
 
 def test_round_trip_delta_is_zero_for_the_export_and_not_for_another_adapter(trained, tmp_path):
     import shutil
+
     from safetensors.torch import save_file
     c, es, final = trained["c"], trained["es"], trained["final"]
     delta = round_trip_delta(c.unet, final, trained["preset"].model, es.image_embeds[:3])
@@ -298,8 +312,8 @@ def test_variations_stay_closer_to_their_own_source(trained, pipe):
 
 
 def test_the_t4_plan_counts_the_adapter_and_fits():
-    from helpers import memory
-    from helpers.memory_meta import full_size_unet, lora_parameter_count
+    from helpers.plan import memory
+    from helpers.plan.meta import full_size_unet, lora_parameter_count
     preset = presets.get_preset("prior_sd15", "t4")
     plan = memory.estimate_vram(preset)
     unet = full_size_unet("sd15")
@@ -307,7 +321,7 @@ def test_the_t4_plan_counts_the_adapter_and_fits():
     lora = lora_parameter_count(unet, 8, ("to_q", "to_k", "to_v"))
     print(f"prior_sd15 t4 plan: adapter {adapter / 1e6:.1f}M + LoRA {lora / 1e6:.2f}M trainable; "
           f"phases {({k: round(v, 2) for k, v in plan['phases_gib'].items()})}; peak {plan['total_gib']:.2f} "
-          f"+ band {plan['band_gib']:.2f}, spare {plan['spare_gib']:.2f} GiB of {memory.T4_USABLE_GIB}")
+          f"+ band {plan['band_gib']:.2f}, spare {plan['spare_gib']:.2f} GiB of {memory_model.T4_USABLE_GIB}")
     assert plan["trainable_params"] == adapter + lora
     assert plan["parts_gib"]["clip"] > 0.7 and plan["clip_encode_gib"] > 0  # the embedding cache phase
     assert plan["phases_gib"]["caching"] > plan["parts_gib"]["clip"] + plan["parts_gib"]["unet"]

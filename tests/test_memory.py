@@ -3,8 +3,12 @@ the phases of the T4 plan, its calibration against published reports, host RAM a
 import pytest
 import torch
 
-from helpers import memory, tiny
-from helpers.presets import PRESETS, get_preset
+from helpers.core.presets import PRESETS, get_preset
+from helpers.plan import calibration as memory_calibration
+from helpers.plan import memory
+from helpers.plan import meta as memory_meta
+from helpers.plan import model as memory_model
+from helpers.tiny import world as tiny
 
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
@@ -14,31 +18,31 @@ def _params(module):
 
 
 def test_sd15_unet_has_the_published_parameter_count_on_meta():
-    unet = memory.full_size_unet("sd15")
+    unet = memory_meta.full_size_unet("sd15")
     assert {p.device.type for p in unet.parameters()} == {"meta"}
     assert _params(unet) == 859_520_964
 
 
 def test_crossattn_count_equals_every_attn2_parameter():
-    unet = memory.full_size_unet("sd15")
+    unet = memory_meta.full_size_unet("sd15")
     by_name = sum(p.numel() for name, p in unet.named_parameters() if ".attn2." in name)
-    count = memory.crossattn_parameter_count(unet)
+    count = memory_meta.crossattn_parameter_count(unet)
     print(f"SD1.5 attn2 parameters: {count:,}")
     assert count == by_name
     assert 43e6 <= count <= 45e6
 
 
 def test_other_components_have_their_published_counts():
-    sdxl = memory.parameter_counts("sdxl")
+    sdxl = memory_meta.parameter_counts("sdxl")
     print(sdxl)
     assert sdxl["unet"] == 2_567_463_684  # "2.6B" SDXL base UNet
     assert sdxl["text_encoder"] == 123_060_480  # CLIP ViT-L/14 text tower
     assert sdxl["text_encoder_2"] == 694_659_840  # OpenCLIP bigG text tower + projection
     assert sdxl["vae"] == 83_653_863
-    assert memory.parameter_counts("sd15") == {"unet": 859_520_964, "vae": 83_653_863, "text_encoder": 123_060_480}
-    assert _params(memory.full_size_clip()) == 427_616_513  # openai/clip-vit-large-patch14
+    assert memory_meta.parameter_counts("sd15") == {"unet": 859_520_964, "vae": 83_653_863, "text_encoder": 123_060_480}
+    assert _params(memory_meta.full_size_clip()) == 427_616_513  # openai/clip-vit-large-patch14
     with pytest.raises(ValueError, match="family"):
-        memory.parameter_counts("sd3")
+        memory_meta.parameter_counts("sd3")
 
 
 def test_lora_count_matches_peft_on_the_tiny_unet():
@@ -52,17 +56,17 @@ def test_lora_count_matches_peft_on_the_tiny_unet():
 
     unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet")
     before = _params(unet)
-    assert memory.lora_parameter_count(unet, 4, LORA_TARGETS) == peft_count > 0
+    assert memory_meta.lora_parameter_count(unet, 4, LORA_TARGETS) == peft_count > 0
     assert _params(unet) == before  # the caller's model is not modified
     with pytest.raises(ValueError):
-        memory.lora_parameter_count(unet, 0, LORA_TARGETS)
+        memory_meta.lora_parameter_count(unet, 0, LORA_TARGETS)
 
 
 def test_lora_count_on_full_sdxl_matches_rank_times_in_plus_out():
-    unet = memory.full_size_unet("sdxl")
+    unet = memory_meta.full_size_unet("sdxl")
     analytic = sum(16 * (m.in_features + m.out_features) for name, m in unet.named_modules()
                    if isinstance(m, torch.nn.Linear) and any(name.endswith("." + t) for t in LORA_TARGETS))
-    count = memory.lora_parameter_count(unet, 16, LORA_TARGETS)
+    count = memory_meta.lora_parameter_count(unet, 16, LORA_TARGETS)
     print(f"SDXL LoRA r16 on to_q/k/v/out: {count:,}")
     assert count == analytic
 
@@ -73,9 +77,9 @@ def test_plan_has_every_term_and_the_band_decides_the_verdict():
         e = memory.estimate_vram(preset)
         print(preset.name, {k: round(v, 2) if isinstance(v, float) else v for k, v in e.items()})
         assert e["total_gib"] == max(e["phases_gib"].values()) > 0
-        assert e["band_gib"] == pytest.approx(memory.error_band() * e["total_gib"])
-        assert e["spare_gib"] == pytest.approx(memory.T4_USABLE_GIB - e["total_gib"] - e["band_gib"])
-        assert e["verdict"] == ("fits" if e["spare_gib"] >= memory.MARGIN_GIB else "does not fit")
+        assert e["band_gib"] == pytest.approx(memory_calibration.error_band() * e["total_gib"])
+        assert e["spare_gib"] == pytest.approx(memory_model.T4_USABLE_GIB - e["total_gib"] - e["band_gib"])
+        assert e["verdict"] == ("fits" if e["spare_gib"] >= memory_model.MARGIN_GIB else "does not fit")
     table = memory.memory_plan_table(presets)
     print(table)
     assert all(name in table for name in PRESETS)
@@ -102,9 +106,9 @@ def test_sampling_phase_is_modelled_on_top_of_the_training_state():
 
 
 def test_one_tiled_image_per_call_is_far_below_four_unsliced_at_1024px():
-    one_tiled = memory.inference_peak_gib("sdxl", 1024, 1, False, sliced=True, tiled=True)
-    four_whole = memory.inference_peak_gib("sdxl", 1024, 4, False, sliced=False, tiled=False)
-    untiled = memory.inference_peak_gib("sdxl", 1024, 1, False, sliced=True, tiled=False)
+    one_tiled = memory_model.inference_peak_gib("sdxl", 1024, 1, False, sliced=True, tiled=True)
+    four_whole = memory_model.inference_peak_gib("sdxl", 1024, 4, False, sliced=False, tiled=False)
+    untiled = memory_model.inference_peak_gib("sdxl", 1024, 1, False, sliced=True, tiled=False)
     print(f"SDXL 1024 px sampling activations: 1/call tiled {one_tiled:.2f} GiB, 1/call untiled {untiled:.2f}, "
           f"4/call unsliced {four_whole:.2f}")
     assert one_tiled < untiled < four_whole
@@ -112,9 +116,9 @@ def test_one_tiled_image_per_call_is_far_below_four_unsliced_at_1024px():
 
 
 def test_calibration_reproduces_each_published_report_within_the_band():
-    rows = memory.calibration_table()
-    print(memory.calibration_text())
-    band = memory.error_band()
+    rows = memory_calibration.calibration_table()
+    print(memory_calibration.calibration_text())
+    band = memory_calibration.error_band()
     assert 0 < band < 0.3
     for family in ("sd15", "sdxl"):
         assert sum(r["family"] == family and r["kind"] == "peak" for r in rows) >= 2
@@ -127,28 +131,28 @@ def test_calibration_reproduces_each_published_report_within_the_band():
 
 def test_host_ram_with_the_fp16_variant_fits_colab_and_without_it_sdxl_does_not():
     sdxl, sd15 = get_preset("sdxl_lora_naruto_1024", "t4"), get_preset("sd15_xattn_cifar10", "t4")
-    unet = memory.parameter_counts("sdxl")["unet"]
-    with_variant, without = memory.host_ram_gib(sdxl), memory.host_ram_gib(sdxl, fp16_variant=False)
+    unet = memory_meta.parameter_counts("sdxl")["unet"]
+    with_variant, without = memory_model.host_ram_gib(sdxl), memory_model.host_ram_gib(sdxl, fp16_variant=False)
     print(f"SDXL loading: {with_variant:.1f} GiB with fp16 files, {without:.1f} GiB from the fp32 files")
-    assert with_variant == pytest.approx(memory.HOST_BASELINE_GIB + 2 * unet / 2**30)
-    assert without == pytest.approx(memory.HOST_BASELINE_GIB + 6 * unet / 2**30)  # fp32 file pages + fp16 copy
-    assert with_variant < memory.COLAB_RAM_GIB < without
-    assert memory.host_ram_gib(sd15) < memory.host_ram_gib(sd15, fp16_variant=False) < memory.COLAB_RAM_GIB
+    assert with_variant == pytest.approx(memory_model.HOST_BASELINE_GIB + 2 * unet / 2**30)
+    assert without == pytest.approx(memory_model.HOST_BASELINE_GIB + 6 * unet / 2**30)  # fp32 file pages + fp16 copy
+    assert with_variant < memory_model.COLAB_RAM_GIB < without
+    assert memory_model.host_ram_gib(sd15) < memory_model.host_ram_gib(sd15, fp16_variant=False) < memory_model.COLAB_RAM_GIB
 
 
 def test_optimizer_state_follows_the_bitsandbytes_layout():
-    assert memory.optimizer_state_bytes([1000], "adamw8bit") == 8000  # < 4096 elements: fp32 moments
-    assert memory.optimizer_state_bytes([4096], "adamw8bit") == 2 * 4096 + 8 * 16  # uint8 moments + absmax/256
-    assert memory.optimizer_state_bytes([4096], "adamw") == 8 * 4096
+    assert memory_model.optimizer_state_bytes([1000], "adamw8bit") == 8000  # < 4096 elements: fp32 moments
+    assert memory_model.optimizer_state_bytes([4096], "adamw8bit") == 2 * 4096 + 8 * 16  # uint8 moments + absmax/256
+    assert memory_model.optimizer_state_bytes([4096], "adamw") == 8 * 4096
     with pytest.raises(ValueError, match="optimizer"):
-        memory.optimizer_state_bytes([1], "lion")
+        memory_model.optimizer_state_bytes([1], "lion")
 
 
 def test_checkpoint_size_formula_matches_a_real_tiny_checkpoint(tmp_path, monkeypatch):
-    from helpers import data
+    from helpers.data import dataset as data
     from helpers.models import load_components
-    from helpers.hooks import CheckpointHook
-    from helpers.train import Trainer
+    from helpers.train.hooks import CheckpointHook
+    from helpers.train.loop import Trainer
     monkeypatch.setenv("LAB_STORAGE", str(tmp_path / "storage"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     preset = get_preset("sd15_xattn_cifar10", "tiny", max_steps=2, checkpoint_every=2, sample_every=0)
@@ -158,19 +162,19 @@ def test_checkpoint_size_formula_matches_a_real_tiny_checkpoint(tmp_path, monkey
     folder = tmp_path / "run" / "checkpoints" / "step-000002"
     real_mb = sum(f.stat().st_size for f in folder.iterdir()) / 1e6
     sizes = [p.numel() for p in trainer.trainable.values()]
-    predicted = memory.checkpoint_mb(sizes, "adamw")
+    predicted = memory_model.checkpoint_mb(sizes, "adamw")
     print(f"tiny checkpoint: {real_mb:.3f} MB written, formula {predicted:.3f} MB ({sum(sizes):,} params)")
     assert predicted == pytest.approx(real_mb, rel=0.10)
 
 
 def test_activations_grow_with_resolution_batch_and_shrink_with_checkpointing():
     sdxl = get_preset("sdxl_lora_naruto_1024", "t4")
-    at_1024 = memory.activation_gib(sdxl)
-    at_256 = memory.activation_gib(get_preset("sdxl_lora_naruto_1024", "t4", resolution=256))
+    at_1024 = memory_model.activation_gib(sdxl)
+    at_256 = memory_model.activation_gib(get_preset("sdxl_lora_naruto_1024", "t4", resolution=256))
     assert at_1024 > 8 * at_256  # 16× the pixels
-    one, two = (memory.activation_gib(get_preset("sd15_xattn_cifar10", "t4", batch_size=b)) for b in (1, 2))
+    one, two = (memory_model.activation_gib(get_preset("sd15_xattn_cifar10", "t4", batch_size=b)) for b in (1, 2))
     assert two == pytest.approx(2 * one, rel=1e-6)  # saved activations are per image
-    assert memory.activation_gib(sdxl, gradient_checkpointing=False) > 5 * at_1024
+    assert memory_model.activation_gib(sdxl, gradient_checkpointing=False) > 5 * at_1024
 
 
 def test_estimate_matches_reported_totals():

@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from helpers import checkpoint
-from helpers.hooks import read_log
+from helpers.train import checkpoint
+from helpers.train.hooks import read_log
 
 DRIVER = Path(__file__).with_name("multiprocess_driver.py")
 

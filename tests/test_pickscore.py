@@ -5,9 +5,9 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor, CLIPModel
 
-from helpers import presets
-from helpers.pickscore import MODELS, PickScorer
-from helpers.tiny import resolve
+from helpers.core import presets
+from helpers.evaluation.pickscore import MODELS, PickScorer
+from helpers.tiny.world import resolve
 
 
 def test_score_is_logit_scale_times_cosine_as_the_model_card_computes_it():

@@ -3,8 +3,8 @@ import dataclasses
 
 import pytest
 
-from helpers import presets
-from helpers.presets import PRESETS, get_preset
+from helpers.core import presets
+from helpers.core.presets import PRESETS, get_preset
 
 
 def test_every_preset_has_both_profiles_and_a_comment_per_field():

@@ -13,13 +13,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import checkpoint
-from helpers.embeddings import embedding_set
-from helpers.evaluate import paired_difference
-from helpers.hooks import CheckpointHook, ExportHook, Hook, LogHook, read_log
-from helpers.presets import PRESETS, get_preset
-from helpers.prior import Ema, PriorPairs, make_network, to_prior_space, train_prior
-from helpers.prior_eval import COLUMNS, load_prior, prior_metrics, shuffled_order
+from helpers.core.presets import PRESETS, get_preset
+from helpers.data.embeddings import embedding_set
+from helpers.evaluation.stats import paired_difference
+from helpers.methods.priors import Ema, PriorPairs, make_network, to_prior_space
+from helpers.plan import calibration as memory_calibration
+from helpers.plan import model as memory_model
+from helpers.prior.metrics import COLUMNS, prior_metrics, shuffled_order
+from helpers.prior.priors import load_prior, train_prior
+from helpers.train import checkpoint
+from helpers.train.hooks import CheckpointHook, ExportHook, LogHook, read_log
 
 DRIVER = Path(__file__).with_name("prior_driver.py")
 PRIORS = ("prior_mlp_cifar10", "prior_diffusion_cifar10")
@@ -52,8 +55,8 @@ def trained(storage, embeddings):
 def test_prior_runs_live_apart_from_the_pipeline_runs(trained, storage):
     """A prior draws no image: its runs are under priors/, where RunSet does not look (the catalog finds them there
     as prompt → image-embedding sources, tests/test_catalog.py)."""
-    from helpers.prior_eval import finished_priors
-    from helpers.runs import finished_runs
+    from helpers.methods.runs import finished_runs
+    from helpers.prior.priors import finished_priors
     assert [p.name for p in finished_priors(storage)] == sorted(t.run_dir.name for _, t in trained.values())
     assert not set(finished_runs(storage)) & set(finished_priors(storage))
 
@@ -257,7 +260,7 @@ def test_bad_input_is_refused_with_a_clear_message(trained, embeddings, tmp_path
     with pytest.raises(ValueError, match="at least two different captions"):
         shuffled_order(["a cat", "a cat"])
     (tmp_path / "lora" / "final").mkdir(parents=True)
-    from helpers.runs import write_run_info
+    from helpers.methods.runs import write_run_info
     write_run_info(tmp_path / "lora" / "final", get_preset("sd15_xattn_cifar10", "tiny"))
     with pytest.raises(ValueError, match="not a prior"):
         load_prior(tmp_path / "lora")
@@ -273,8 +276,8 @@ def test_networks_have_the_preset_shapes():
 
 
 def test_predictions_go_through_the_network_in_planned_batches_with_the_same_results():
-    from helpers import prior_eval
-    from helpers.prior import noise_scheduler, set_clip_stats
+    from helpers.methods.priors import noise_scheduler, set_clip_stats
+    from helpers.prior import metrics as prior_eval
     preset = get_preset("prior_diffusion_cifar10", "tiny", prior_sample_steps=2)
     torch.manual_seed(0)
     net = make_network(preset, 32)
@@ -298,16 +301,16 @@ def test_predictions_go_through_the_network_in_planned_batches_with_the_same_res
 # ---------------------------------------------------------------- the T4 plan
 
 def test_t4_plan_of_both_priors_fits_with_a_gib_to_spare():
-    from helpers import memory
+    from helpers.plan import memory
     adapter = memory.estimate_vram(get_preset("prior_sd15", "t4"))
-    band = memory.error_band()
+    band = memory_calibration.error_band()
     for name in PRIORS:
         preset = get_preset(name, "t4")
         e = memory.estimate_vram(preset)
         print(name, {k: round(v, 2) for k, v in e["phases_gib"].items()}, f"band {e['band_gib']:.2f}",
               f"spare {e['spare_gib']:.2f}", f"params {e['trainable_params']:,}", f"ckpt {e['checkpoint_mb']:.0f} MB")
         for phase in ("training", "sampling"):  # training the prior; generating text → prior → SD1.5 + adapter
-            assert e["phases_gib"][phase] * (1 + band) + memory.MARGIN_GIB <= memory.T4_USABLE_GIB, (name, phase)
+            assert e["phases_gib"][phase] * (1 + band) + memory_model.MARGIN_GIB <= memory_model.T4_USABLE_GIB, (name, phase)
         assert e["verdict"] == "fits"
         # the plan counts the network helpers.prior builds, on top of what the adapter keeps loaded
         with torch.device("meta"):
@@ -320,11 +323,11 @@ def test_t4_plan_of_both_priors_fits_with_a_gib_to_spare():
     assert double["activation_gib"] == pytest.approx(2 * small["activation_gib"], rel=0.05)
     assert double["verdict"] == "does not fit"  # why the preset trains 128 pairs per step
     # predicting is planned at its batch: one call over notebook 04's 1,000 held-out rows would need GiBs
-    from helpers import prior_eval
-    from helpers.memory_live import prior_predict_bytes
+    from helpers.plan.live import prior_predict_bytes
+    from helpers.prior import metrics as prior_eval
     diffusion = get_preset("prior_diffusion_cifar10", "t4")
     planned = memory.estimate_vram(diffusion)["predict_gib"]
-    assert planned == pytest.approx(memory.INFERENCE_SLACK * prior_predict_bytes(diffusion, 768) / 2**30)
+    assert planned == pytest.approx(memory_model.INFERENCE_SLACK * prior_predict_bytes(diffusion, 768) / 2**30)
     assert 0.1 < planned < 1.0 and planned * 1000 / prior_eval.PREDICT_BATCH > 3
 
 
@@ -337,13 +340,15 @@ EVAL_STEPS = 20  # sampling steps of the compared images (DPM-Solver), as notebo
 def compared(storage, embeddings, trained):
     """The tiny adapter preset trained to the end, then base SD1.5, the adapter with each held-out caption's true
     image embedding, and with each prior's prediction, on every distinct held-out caption × 2 seeds, CLIP-scored."""
-    from helpers import data, runs, sampling
-    from helpers.evaluate import ClipScorer
-    from helpers.evaluation import evaluate_variants
-    from helpers.ip_adapter import EmbeddedDataset
+    from helpers.data import dataset as data
+    from helpers.evaluation.clip_score import ClipScorer
+    from helpers.evaluation.compare import evaluate_variants
+    from helpers.generate import sampling
+    from helpers.methods import runs
+    from helpers.methods.ip_adapter import EmbeddedDataset
     from helpers.models import load_components
-    from helpers.prior_images import comparison_variants, held_out_prompts
-    from helpers.train import Trainer
+    from helpers.prior.images import comparison_variants, held_out_prompts
+    from helpers.train.loop import Trainer
     preset = get_preset("prior_sd15", "tiny")
     c = load_components(preset)
     ds = data.prepare_dataset(preset, c)
@@ -363,7 +368,7 @@ def compared(storage, embeddings, trained):
 
 
 def test_prompt_sources_give_the_priors_predictions_and_the_true_embeddings(trained, embeddings):
-    from helpers.prior_images import held_out_prompts, prior_image_embeds, prompt_ends, true_image_embeds
+    from helpers.prior.images import held_out_prompts, prior_image_embeds, prompt_ends, true_image_embeds
     prompts = held_out_prompts(embeddings, 10)
     labels = {embeddings.captions[i]: int(embeddings.labels[i]) for i in embeddings.held_out_indices.tolist()}
     assert sorted(labels[p] for p in prompts.prompts) == list(range(10))  # one caption per class

@@ -3,7 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers import prompts, sources
+from helpers.data import sources
+from helpers.evaluation import prompts
 
 
 def test_cifar_sets_are_templates_times_classes():
@@ -56,7 +57,7 @@ def test_user_list_is_checked():
 
 
 def test_spread_picks_from_first_to_last_across_classes_and_templates():
-    from helpers.prompts import spread
+    from helpers.evaluation.prompts import spread
     full = prompts.cifar_prompts("train")
     three = spread(full, 3)
     assert three.name == full.name and three.prompts[0] == full.prompts[0] and len(set(three.prompts)) == 3
@@ -75,7 +76,7 @@ def test_tiny_naruto_prompts_are_held_out_captions_of_the_tiny_naruto_set():
     """The tiny profile's Naruto-style set speaks the tiny world's words, in combinations its folder never shows."""
     import json
 
-    from helpers import tiny
+    from helpers.tiny import world as tiny
     tiny_set = prompts.naruto_prompts("tiny")
     assert tiny_set.name == prompts.naruto_prompts().name and len(tiny_set) == 16
     folder = Path(tiny.resolve("tiny/naruto")) / "train" / "metadata.jsonl"

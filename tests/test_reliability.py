@@ -16,12 +16,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import checkpoint, data, files, presets
-from helpers.hooks import CheckpointHook, ExportHook, LogHook, SampleHook, default_hooks, read_log
-from helpers.lock import LOCK_FILE, STALE_AFTER_S, RunLock, RunLocked
+from helpers.core import files, presets
+from helpers.core.lock import LOCK_FILE, RunLock, RunLocked
+from helpers.data import dataset as data
 from helpers.models import load_components
-from helpers.stops import SettingsChanged, TrainingStopped
-from helpers.train import Trainer
+from helpers.train import checkpoint
+from helpers.train.hooks import CheckpointHook, ExportHook, LogHook, SampleHook, default_hooks, read_log
+from helpers.train.loop import Trainer
+from helpers.train.stops import SettingsChanged, TrainingStopped
 
 
 @pytest.fixture
@@ -113,7 +115,7 @@ def test_a_live_trainer_on_the_folder_refuses_a_second_and_a_dead_ones_lock_is_t
 def test_another_hosts_fresh_lock_is_waited_out_with_a_countdown_then_taken_over(tmp_path, monkeypatch, capsys):
     """A disconnect leaves the dead VM's lock on Drive with a young heartbeat; the user reopens the notebook on a new
     VM at once. The new VM waits until that heartbeat is STALE_AFTER_S old (a countdown), then takes over."""
-    from helpers import lock as lock_module
+    from helpers.core import lock as lock_module
     monkeypatch.setattr(lock_module, "STALE_AFTER_S", 3.0)
     run = tmp_path / "run"
     write_lock(run, "colab-vm-gone", 12345, time.time())
@@ -128,7 +130,7 @@ def test_another_hosts_fresh_lock_is_waited_out_with_a_countdown_then_taken_over
 
 
 def test_another_hosts_lock_whose_heartbeat_moves_is_a_live_trainer(tmp_path, monkeypatch):
-    from helpers import lock as lock_module
+    from helpers.core import lock as lock_module
     monkeypatch.setattr(lock_module, "STALE_AFTER_S", 30.0)
     run = tmp_path / "run"
     host = "colab-vm-" + uuid.uuid4().hex[:6]

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import runtime
-from helpers.runtime import Environment, ProfileError
+from helpers.core import paths, runtime
+from helpers.core.runtime import Environment, ProfileError
 
 CPU = Environment(is_colab=False, cuda_name=None, vram_gb=0.0, ram_gb=24.0, drive_mounted=False)
 COLAB_CPU = Environment(is_colab=True, cuda_name=None, vram_gb=0.0, ram_gb=12.7, drive_mounted=True)
@@ -38,18 +38,18 @@ def test_real_profile_without_gpu_is_refused_clearly(monkeypatch, capsys):
 
 
 def test_storage_and_run_dirs(tmp_path, monkeypatch):
-    from helpers import presets, runs
+    from helpers.core import presets
     monkeypatch.setenv("LAB_STORAGE", str(tmp_path))
-    assert runtime.storage_root(CPU) == tmp_path
+    assert paths.storage_root(CPU) == tmp_path
     lora = presets.get_preset("sd15_xattn_cifar10", "t4", method="lora")
-    assert runs.run_folder(lora) == tmp_path / "runs" / "sd15_xattn_cifar10-lora-t4"  # one naming rule
-    run = runtime.run_dir("my-run")
+    assert paths.run_folder(lora) == tmp_path / "runs" / "sd15_xattn_cifar10-lora-t4"  # one naming rule
+    run = paths.run_dir("my-run")
     assert run == tmp_path / "runs" / "my-run" and run.is_dir()
     for bad in ("", "../escape", "a/b", ".hidden"):
         with pytest.raises(ValueError):
-            runtime.run_dir(bad)
+            paths.run_dir(bad)
     monkeypatch.delenv("LAB_STORAGE")
-    assert runtime.storage_root(CPU) == runtime.REPO_ROOT / "outputs"
+    assert paths.storage_root(CPU) == paths.REPO_ROOT / "outputs"
 
 
 def test_seed_everything_repeats_every_generator():
@@ -83,14 +83,14 @@ def test_drive_counts_as_mounted_only_on_colab(tmp_path, monkeypatch):
 
 def test_colab_without_drive_keeps_state_off_the_clone_and_refuses_t4_training(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("LAB_STORAGE", raising=False)
-    monkeypatch.setattr(runtime, "COLAB_LOCAL_STORAGE", tmp_path / "vm-disk")
+    monkeypatch.setattr(paths, "COLAB_LOCAL_STORAGE", tmp_path / "vm-disk")
     colab_no_drive = Environment(is_colab=True, cuda_name="Tesla T4", vram_gb=15.0, ram_gb=12.7, drive_mounted=False)
-    root = runtime.storage_root(colab_no_drive)
-    assert root == tmp_path / "vm-disk" and runtime.REPO_ROOT not in root.parents
+    root = paths.storage_root(colab_no_drive)
+    assert root == tmp_path / "vm-disk" and paths.REPO_ROOT not in root.parents
     assert "Google Drive is not mounted" in capsys.readouterr().out
-    with pytest.raises(runtime.StorageError, match="needs Google Drive.*setup cell"):
-        runtime.require_lasting_storage("t4", "training", colab_no_drive)
-    runtime.require_lasting_storage("tiny", "training", colab_no_drive)  # the tiny profile may, with the note above
-    runtime.require_lasting_storage("t4", "training", COLAB_T4)
+    with pytest.raises(paths.StorageError, match="needs Google Drive.*setup cell"):
+        paths.require_lasting_storage("t4", "training", colab_no_drive)
+    paths.require_lasting_storage("tiny", "training", colab_no_drive)  # the tiny profile may, with the note above
+    paths.require_lasting_storage("t4", "training", COLAB_T4)
     monkeypatch.setenv("LAB_STORAGE", str(tmp_path / "chosen"))  # a folder the user chose: their call
-    runtime.require_lasting_storage("t4", "training", colab_no_drive)
+    paths.require_lasting_storage("t4", "training", colab_no_drive)

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import sampling
-from helpers.presets import get_preset
+from helpers.core.presets import get_preset
+from helpers.generate import sampling
 
 
 @pytest.fixture(scope="module")

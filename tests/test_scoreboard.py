@@ -3,14 +3,14 @@ import gc
 
 import pandas as pd
 import pytest
-
-from helpers import evaluate
-from helpers.catalog import Catalog
-from helpers.engine import Engine
-from helpers.pickscore import PickScorer
-from helpers.scoreboard import evaluate_runs, family_sets, t4_plan
 from tiny_runs import train_tiny_run
 
+from helpers.evaluation import clip_score as evaluate
+from helpers.evaluation import stats
+from helpers.evaluation.pickscore import PickScorer
+from helpers.studio.catalog import Catalog
+from helpers.studio.engine import Engine
+from helpers.studio.scoreboard import evaluate_runs, family_sets, t4_plan
 
 ALIVE_AT_PICKSCORE: list[str] = []  # what was still in memory when the PickScore phase began
 
@@ -68,7 +68,7 @@ def test_paired_differences_match_a_hand_computation_from_scores_csv(board):
         diff = pairs["score_x"] - pairs["score_y"]
         row = board.summary[(board.summary["variant"] == run) & (board.summary["score_model"] == model)].iloc[0]
         assert row["diff"] == pytest.approx(diff.mean()) and row["wins"] == (diff > 0).sum()
-        assert row["p"] == pytest.approx(evaluate.sign_test(int((diff > 0).sum()), int((diff < 0).sum())))
+        assert row["p"] == pytest.approx(stats.sign_test(int((diff > 0).sum()), int((diff < 0).sum())))
         assert row["diff_low"] <= row["diff"] <= row["diff_high"]
 
 

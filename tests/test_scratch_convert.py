@@ -9,12 +9,19 @@ from diffusers import StableDiffusionPipeline
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
 from safetensors.torch import load_file, save_file
 
-from helpers.scratch.convert import (IGNORED_ORIGINAL, KeyMismatchError, diffusers_to_original, load_model,
-                                     load_single_file, original_to_scratch, save_single_file)
+from helpers.scratch.convert import (
+    IGNORED_ORIGINAL,
+    KeyMismatchError,
+    diffusers_to_original,
+    load_model,
+    load_single_file,
+    original_to_scratch,
+    save_single_file,
+)
 from helpers.scratch.folders import config_from_diffusers, load_diffusers_folder, read_configs, read_weights
 from helpers.scratch.parity import max_abs_diff, randomize_, reference_unet
 from helpers.scratch.unet import UNetConfig
-from helpers.tiny import resolve
+from helpers.tiny.world import resolve
 
 PARTS = ("unet", "vae", "text_encoder")
 

@@ -7,7 +7,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionImg2ImgPipeline
 
 from helpers.scratch.ddpm import DDIM, DDPM, NoiseSchedule, make_sampler, previous_timesteps
-from helpers.tiny import SD15_SCHEDULER
+from helpers.tiny.world import SD15_SCHEDULER
 
 
 def test_betas_and_alphas_cumprod_identical():

@@ -5,17 +5,23 @@ scratch models share the reference's tensors (assign=True), so the 3.4 GB UNet e
 import pytest
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
-from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint,
-                                                 convert_ldm_vae_checkpoint, infer_diffusers_model_type)
-from transformers import CLIPTextConfig as HFTextConfig, CLIPTextModel
+from diffusers.loaders.single_file_utils import (
+    convert_ldm_clip_checkpoint,
+    convert_ldm_unet_checkpoint,
+    convert_ldm_vae_checkpoint,
+    infer_diffusers_model_type,
+)
+from transformers import CLIPTextConfig as HFTextConfig
+from transformers import CLIPTextModel
 
-from helpers.configs import SD15_UNET, SD_VAE as SD15_VAE
+from helpers.core.configs import SD15_UNET
+from helpers.core.configs import SD_VAE as SD15_VAE
 from helpers.scratch.convert import SDConfig, diffusers_to_original, load_model, original_to_scratch
 from helpers.scratch.folders import config_from_diffusers
 from helpers.scratch.parity import max_abs_diff, randomize_
-from helpers.tiny import SD15_SCHEDULER
+from helpers.tiny.world import SD15_SCHEDULER
 
-# unet/ and vae/ config.json of stable-diffusion-v1-5 come from helpers.configs (the one copy of the real configs)
+# unet/ and vae/ config.json of stable-diffusion-v1-5 come from helpers.core.configs (the one copy of the real configs)
 SD15_TEXT = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                  num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5,
                  bos_token_id=0, eos_token_id=2, pad_token_id=1)

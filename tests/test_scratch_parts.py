@@ -6,8 +6,7 @@ import torch
 
 from helpers.scratch.clip import CLIPTextConfig
 from helpers.scratch.convert import KeyMismatchError, load_model, strip_text_model
-from helpers.scratch.parity import (max_abs_diff, randomize_, reference_text_encoder, reference_unet,
-                                    reference_vae)
+from helpers.scratch.parity import max_abs_diff, randomize_, reference_text_encoder, reference_unet, reference_vae
 from helpers.scratch.unet import UNetConfig
 from helpers.scratch.vae import VAEConfig
 

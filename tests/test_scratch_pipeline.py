@@ -8,7 +8,7 @@ from PIL import Image, ImageDraw
 from helpers.scratch.folders import load_diffusers_folder
 from helpers.scratch.parity import max_abs_diff
 from helpers.scratch.pipeline import from_pil, to_pil
-from helpers.tiny import resolve
+from helpers.tiny.world import resolve
 
 TOL = 1e-3
 

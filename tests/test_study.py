@@ -7,7 +7,8 @@ import math
 import pandas as pd
 import pytest
 
-from helpers.study import (ANSWER_COLUMNS, Pair, Study, pairs_from_scores, scripted_answers, study_results, wilson)
+from helpers.evaluation.stats import wilson
+from helpers.studio.study import ANSWER_COLUMNS, Pair, Study, pairs_from_scores, scripted_answers, study_results
 
 
 def make_pairs(n=12, sets=("train", "generic")):

@@ -13,13 +13,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import adapters, checkpoint, data, presets, sampling, tiny
-from helpers.evaluate import ClipScorer
+from helpers.core import presets
+from helpers.core.precision import T4_DTYPES_ENV, cuda_fork_devices, precision_for
+from helpers.data import dataset as data
+from helpers.evaluation.clip_score import ClipScorer
+from helpers.generate import sampling
+from helpers.methods import lora
 from helpers.models import load_components, pipeline_from_components
-from helpers.precision import T4_DTYPES_ENV, cuda_fork_devices, precision_for
-from helpers.hooks import CheckpointHook, ExportHook, Hook, LogHook, SampleHook, read_log
-from helpers.stops import TrainingStopped
-from helpers.train import Trainer
+from helpers.tiny import world as tiny
+from helpers.train import checkpoint
+from helpers.train.hooks import CheckpointHook, ExportHook, Hook, LogHook, SampleHook, read_log
+from helpers.train.loop import Trainer
+from helpers.train.stops import TrainingStopped
 
 
 @pytest.fixture
@@ -296,7 +301,7 @@ def test_exported_t4_dtype_lora_loads_in_stock_fp16_pipeline(storage, tmp_path, 
     preset = small(max_steps=2)
     c = load_components(preset)
     Trainer(preset, c, data.prepare_dataset(preset, c), tmp_path / "run", hooks=[ExportHook()]).run()
-    weights = load_file(str(tmp_path / "run" / "final" / adapters.LORA_FILE))
+    weights = load_file(str(tmp_path / "run" / "final" / lora.LORA_FILE))
     assert {v.dtype for v in weights.values()} == {torch.float32}
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny.resolve(preset.model), dtype=torch.float16,
                                                      variant="fp16")

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers import presets, timing
+from helpers.core import presets
+from helpers.plan import timing
 
 ROOT = Path(__file__).resolve().parents[1]
 # a duration written by hand: "about 15 min", "≈ 6.8 h", "~1 min", "an hour"
@@ -21,7 +22,7 @@ def test_no_notebook_text_or_preset_comment_states_a_time_of_its_own():
             if cell["cell_type"] == "code":  # comments and #@markdown help, not the printed estimates
                 text = "\n".join(line.split("#", 1)[1] for line in text.splitlines() if "#" in line)
             found += [f"{path.name}: {m.group(0)}" for m in HAND_WRITTEN.finditer(text)]
-    for path in (ROOT / "helpers" / "presets.py", ROOT / "helpers" / "app.py"):
+    for path in (ROOT / "helpers" / "core" / "presets.py", ROOT / "helpers" / "studio" / "app.py"):
         found += [f"{path.name}: {m.group(0)}" for m in HAND_WRITTEN.finditer(path.read_text())]
     assert found == []
 

@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import files, prompts, tiny
+from helpers.core import files
+from helpers.evaluation import prompts
+from helpers.tiny import world as tiny
 
 
 def test_sd15_layout_and_generation():
@@ -105,8 +107,10 @@ def test_generated_sets_are_distinct_and_the_general_set_shows_no_fine_tuning_su
     of each set: how well a picture matches its best CIFAR class prompt, and its best Naruto-like caption (60
     held-out ones); AUC = the chance that a picture of the subject's own set scores above a general one."""
     import random
-    from helpers import evaluate, tiny_data
-    from helpers.sources import CIFAR10_CLASSES
+
+    from helpers.core.presets import CIFAR10_CLASSES
+    from helpers.evaluation import clip_score as evaluate
+    from helpers.tiny import pictures as tiny_data
     rng = random.Random(tiny_data.HELD_OUT_SEED + 9)
     general = [tiny_data.draw_general(rng, 64) for _ in range(60)]
     words = set(CIFAR10_CLASSES) | {"ninja", "anime", "cartoon", "hair", "character"}

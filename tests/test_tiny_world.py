@@ -15,8 +15,14 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import evaluate, evaluation, presets, prompts, sampling, tiny, tiny_data
-from helpers.sources import CIFAR10_CLASSES
+from helpers.core import presets
+from helpers.core.presets import CIFAR10_CLASSES
+from helpers.evaluation import clip_score as evaluate
+from helpers.evaluation import compare as evaluation
+from helpers.evaluation import prompts
+from helpers.generate import sampling
+from helpers.tiny import pictures as tiny_data
+from helpers.tiny import world as tiny
 
 
 @pytest.fixture(scope="module")

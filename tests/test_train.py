@@ -11,11 +11,17 @@ import torch
 from safetensors.torch import load_file
 from torch.utils.data import default_collate
 
-from helpers import adapters, checkpoint, data, presets, tiny
+from helpers.core import paths, presets
+from helpers.data import dataset as data
+from helpers.generate import grids
+from helpers.methods import crossattn, lora
+from helpers.methods import registry as adapters
 from helpers.models import load_components
-from helpers.hooks import CheckpointHook, ExportHook, Hook, LogHook, read_log
-from helpers.stops import TrainingStopped
-from helpers.train import Trainer
+from helpers.tiny import world as tiny
+from helpers.train import checkpoint, hooks
+from helpers.train.hooks import CheckpointHook, ExportHook, Hook, LogHook, read_log
+from helpers.train.loop import Trainer
+from helpers.train.stops import TrainingStopped
 
 DRIVER = Path(__file__).with_name("train_driver.py")
 
@@ -211,7 +217,7 @@ def test_checkpoint_refuses_non_finite_weights(tmp_path):
 
 
 def test_oom_advice_names_the_memory_fields_that_can_still_change():
-    from helpers.stops import oom_message, sampling_oom_message
+    from helpers.train.stops import oom_message, sampling_oom_message
     msg = oom_message(presets.get_preset("sdxl_lora_naruto_1024", "t4"))
     for field in ("batch_size=1", "grad_accum=8", "resolution=1024"):
         assert field in msg
@@ -267,10 +273,10 @@ def test_exported_lora_loads_in_stock_pipeline_and_kohya_roundtrips(storage, tmp
 
         pipe.unload_lora_weights()
         torch.testing.assert_close(pipe.unet(x, t, **kw).sample, base)
-        pipe.load_lora_weights(final, weight_name=adapters.KOHYA_FILE)
+        pipe.load_lora_weights(final, weight_name=lora.KOHYA_FILE)
         torch.testing.assert_close(pipe.unet(x, t, **kw).sample, trained, atol=1e-5, rtol=1e-4)
 
-    kohya = load_file(str(final / adapters.KOHYA_FILE))
+    kohya = load_file(str(final / lora.KOHYA_FILE))
     assert all(k.startswith("lora_unet_") for k in kohya)
     assert {float(v) for k, v in kohya.items() if k.endswith(".alpha")} == {8.0}
 
@@ -303,17 +309,17 @@ def test_exported_crossattn_weights_load_into_stock_unet(storage, tmp_path):
     c = load_components(preset)
     ds = data.prepare_dataset(preset, c)
     Trainer(preset, c, ds, tmp_path / "run", hooks=[ExportHook()]).run()
-    path = tmp_path / "run" / "final" / adapters.CROSSATTN_FILE
+    path = tmp_path / "run" / "final" / crossattn.CROSSATTN_FILE
     stock = UNet2DConditionModel.from_pretrained(tiny.resolve(preset.model), subfolder="unet")
     x, t, kw = unet_inputs(c)
     with torch.no_grad():
         c.unet.eval()
         base = stock(x, t, **kw).sample
-        adapters.load_crossattn_weights(stock, path)
+        crossattn.load_crossattn_weights(stock, path)
         torch.testing.assert_close(stock(x, t, **kw).sample, c.unet(x, t, **kw).sample)
         assert not torch.allclose(base, c.unet(x, t, **kw).sample, atol=1e-4)
     with pytest.raises(KeyError, match="missing"):
-        adapters.load_crossattn_weights(UNet2DConditionModel.from_pretrained(tiny.resolve("tiny/sdxl"),
+        crossattn.load_crossattn_weights(UNet2DConditionModel.from_pretrained(tiny.resolve("tiny/sdxl"),
                                                                              subfolder="unet"), path)
 
 
@@ -338,6 +344,7 @@ def test_gradient_checkpointing_gives_the_same_update(storage, tmp_path):
 def test_fp16_base_trains_fp32_weights(method):
     """On a T4 the frozen UNet is fp16; what trains must be fp32 (GradScaler cannot unscale fp16 gradients)."""
     from diffusers import UNet2DConditionModel
+
     from helpers.models import Components
     preset = presets.get_preset("sd15_xattn_cifar10", "tiny", method=method)
     unet = UNet2DConditionModel.from_pretrained(tiny.resolve(preset.model), subfolder="unet", dtype=torch.float16)
@@ -354,13 +361,14 @@ def test_fp16_base_trains_fp32_weights(method):
 
 def test_finished_runs_load_back_and_switch_in_one_stock_pipeline(storage, tmp_path):
     """crossattn and LoRA runs into one stock SD1.5 pipeline: base / each run / a LoRA scale, switched in place."""
-    from helpers import runs, sampling
+    from helpers.generate import sampling
+    from helpers.methods import runs
     c_by_method, folders = {}, {}
     for method in ("crossattn", "lora"):
         preset = presets.get_preset("sd15_xattn_cifar10", "tiny", method=method, max_steps=4, sample_every=0,
                                     max_train_images=16)
         c = load_components(preset)
-        folders[method] = runs.run_folder(preset)
+        folders[method] = paths.run_folder(preset)
         assert folders[method].name == f"sd15_xattn_cifar10-{method}-tiny"
         Trainer(preset, c, data.prepare_dataset(preset, c), folders[method], hooks=[ExportHook()]).run()
         c_by_method[method] = c
@@ -397,7 +405,6 @@ def test_finished_runs_load_back_and_switch_in_one_stock_pipeline(storage, tmp_p
 def test_samples_show_a_thumbnail_sheet_and_keep_the_full_grid_in_the_run(storage, tmp_path, monkeypatch):
     from PIL import Image
 
-    from helpers import grids, hooks
     shown = []
     monkeypatch.setattr(hooks, "_display", shown.append)  # what a notebook would receive (IPython's display)
     preset = presets.get_preset("sd15_xattn_cifar10", "tiny", resolution=512, max_steps=1, sample_every=1,

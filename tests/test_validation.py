@@ -8,9 +8,10 @@ import pytest
 from dataset_cases import animated_gif, every_case, excel_csv, jsonl, multipage_tiff, picture
 from transformers import CLIPTokenizer
 
-from helpers import sources, tiny
-from helpers.report import EXAMPLES, SEVERITIES
-from helpers.validation import validate
+from helpers.data import sources
+from helpers.data.report import EXAMPLES, SEVERITIES
+from helpers.data.validation import validate
+from helpers.tiny import world as tiny
 
 
 def by_file(report, root) -> dict[str, set[tuple[str, str]]]:

@@ -8,13 +8,21 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-
-from helpers import presets, runs, sampling
-from helpers.embeddings import EmbeddingSet, cosine_matrix, embedding_set
-from helpers.sources import fill_template
-from helpers.variations import (CAPTION, Ends, closer_to_own, held_out_check, interpolations, spread_held_out,
-                                variations)
 from tiny_runs import train_tiny_ip_adapter_run
+
+from helpers.data.embeddings import EmbeddingSet, cosine_matrix, embedding_set
+from helpers.data.sources import fill_template
+from helpers.generate import sampling
+from helpers.methods import runs
+from helpers.prior.variations import (
+    CAPTION,
+    Ends,
+    closer_to_own,
+    held_out_check,
+    interpolations,
+    spread_held_out,
+    variations,
+)
 
 STEPS = 2  # denoising steps: the images only need to be the same as a direct call, not good
 

@@ -9,14 +9,15 @@ import pytest
 def train_tiny_run(root: Path, method: str = "lora", steps: int = 2, **overrides) -> Path:
     """A finished tiny SD1.5 run (notebook 02's preset, with `overrides`) in `root/runs`: `steps` optimizer steps on
     eight images."""
-    from helpers import data, presets, runs
-    from helpers.hooks import ExportHook
+    from helpers.core import paths, presets
+    from helpers.data import dataset as data
     from helpers.models import load_components
-    from helpers.train import Trainer
+    from helpers.train.hooks import ExportHook
+    from helpers.train.loop import Trainer
     preset = presets.get_preset("sd15_xattn_cifar10", "tiny", method=method, max_steps=steps, sample_every=0,
                                 max_train_images=8, **overrides)
     components = load_components(preset)
-    folder = runs.run_folder(preset, root)
+    folder = paths.run_folder(preset, root)
     Trainer(preset, components, data.prepare_dataset(preset, components), folder, hooks=[ExportHook()]).run()
     return folder
 
@@ -24,17 +25,18 @@ def train_tiny_run(root: Path, method: str = "lora", steps: int = 2, **overrides
 def train_tiny_ip_adapter_run(root: Path, steps: int = 2, images: int = 40) -> Path:
     """A finished tiny image-conditioned run (notebook 04's preset) in `root/runs`: `steps` optimizer steps on the
     training side of `images` images, their CLIP embeddings cached under `root`."""
-    from helpers import data, presets, runs
-    from helpers.embeddings import embedding_set
-    from helpers.hooks import ExportHook
-    from helpers.ip_adapter import EmbeddedDataset
+    from helpers.core import paths, presets
+    from helpers.data import dataset as data
+    from helpers.data.embeddings import embedding_set
+    from helpers.methods.ip_adapter import EmbeddedDataset
     from helpers.models import load_components
-    from helpers.train import Trainer
+    from helpers.train.hooks import ExportHook
+    from helpers.train.loop import Trainer
     preset = presets.get_preset("prior_sd15", "tiny", max_steps=steps, sample_every=0, max_train_images=images)
     components = load_components(preset)
     dataset = data.prepare_dataset(preset, components, root=root)
     embeddings = embedding_set(preset, records=dataset.records, root=root)
-    folder = runs.run_folder(preset, root)
+    folder = paths.run_folder(preset, root)
     Trainer(preset, components, EmbeddedDataset(dataset, embeddings), folder, hooks=[ExportHook()]).run()
     return folder
 

@@ -35,10 +35,12 @@ def main() -> None:
 
     import torch
 
-    from helpers import checkpoint, data, presets
+    from helpers.core import presets
+    from helpers.data import dataset as data
     from helpers.models import load_components
-    from helpers.hooks import CheckpointHook, Hook, LogHook, SampleHook
-    from helpers.train import Trainer
+    from helpers.train import checkpoint
+    from helpers.train.hooks import CheckpointHook, Hook, LogHook, SampleHook
+    from helpers.train.loop import Trainer
 
     torch.set_num_threads(1)  # identical kernels in every process, so runs are bitwise comparable
     preset = presets.get_preset("sd15_xattn_cifar10", "tiny", **OVERRIDES)

@@ -8,4 +8,4 @@ from .inference import plan_text
 from .memory import estimate_vram, memory_plan_table
 from .meta import crossattn_parameter_count, full_size_unet
 from .model import COLAB_RAM_GIB, MARGIN_GIB, T4_USABLE_GIB
-from .timing import generation_seconds, run_time_plan, span, training_estimate
+from .timing import generation_seconds, prior_training_seconds, run_time_plan, span, training_estimate
