@@ -1,4 +1,4 @@
-"""helpers.app served on 127.0.0.1 with the tiny models and one finished tiny run, called through gradio_client
+"""helpers.studio.app served on 127.0.0.1 with the tiny models and one finished tiny run, called through gradio_client
 (and curl): txt2img and img2img equal to what the engine draws, every bad input answered with its sentence, the time
 limit, progress, one GPU job at a time under a bounded load with the queue refusing cleanly, the memory plan, and
 the server closed at the end."""
