@@ -6,7 +6,15 @@ cache (embeddings).
 from .caches import cache_latents, cache_text
 from .captions import caption_length_figure, caption_token_lengths
 from .dataset import TrainDataset, TrainTransform, cache_summary, prepare_dataset
-from .embeddings import ClipEncoder, EmbeddingSet, cosine_matrix, embedding_set, slerp
+from .embeddings import (
+    ClipEncoder,
+    EmbeddingSet,
+    cosine_matrix,
+    embedding_set,
+    nearest_rows,
+    nearest_true_embeds,
+    slerp,
+)
 from .images import preview_grid
 from .report import DatasetError, ValidationReport
 from .sources import fill_template, load_preset_records, load_source, with_source

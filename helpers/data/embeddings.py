@@ -317,3 +317,21 @@ def _encode(encoder: ClipEncoder, records: list[Record], captions: list[str], la
             "text_masks": torch.cat(masks).to(torch.uint8), "image_embeds": torch.cat(image_embeds),
             "text_state_index": torch.tensor([where[c] for c in captions], dtype=torch.long),
             "labels": labels, "held_out": held_out.to(torch.uint8)}
+
+
+def nearest_rows(embeddings, prompts: list[str], pool=None) -> torch.Tensor:
+    """For each prompt, the index of the pair in `pool` (default: the held-out pairs, all pairs if none is held
+    out) whose caption is closest to it (CLIP text cosine by the embedding set's CLIP; ties to the first pair)."""
+    if pool is None:
+        pool = embeddings.held_out_indices if len(embeddings.held_out_indices) else torch.arange(len(embeddings))
+    pool = torch.as_tensor(pool, dtype=torch.long)
+    if len(pool) == 0:
+        raise ValueError("no pairs to retrieve image embeddings from")
+    return pool[cosine_matrix(embeddings.encode_text(list(prompts)), embeddings.text_embeds[pool]).argmax(dim=1)]
+
+
+def nearest_true_embeds(embeddings, pool=None):
+    """An `image_embeds` source that needs no prior: for each prompt, the TRUE image embedding of the `nearest_rows`
+    pair. A retrieval stand-in, NOT text → image: every prompt gets one of the pool's real pictures, whatever the
+    seed."""
+    return lambda prompts, seeds: embeddings.image_embeds[nearest_rows(embeddings, prompts, pool)].float()

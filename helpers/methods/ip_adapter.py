@@ -20,11 +20,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..core.precision import autocast_for
-from ..data.embeddings import embed_dim
+from ..data.embeddings import embed_dim, nearest_true_embeds
 from ..models import Components, encode_prompts, from_pretrained
 from ..tiny.world import resolve
 from .diffusion import SampleDraws, denoising_loss
-from .lora import Lora
+from .lora import LORA_FILE, Lora
 from .method import cast_trainable_fp32
 
 IP_ADAPTER_FILE = "ip_adapter.safetensors"

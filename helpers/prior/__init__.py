@@ -7,8 +7,6 @@ from .images import (
     comparison_variants,
     fixed_embeddings,
     held_out_prompts,
-    nearest_rows,
-    nearest_true_embeds,
     prompt_ends,
     prompt_source,
 )

@@ -118,21 +118,3 @@ def fixed_embeddings(embeds: torch.Tensor):
             raise ValueError(f"{len(embeds)} embeddings for {len(prompts)} images")
         return embeds
     return source
-
-
-def nearest_rows(embeddings, prompts: list[str], pool=None) -> torch.Tensor:
-    """For each prompt, the index of the pair in `pool` (default: the held-out pairs, all pairs if none is held
-    out) whose caption is closest to it (CLIP text cosine by the embedding set's CLIP; ties to the first pair)."""
-    if pool is None:
-        pool = embeddings.held_out_indices if len(embeddings.held_out_indices) else torch.arange(len(embeddings))
-    pool = torch.as_tensor(pool, dtype=torch.long)
-    if len(pool) == 0:
-        raise ValueError("no pairs to retrieve image embeddings from")
-    return pool[cosine_matrix(embeddings.encode_text(list(prompts)), embeddings.text_embeds[pool]).argmax(dim=1)]
-
-
-def nearest_true_embeds(embeddings, pool=None):
-    """An `image_embeds` source that needs no prior: for each prompt, the TRUE image embedding of the `nearest_rows`
-    pair. A retrieval stand-in, NOT text → image: every prompt gets one of the pool's real pictures, whatever the
-    seed."""
-    return lambda prompts, seeds: embeddings.image_embeds[nearest_rows(embeddings, prompts, pool)].float()

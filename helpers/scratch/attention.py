@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-
 # ---------------------------------------------------------------- helpers
 
 def exists(value) -> bool:

@@ -10,15 +10,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from .clip import CLIPTextConfig
 from ..core.paths import TINY_ASSETS
 from ..core.presets import SD15 as SD15_REPO  # model ids live in core/presets.py
+from .clip import CLIPTextConfig
 from .convert import SDConfig, build, strip_text_model
 from .ddpm import ScheduleConfig
 from .pipeline import StableDiffusion
 from .unet import UNetConfig
 from .vae import VAEConfig
-
 
 # config fields the scratch models do not implement, with the only value they accept (SD1.5's)
 UNSUPPORTED = {

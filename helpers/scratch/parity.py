@@ -16,7 +16,6 @@ from .pipeline import StableDiffusion, to_pil
 from .unet import UNetConfig
 from .vae import VAEConfig
 
-
 # ---------------------------------------------------------------- references with the same configs
 
 def reference_unet(cfg: UNetConfig):
@@ -43,7 +42,8 @@ def reference_vae(cfg: VAEConfig):
 
 
 def reference_text_encoder(cfg: CLIPTextConfig):
-    from transformers import CLIPTextConfig as HFConfig, CLIPTextModel
+    from transformers import CLIPTextConfig as HFConfig
+    from transformers import CLIPTextModel
     return CLIPTextModel(HFConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.width, intermediate_size=cfg.mlp_width,
                                   num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads,
                                   max_position_embeddings=cfg.max_tokens, layer_norm_eps=cfg.eps,

@@ -25,7 +25,6 @@ from .ddpm import NoiseSchedule, ScheduleConfig, make_sampler, previous_timestep
 from .unet import UNet
 from .vae import VAE, randn
 
-
 # ---------------------------------------------------------------- helpers
 
 def as_list(value: str | list[str]) -> list[str]:
