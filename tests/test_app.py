@@ -25,6 +25,8 @@ from helpers.studio.catalog import Catalog
 from helpers.studio.drawing import Request
 from helpers.studio.engine import Engine
 
+pytestmark = pytest.mark.slow
+
 LORA = "sd15_xattn_cifar10-lora-tiny"
 README = Path(__file__).resolve().parents[1] / "README.md"
 QUEUE = 2  # small, so that 4 threads fill it

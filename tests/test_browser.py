@@ -26,8 +26,9 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 DRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 LORA = "sd15_xattn_cifar10-lora-tiny"
 
-pytestmark = pytest.mark.skipif(not (Path(CHROMIUM).is_file() and Path(DRIVER).is_file()),
-                                reason="Chromium or chromedriver is missing: apt-get install chromium chromium-driver")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not (Path(CHROMIUM).is_file() and Path(DRIVER).is_file()),
+                                 reason="Chromium or chromedriver is missing: apt-get install chromium chromium-driver")]
 
 
 def free_port() -> int:

@@ -16,7 +16,6 @@ Asserted in the tiny profile:
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -29,7 +28,9 @@ from safetensors.torch import load_file
 sys.path.insert(0, str(Path(__file__).with_name("colab_vm")))
 import vms  # noqa: E402
 
-pytestmark = pytest.mark.slow
+from helpers.core import presets  # noqa: E402
+
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("series")]
 CHECKED = Path(__file__).with_name("data") / "checked_outputs.json"
 RUNS_02_TO_04 = ("sd15_xattn_cifar10-crossattn-tiny", "sdxl_lora_naruto_256-lora-tiny",
                  "sdxl_lora_naruto_1024-lora-tiny", "prior_sd15-ip_adapter-tiny")
@@ -71,28 +72,7 @@ def check_marked_outputs(run: vms.VMRun, expected: dict) -> None:
             assert vms.text_of(cell) == expected[key], f"{key}: printed\n{vms.text_of(cell)}"
 
 
-def uninterrupted_1024_run(folder: Path) -> dict[str, torch.Tensor]:
-    """The tiny 1024 px preset trained in one go, in a storage folder of its own (not the fake Drive)."""
-    from helpers.core import paths, presets
-    from helpers.data import dataset as data
-    from helpers.models import load_components
-    from helpers.train.loop import Trainer
-    old = os.environ.get("LAB_STORAGE")
-    os.environ["LAB_STORAGE"] = str(folder)
-    try:
-        preset = presets.get_preset("sdxl_lora_naruto_1024", "tiny")
-        components = load_components(preset)
-        run = paths.run_folder(preset)
-        Trainer(preset, components, data.prepare_dataset(preset, components), run).run()
-        return load_file(run / "final" / "pytorch_lora_weights.safetensors")
-    finally:
-        if old is None:
-            os.environ.pop("LAB_STORAGE")
-        else:
-            os.environ["LAB_STORAGE"] = old
-
-
-def test_the_series_on_fresh_colab_vms_sharing_only_drive(colab, tmp_path):
+def test_the_series_on_fresh_colab_vms_sharing_only_drive(colab, session_runs):
     expected = json.loads(CHECKED.read_text())
     done = {}
 
@@ -119,6 +99,7 @@ def test_the_series_on_fresh_colab_vms_sharing_only_drive(colab, tmp_path):
     assert "building cache" in dataset.output()
 
     crossattn = run("02")
+    session_runs.adopt(colab.storage / "runs" / RUNS_02_TO_04[0])  # the learning checks reuse it (tests/conftest.py)
     prepared = crossattn.output("data.prepare_dataset(preset, components)")
     assert "reusing cache" in prepared and "building cache" not in prepared, prepared  # 01's caches, from Drive
 
@@ -133,19 +114,24 @@ def test_the_series_on_fresh_colab_vms_sharing_only_drive(colab, tmp_path):
     assert not (run_1024 / "final").exists(), "the kill came too late: final/ was already written"
 
     run("04")  # the user does something else; the dead VM's lock on the 1024 px run grows stale meanwhile
+    session_runs.adopt(colab.storage / "runs" / RUNS_02_TO_04[3])
+    for folder in sorted((colab.storage / "priors").iterdir()):
+        session_runs.adopt(folder, under="priors")
 
     resumed = run("03")
-    trained = resumed.output("trainer = Trainer(")
+    trained = resumed.output("trainer = train.Trainer(")
     assert f"resuming from step-000006" in trained and "took over a stale lock" in trained, trained
+    session_runs.adopt(colab.storage / "runs" / RUNS_02_TO_04[1])
     weights = load_file(run_1024 / "final" / "pytorch_lora_weights.safetensors")
-    reference = uninterrupted_1024_run(tmp_path / "uninterrupted")
+    uninterrupted = session_runs.trained(presets.get_preset("sdxl_lora_naruto_1024", "tiny"))  # not on the fake Drive
+    reference = load_file(uninterrupted / "final" / "pytorch_lora_weights.safetensors")
     assert weights.keys() == reference.keys()
     assert all(torch.equal(weights[k], reference[k]) for k in weights), "resumed LoRA differs from an uninterrupted run"
 
     for notebook in ("05", "06", "07"):
         result = run(notebook)
         if notebook != "06":  # the evaluation and the app find every run of 02-04 on Drive
-            listed = result.output("catalog.Catalog.scan(profile)")
+            listed = result.output("studio.Catalog.scan(profile)")
             missing = [name for name in RUNS_02_TO_04 if name not in listed]
             assert not missing, f"notebook {notebook} does not list {missing}:\n{listed}"
     print("\n".join(f"{r.notebook} on {name}: {r.seconds:.0f} s" + (" (killed)" if r.killed else "")

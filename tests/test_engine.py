@@ -64,6 +64,7 @@ def test_a_base_beside_a_run_draws_at_the_runs_training_size_and_says_so(big_roo
 
 # ---------------------------------------------------------------- the T4's rules: what stays loaded
 
+@pytest.mark.slow  # both families and the checker loaded
 def test_under_the_t4_rules_sd15_with_its_checker_is_freed_before_sdxl_loads(root, monkeypatch):
     from helpers.plan import inference as evalplan
     monkeypatch.setenv(T4_DTYPES_ENV, "1")

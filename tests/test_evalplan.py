@@ -19,6 +19,7 @@ def test_weights_are_the_real_parameter_counts_in_fp16():
     assert timing.scorer_tflop("pickscore") > 2 * 0.9 * timing.scorer_tflop("clip")  # wider and deeper
 
 
+@pytest.mark.slow  # full-size models on the meta device, every phase
 def test_phases_fit_one_at_a_time_but_not_all_at_once_and_the_counts_fit_the_budget():
     runs = {"sd15": [presets.get_preset("sd15_xattn_cifar10", "t4")],
             "sdxl": [presets.get_preset("sdxl_lora_naruto_256", "t4"), presets.get_preset("sdxl_lora_naruto_1024", "t4")]}

@@ -33,6 +33,8 @@ from helpers.train.hooks import CheckpointHook, ExportHook, Hook, LogHook, Sampl
 from helpers.train.loop import Trainer
 from helpers.train.stops import TrainingStopped
 
+pytestmark = pytest.mark.slow
+
 EVAL_STEPS = 20  # sampling steps for the measured images (DPM-Solver), as notebook 04 draws them in tiny
 
 

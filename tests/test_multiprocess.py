@@ -10,11 +10,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from helpers.train import checkpoint
 from helpers.train.hooks import read_log
+
+pytestmark = pytest.mark.slow
 
 DRIVER = Path(__file__).with_name("multiprocess_driver.py")
 

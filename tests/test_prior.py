@@ -1,4 +1,4 @@
-"""The priors (helpers.prior, helpers.prior_eval, helpers.prior_images) on the tiny world: both learn text → image
+"""The priors (helpers.methods.priors, helpers.prior) on the tiny world: both learn text → image
 embedding on the tiny CLIP's embedding pairs through the Trainer, the diffusion prior's samples differ across seeds
 while the MLP's do not, a shuffled caption gives a far worse match, a killed run resumes exactly, the export loads
 in stock diffusers, the T4 plan fits, bad input is refused up front, and text → prior → embedding → SD1.5 + adapter
@@ -24,6 +24,8 @@ from helpers.prior.priors import load_prior, train_prior
 from helpers.train import checkpoint
 from helpers.train.hooks import CheckpointHook, ExportHook, LogHook, read_log
 
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("series")]
+
 DRIVER = Path(__file__).with_name("prior_driver.py")
 PRIORS = ("prior_mlp_cifar10", "prior_diffusion_cifar10")
 
@@ -42,23 +44,28 @@ def embeddings(storage):
 
 
 @pytest.fixture(scope="module")
-def trained(storage, embeddings):
-    """Both tiny priors trained once by their presets: name → (Prior, Trainer)."""
+def trained(storage, embeddings, session_runs):
+    """Both tiny priors as their presets train them, once per test session (notebook 04's, when the series ran on
+    this worker first): name → (Prior, Trainer). The Trainer resumes the finished run: nothing trains again."""
     out = {}
     for name in PRIORS:
-        prior, trainer = train_prior(get_preset(name, "tiny"), embeddings, device="cpu")
+        preset = get_preset(name, "tiny")
+        folder = session_runs.trained(preset)
+        prior, trainer = train_prior(preset, embeddings, folder, device="cpu")
         prior.name = name
         out[name] = (prior, trainer)
     return out
 
 
-def test_prior_runs_live_apart_from_the_pipeline_runs(trained, storage):
+def test_prior_runs_live_apart_from_the_pipeline_runs(trained, session_runs):
     """A prior draws no image: its runs are under priors/, where RunSet does not look (the catalog finds them there
     as prompt → image-embedding sources, tests/test_catalog.py)."""
     from helpers.methods.runs import finished_runs
     from helpers.prior.priors import finished_priors
-    assert [p.name for p in finished_priors(storage)] == sorted(t.run_dir.name for _, t in trained.values())
-    assert not set(finished_runs(storage)) & set(finished_priors(storage))
+    root = session_runs.root
+    assert {t.run_dir.name for _, t in trained.values()} <= {p.name for p in finished_priors(root)}
+    assert all(t.run_dir.parent.name == "priors" for _, t in trained.values())
+    assert not set(finished_runs(root)) & set(finished_priors(root))
 
 
 @pytest.fixture(scope="module")
@@ -277,7 +284,7 @@ def test_networks_have_the_preset_shapes():
 
 def test_predictions_go_through_the_network_in_planned_batches_with_the_same_results():
     from helpers.methods.priors import noise_scheduler, set_clip_stats
-    from helpers.prior import metrics as prior_eval
+    from helpers.prior import priors as prior_eval
     preset = get_preset("prior_diffusion_cifar10", "tiny", prior_sample_steps=2)
     torch.manual_seed(0)
     net = make_network(preset, 32)
@@ -324,7 +331,7 @@ def test_t4_plan_of_both_priors_fits_with_a_gib_to_spare():
     assert double["verdict"] == "does not fit"  # why the preset trains 128 pairs per step
     # predicting is planned at its batch: one call over notebook 04's 1,000 held-out rows would need GiBs
     from helpers.plan.live import prior_predict_bytes
-    from helpers.prior import metrics as prior_eval
+    from helpers.prior import priors as prior_eval
     diffusion = get_preset("prior_diffusion_cifar10", "t4")
     planned = memory.estimate_vram(diffusion)["predict_gib"]
     assert planned == pytest.approx(memory_model.INFERENCE_SLACK * prior_predict_bytes(diffusion, 768) / 2**30)
@@ -337,27 +344,19 @@ EVAL_STEPS = 20  # sampling steps of the compared images (DPM-Solver), as notebo
 
 
 @pytest.fixture(scope="module")
-def compared(storage, embeddings, trained):
+def compared(storage, embeddings, trained, session_runs):
     """The tiny adapter preset trained to the end, then base SD1.5, the adapter with each held-out caption's true
     image embedding, and with each prior's prediction, on every distinct held-out caption × 2 seeds, CLIP-scored."""
-    from helpers.data import dataset as data
     from helpers.evaluation.clip_score import ClipScorer
     from helpers.evaluation.compare import evaluate_variants
     from helpers.generate import sampling
     from helpers.methods import runs
-    from helpers.methods.ip_adapter import EmbeddedDataset
-    from helpers.models import load_components
     from helpers.prior.images import comparison_variants, held_out_prompts
-    from helpers.train.loop import Trainer
     preset = get_preset("prior_sd15", "tiny")
-    c = load_components(preset)
-    ds = data.prepare_dataset(preset, c)
-    Trainer(preset, c, EmbeddedDataset(ds, embedding_set(preset, records=ds.records, device="cpu")),
-            storage / "runs" / "adapter", hooks=[CheckpointHook(), ExportHook()]).run()
-    del c
+    adapter = session_runs.trained(preset)  # notebook 04's adapter, trained once per session
     pipe = sampling.load_pipeline(preset, "cpu", progress=False)
     board = runs.RunSet(pipe)
-    name = board.add(storage / "runs" / "adapter")
+    name = board.add(adapter)
     base, _, true, *priors = comparison_variants(board, name, embeddings, [p for p, _ in trained.values()])
     prompts = held_out_prompts(embeddings)  # every distinct held-out caption, the classes in turn
     result = evaluate_variants(pipe, [base, true, *priors], [prompts], [0, 1], storage / "eval",

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from packaging.version import Version
 
+
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "check_colab_resolve.py"
 spec = importlib.util.spec_from_file_location("check_colab_resolve", SCRIPT)
 check = sys.modules.setdefault("check_colab_resolve", importlib.util.module_from_spec(spec))
@@ -72,6 +73,7 @@ def index():
         pytest.skip(f"the package index is unreachable ({where}): cannot resolve against Colab's stack")
 
 
+@pytest.mark.slow  # resolves against the package index
 def test_a_newer_torch_than_colabs_does_not_resolve(index, tmp_path):
     # past the static rule: pip itself, with Colab's torch standing in as installed, refuses to replace it
     (tmp_path / "r.txt").write_text("torch>=2.12\n")
@@ -79,6 +81,7 @@ def test_a_newer_torch_than_colabs_does_not_resolve(index, tmp_path):
         check.resolve(tmp_path / "r.txt", check.CONSTRAINTS, check.read_pins(check.CONSTRAINTS))
 
 
+@pytest.mark.slow  # resolves against the package index
 def test_requirements_resolve_on_colab_keeping_its_torch(index, colab):
     result = check.check()
     print("\n".join(result.lines))

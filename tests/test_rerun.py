@@ -21,11 +21,12 @@ NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "02_crossattn_sd1
 PROBE = """
 import weakref
 first_unet = weakref.ref(components.unet)
-_real_load_components = load_components
-def load_components(*args, **kwargs):  # the training cell calls this name: report what is still alive then
+_real_load_components = models.load_components
+def _watching_load(*args, **kwargs):  # the training cell calls models.load_components: report what is alive then
     print("first UNet alive when the second loads:", first_unet() is not None)
     return _real_load_components(*args, **kwargs)
-preset = presets.get_preset("sd15_xattn_cifar10", profile, max_steps=101)  # resume, one more step, done
+models.load_components = _watching_load
+preset = core.get_preset("sd15_xattn_cifar10", profile, max_steps=101)  # resume, one more step, done
 """
 
 
@@ -37,7 +38,7 @@ def text(cell) -> str:
 def test_the_stop_button_then_the_same_cell_again_frees_the_first_run(tmp_path, monkeypatch):
     monkeypatch.setenv("LAB_STORAGE", str(tmp_path / "storage"))
     nb = nbformat.read(NOTEBOOK, as_version=4)
-    train = next(i for i, c in enumerate(nb.cells) if "trainer = Trainer(preset" in c.source)
+    train = next(i for i, c in enumerate(nb.cells) if "trainer = train.Trainer(preset" in c.source)
     client = NotebookClient(nb, timeout=600, kernel_name="python3",
                             resources={"metadata": {"path": str(NOTEBOOK.parent)}})
     run = tmp_path / "storage" / "runs" / "sd15_xattn_cifar10-crossattn-tiny"

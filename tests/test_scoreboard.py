@@ -12,6 +12,8 @@ from helpers.studio.catalog import Catalog
 from helpers.studio.engine import Engine
 from helpers.studio.scoreboard import evaluate_runs, family_sets, t4_plan
 
+pytestmark = pytest.mark.slow  # notebook 05's evaluation of every run, end to end
+
 ALIVE_AT_PICKSCORE: list[str] = []  # what was still in memory when the PickScore phase began
 
 

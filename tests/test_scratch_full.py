@@ -21,6 +21,8 @@ from helpers.scratch.folders import config_from_diffusers
 from helpers.scratch.parity import max_abs_diff, randomize_
 from helpers.tiny.world import SD15_SCHEDULER
 
+pytestmark = pytest.mark.slow
+
 # unet/ and vae/ config.json of stable-diffusion-v1-5 come from helpers.core.configs (the one copy of the real configs)
 SD15_TEXT = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                  num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5,

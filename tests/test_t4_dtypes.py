@@ -191,6 +191,7 @@ def test_rerun_after_a_stop_in_the_same_kernel_resumes_like_an_uninterrupted_run
 
 # ---------------------------------------------------------------- item 3: sampling memory rules
 
+@pytest.mark.slow  # draws large samples
 def test_large_samples_are_drawn_one_at_a_time_with_vae_slicing_and_tiling(storage):
     preset = presets.get_preset("sdxl_lora_naruto_1024", "tiny")
     c = load_components(preset)

@@ -24,6 +24,8 @@ from helpers.generate import sampling
 from helpers.tiny import pictures as tiny_data
 from helpers.tiny import world as tiny
 
+pytestmark = pytest.mark.xdist_group("series")
+
 
 @pytest.fixture(scope="module")
 def scorer():
@@ -156,9 +158,11 @@ def test_base_samples_are_retrieved_by_clip_among_their_captions(name, scorer):
 
 # ---------------------------------------------------------------- fine-tuning adds what the base lacks
 
-def fine_tune_and_compare(preset, prompt_sets, storage, seeds=(0, 1)) -> list[dict]:
-    """Paired tuned − base CLIP rows, one per prompt set (helpers.evaluation.fine_tune_and_evaluate)."""
-    result = evaluation.fine_tune_and_evaluate(preset, prompt_sets, storage, seeds=seeds,
+def fine_tune_and_compare(preset, prompt_sets, session_runs, seeds=(0, 1)) -> list[dict]:
+    """Paired tuned − base CLIP rows, one per prompt set (helpers.evaluation.fine_tune_and_evaluate), on the session's
+    run of `preset` (trained once per session; notebook 02's or 03's when the series ran on this worker first)."""
+    session_runs.trained(preset)
+    result = evaluation.fine_tune_and_evaluate(preset, prompt_sets, session_runs.root, seeds=seeds,
                                                scorer=evaluate.ClipScorer.from_profile("tiny", device="cpu"))
     rows = [result.table.row("tuned", prompt_set=s.name, paired=True) for s in prompt_sets]
     for s, paired in zip(prompt_sets, rows):
@@ -167,18 +171,20 @@ def fine_tune_and_compare(preset, prompt_sets, storage, seeds=(0, 1)) -> list[di
     return rows
 
 
-def test_crossattn_fine_tune_raises_the_clip_score_on_held_out_templates(tmp_path, monkeypatch):
-    monkeypatch.setenv("LAB_STORAGE", str(tmp_path))
-    preset = presets.get_preset("sd15_xattn_cifar10", "tiny", sample_every=0)
-    [paired] = fine_tune_and_compare(preset, [prompts.cifar_prompts("held-out")], tmp_path)
+@pytest.mark.slow  # a learning check
+def test_crossattn_fine_tune_raises_the_clip_score_on_held_out_templates(session_runs, monkeypatch):
+    monkeypatch.setenv("LAB_STORAGE", str(session_runs.root))
+    preset = presets.get_preset("sd15_xattn_cifar10", "tiny")
+    [paired] = fine_tune_and_compare(preset, [prompts.cifar_prompts("held-out")], session_runs)
     assert paired["low"] > 0
 
 
-def test_sdxl_lora_makes_naruto_prompts_score_higher(tmp_path, monkeypatch):
+@pytest.mark.slow  # a learning check
+def test_sdxl_lora_makes_naruto_prompts_score_higher(session_runs, monkeypatch):
     """The tiny profile's Naruto-style prompts (held-out captions of the tiny Naruto-like set, in combinations the
     LoRA never saw) × 4 seeds, with notebook 03's tiny 256-px preset as shipped. The real set's wording uses words
     the tiny world never shows ("blond", "sword", "mask"); scripts/measure_tiny_finetune.py reports it too."""
-    monkeypatch.setenv("LAB_STORAGE", str(tmp_path))
-    preset = presets.get_preset("sdxl_lora_naruto_256", "tiny", sample_every=0)
-    [paired] = fine_tune_and_compare(preset, [prompts.naruto_prompts("tiny")], tmp_path, seeds=(0, 1, 2, 3))
+    monkeypatch.setenv("LAB_STORAGE", str(session_runs.root))
+    preset = presets.get_preset("sdxl_lora_naruto_256", "tiny")
+    [paired] = fine_tune_and_compare(preset, [prompts.naruto_prompts("tiny")], session_runs, seeds=(0, 1, 2, 3))
     assert paired["low"] > 0

@@ -56,6 +56,7 @@ def snapshot(module):
 
 # ---------------------------------------------------------------- learning and what trains
 
+@pytest.mark.slow  # a learning check: 80-120 steps
 @pytest.mark.parametrize("name, method, steps, overrides, max_ratio", [
     # cross-attention only, SD1.5-like, the 02 preset's tiny form: the pretrained tiny base already denoises the
     # CIFAR-like images well (fixed-noise loss ≈ 0.25), and 120 steps of attn2 take it down ≈ 6 %
@@ -114,6 +115,7 @@ def assert_optimizer_equal(a, b):
             assert torch.equal(value, b["state"][k][name]), (k, name)
 
 
+@pytest.mark.slow  # several processes, killed and resumed
 def test_sigkill_between_steps_and_mid_checkpoint_resumes_exactly(tmp_path):
     storage = tmp_path / "storage"
     reference, resumed = tmp_path / "uninterrupted", tmp_path / "killed"
@@ -402,6 +404,7 @@ def test_finished_runs_load_back_and_switch_in_one_stock_pipeline(storage, tmp_p
 
 # ---------------------------------------------------------------- samples during training
 
+@pytest.mark.slow  # draws full-size samples
 def test_samples_show_a_thumbnail_sheet_and_keep_the_full_grid_in_the_run(storage, tmp_path, monkeypatch):
     from PIL import Image
 
