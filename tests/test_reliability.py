@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -53,13 +54,36 @@ def test_resume_with_settings_that_change_learning_stops_with_a_diff(storage, tm
     train(small(), run)
     for change, line in [(dict(learning_rate=2e-3), "learning_rate: 0.001 → 0.002"),
                          (dict(batch_size=4), "batch_size: 2 → 4"),
-                         (dict(max_train_images=6), "data: '8 images"),  # other images: the data identity differs
+                         (dict(max_train_images=6), "data: '8 pictures and captions"),  # other images
                          (dict(lora_rank=8, lora_alpha=8), "lora_rank: 4 → 8")]:
         with pytest.raises(SettingsChanged) as stopped:
             train(small(max_steps=6, **change), run)
         message = str(stopped.value)
         assert line in message and "new run name" in message and "new_phase=True" in message, message
     assert [p.name for p in checkpoint.checkpoint_dirs(run)] == ["step-000002", "step-000004"]  # nothing written
+
+
+def test_edited_captions_stop_the_resume_and_a_moved_folder_does_not(storage, tmp_path):
+    """Captions are part of what is learned: the same pictures with edited captions are other data. The same
+    pictures and captions in another folder (another VM's Drive mount) are the same data."""
+    from helpers.data import sources
+    from helpers.tiny import world
+    originals = sorted((Path(world.resolve("tiny/naruto")) / "train").glob("*.png"))[:8]
+
+    def folder(where: Path, caption: str) -> Path:
+        where.mkdir(parents=True, exist_ok=True)
+        for i, picture in enumerate(originals):
+            shutil.copy(picture, where / picture.name)
+            (where / picture.with_suffix(".txt").name).write_text(f"{caption} {i}")
+        return where
+
+    run = tmp_path / "run"
+    train(sources.with_source(small(), "folder", str(folder(tmp_path / "a", "a cartoon"))), run)
+    moved = sources.with_source(small(max_steps=6), "folder", str(folder(tmp_path / "b", "a cartoon")))
+    assert train(moved, run).state.resumed_from == "step-000004"
+    edited = sources.with_source(small(max_steps=8), "folder", str(folder(tmp_path / "c", "a sketch")))
+    with pytest.raises(SettingsChanged, match="data: '8 pictures and captions, [0-9a-f]+' → '8 pictures"):
+        train(edited, run)
 
 
 def test_resume_with_more_steps_or_other_sampling_continues_with_a_note(storage, tmp_path, capsys):

@@ -78,6 +78,16 @@ def records_digest(records: list[Record]) -> str:
     return h.hexdigest()
 
 
+def training_data_digest(records: list[Record]) -> str:
+    """What a run learns from, exactly: every record's picture (content hash) and caption, in order; not where the
+    files are (the same pictures in another folder, or on another VM's Drive mount, train the same)."""
+    h = hashlib.sha256()
+    for r in records:
+        digest = r.content_hash or hashlib.sha256(r.image_bytes()).hexdigest()
+        h.update(f"{digest}\t{r.caption}\n".encode())
+    return h.hexdigest()
+
+
 # ---------------------------------------------------------------- reuse or build
 
 def _load(folder: Path, name: str, count: int) -> dict[str, torch.Tensor]:

@@ -23,7 +23,7 @@ from ..core.paths import require_lasting_storage
 from ..core.precision import Precision, forked_rng, precision_for
 from ..core.presets import Preset
 from ..core.runtime import seed_everything
-from ..data.caches import records_digest
+from ..data.caches import training_data_digest
 from ..methods.diffusion import SampleDraws
 from ..methods.method import Method
 from ..methods.registry import make_method
@@ -60,11 +60,12 @@ class TrainState:
 # ---------------------------------------------------------------- pieces
 
 def dataset_identity(dataset) -> str | None:
-    """Which images a dataset trains on (count + content digest), or None for datasets that cannot say."""
+    """What a dataset trains on (count + a digest of every picture and caption), or None for datasets that cannot
+    say. Pictures or captions edited since a checkpoint stop its resume with a diff (helpers.train.checkpoint)."""
     records = getattr(dataset, "records", None)
     if records is None:
         return None
-    return f"{len(records)} images, {records_digest(records)[:16]}"
+    return f"{len(records)} pictures and captions, {training_data_digest(records)[:16]}"
 
 
 # ---------------------------------------------------------------- the loop
@@ -101,6 +102,9 @@ class Trainer:
         saved = {**meta["preset"], "data": meta.get("data")}
         wanted = {**asdict(self.preset), "data": self.data_identity if meta.get("data") else None}
         notes, blocking = ckpt.setting_changes(saved, wanted)
+        if saved["data"] is not None and saved["data"] == wanted["data"]:  # the same pictures and captions, moved
+            notes += [b + " (the same pictures and captions)" for b in blocking if b.startswith("data_ref:")]
+            blocking = [b for b in blocking if not b.startswith("data_ref:")]
         for note in notes:
             print(f"note: resuming with a changed setting, {note}")
         if blocking and not self.new_phase:
