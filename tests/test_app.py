@@ -37,7 +37,7 @@ def served(tmp_path_factory):
     root = tmp_path_factory.mktemp("storage")
     train_tiny_run(root, "lora")
     app = LabApp(Engine(Catalog.scan("tiny", root), device="cpu"), queue_size=QUEUE)
-    app.launch(share=False)
+    app.launch(share=False, port=_free_port())  # the other test worker may hold 7860
     try:
         yield app, Client(app.url, verbose=False)
     finally:
@@ -53,6 +53,12 @@ def green(tmp_path_factory):
 
 def _array(image) -> np.ndarray:
     return np.asarray(Image.open(image) if isinstance(image, (str, Path)) else image).astype(np.int16)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _refused(host: str, port: int) -> bool:
@@ -239,7 +245,7 @@ def test_the_documented_client_snippet_and_curl_example_work(served, tmp_path, m
 
 def test_close_frees_the_port(served):
     app = LabApp(served[0].engine)
-    app.launch(share=False)
+    app.launch(share=False, port=_free_port())  # the other test worker may hold 7860
     port = app.blocks.server_port
     assert Client(app.url, verbose=False).predict(api_name="/status")["served"] == 0
     app.close()

@@ -6,6 +6,7 @@ Screenshots go to outputs/browser/. Skipped, with the reason, only where Chromiu
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -148,9 +149,16 @@ def drive(browser, url: str, storage: Path) -> None:
     captions = [c.text for c in browser.find_elements("css selector", ".lab-gallery .lab-caption")]
     assert [c.splitlines()[0] for c in captions] == ["SD1.5 base", "sd15 xattn cifar10 lora", "SDXL base"]
     assert all("CLIP" in c for c in captions), captions
+    # size 0: the run at its training size, the SD1.5 base beside it paired there, the SDXL base alone at its own
+    # size (the tiny SDXL UNet's sample size × the VAE's scale); each enlarged to at least 192 px for the screen
+    from helpers.studio.catalog import own_size
+    from helpers.core.presets import get_preset
+    sdxl = get_preset("sdxl_lora_naruto_256", "tiny")
+    drawn = [int(re.search(r"· (\d+) px ·", c).group(1)) for c in captions]
+    assert drawn == [64, 64, own_size(sdxl.model, sdxl.vae)], captions
     widths = [browser.execute_script("return arguments[0].naturalWidth", img)
               for img in browser.find_elements("css selector", ".lab-gallery .lab-image")]
-    assert widths == [192, 192, 256]  # 64 px SD1.5 and 128 px SDXL images, enlarged for the screen
+    assert widths == [size * -(-192 // size) for size in drawn]
     clickable(browser, "button.lab-save").click()
     wait_until(browser, lambda d: "saved" in d.find_element("css selector", ".lab-message").text, 30, "no save")
     saved = list((storage / "runs" / LORA / "explorer").glob("*.json"))
