@@ -2,6 +2,7 @@
 
     python scripts/run_series.py                 # every notebook
     python scripts/run_series.py 00 02           # only those whose names start with these numbers
+    python scripts/run_series.py --readme        # README's table of the tiny series' times, from timings.json
 
 Each executed notebook (with its outputs) is written to outputs/notebooks/, and the seconds each took to
 outputs/notebooks/timings.json (README's table of the tiny series comes from this file). While a notebook runs, a
@@ -21,6 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 HEARTBEAT_S = 30
+README_START, README_END = "<!-- tiny-series-times -->", "<!-- /tiny-series-times -->"
 
 
 def first_line(source: str) -> str:
@@ -59,6 +61,34 @@ def run_notebook(path: Path, out: Path) -> float:
     return time.perf_counter() - start
 
 
+def times_table(timings: dict) -> str:
+    """README's table: every notebook's seconds from one measurement (timings.json), and the total."""
+    cpus = {t["cpus"] for t in timings.values()}
+    dates = sorted({t["date"] for t in timings.values()})
+    lines = ["| notebook | time |", "|---|---|"]
+    lines += [f"| `{name}` | {t['seconds'] // 60} min {t['seconds'] % 60:02d} s |" for name, t in sorted(timings.items())]
+    total = sum(t["seconds"] for t in timings.values())
+    lines.append(f"| **the series** | **{total // 60} min {total % 60:02d} s** |")
+    return "\n".join(lines) + (f"\n\nMeasured by `scripts/run_series.py` (profile tiny, {'/'.join(map(str, cpus))} CPU "
+                               f"cores, {' to '.join(dates[::max(1, len(dates) - 1)])}) on an empty storage folder: the "
+                               "first run of each notebook, which draws the data, builds the caches and trains every "
+                               "run. Running a notebook again reuses all of that.")
+
+
+def update_readme(timings_file: Path) -> int:
+    timings = json.loads(timings_file.read_text())
+    notebooks = sorted(p.stem for p in (ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+    if sorted(timings) != notebooks:
+        print(f"{timings_file} lacks {sorted(set(notebooks) - set(timings))}: run the whole series first")
+        return 1
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    start, end = text.index(README_START) + len(README_START), text.index(README_END)
+    readme.write_text(text[:start] + "\n" + times_table(timings) + "\n" + text[end:])
+    print(f"README.md: the tiny series' times from {timings_file}")
+    return 0
+
+
 def main(selected: list[str]) -> int:
     from nbclient.exceptions import CellExecutionError
 
@@ -75,6 +105,8 @@ def main(selected: list[str]) -> int:
     out_dir = ROOT / "outputs" / "notebooks"
     out_dir.mkdir(parents=True, exist_ok=True)
     timings_file = out_dir / "timings.json"
+    if selected == ["--readme"]:
+        return update_readme(timings_file)
     timings = json.loads(timings_file.read_text()) if timings_file.is_file() else {}
     print(f"profile {profile}: running {len(notebooks)} notebooks → {out_dir}", flush=True)
     for path in notebooks:

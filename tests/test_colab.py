@@ -30,6 +30,8 @@ import vms  # noqa: E402
 
 from helpers.core import presets  # noqa: E402
 
+import reader  # noqa: E402
+
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("series")]
 CHECKED = Path(__file__).with_name("data") / "checked_outputs.json"
 RUNS_02_TO_04 = ("sd15_xattn_cifar10-crossattn-tiny", "sdxl_lora_naruto_256-lora-tiny",
@@ -80,6 +82,9 @@ def test_the_series_on_fresh_colab_vms_sharing_only_drive(colab, session_runs):
         result = colab.run(notebook, **kw)
         check_vm(result)
         check_marked_outputs(result, expected)
+        if not result.killed:  # what a reader sees (tests/reader.py): no expected notices, few bars, real tables
+            seen = reader.problems(result.nb, result.notebook)
+            assert not seen, "\n".join(seen)
         done[result.name] = result
         return result
 

@@ -27,7 +27,7 @@ def test_cifar_sets_are_templates_times_classes():
 def test_written_sets_are_valid_and_distinct():
     sets = [prompts.get_prompt_set(name) for name in prompts.STANDARD]
     assert [s.name for s in sets] == list(prompts.STANDARD)
-    assert len(prompts.naruto_prompts()) == 8 and len(prompts.held_out_subjects()) == 6
+    assert len(prompts.naruto_prompts()) == 8 and len(prompts.held_out_subjects()) == 8 and len(prompts.generic_prompts()) == 8
     subjects = " ".join(prompts.HELD_OUT_SUBJECTS + prompts.GENERIC)
     assert [c for c in sources.CIFAR10_CLASSES if c in subjects] == ["horse"]  # only ridden by an astronaut
     styled = prompts.held_out_subjects("anime style")

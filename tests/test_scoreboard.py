@@ -49,9 +49,11 @@ def test_the_summary_covers_every_run_with_both_scores_and_lists_the_missing(boa
     s = board.summary
     runs = ["sd15_xattn_cifar10-crossattn-tiny", "sd15_xattn_cifar10-lora-tiny"]
     assert list(dict.fromkeys(s["variant"])) == ["SD1.5 base"] + runs
-    assert len(set(s["score_model"])) == 2 and len(s) == 6
+    assert len(set(s["score_model"])) == 2 and len(s) == 3 * 3 * 2  # variants × prompt sets × score models
+    assert list(dict.fromkeys(s["prompt_set"])) == ["cifar train", "cifar held-out", "generic"]  # each set apart
     assert (s[s["variant"].isin(runs)]["reference"] == "SD1.5 base").all()
-    assert s["n"].eq(3 * 2 * 2).all()  # 3 prompt sets × 2 prompts × 2 seeds
+    assert s["n"].eq(2 * 2).all()  # 2 prompts × 2 seeds per set
+    assert "demonstration, not a measurement: 4 pairs" in board.caption()  # fewer than MIN_PAIRS
     assert {m.name for m in board.missing} == {"sdxl_lora_naruto_256-lora-tiny", "sdxl_lora_naruto_1024-lora-tiny",
                                                "prior_sd15-ip_adapter-tiny"}
     text = str(board)
@@ -66,9 +68,11 @@ def test_paired_differences_match_a_hand_computation_from_scores_csv(board):
     for model in set(scores["clip_model"]):
         part = scores[scores["clip_model"] == model]
         key = ["prompt_set", "prompt", "seed"]
+        part = part[part["prompt_set"] == "cifar held-out"]
         pairs = part[part["variant"] == run].merge(part[part["variant"] == "SD1.5 base"], on=key)
         diff = pairs["score_x"] - pairs["score_y"]
-        row = board.summary[(board.summary["variant"] == run) & (board.summary["score_model"] == model)].iloc[0]
+        s = board.summary
+        row = s[(s["variant"] == run) & (s["score_model"] == model) & (s["prompt_set"] == "cifar held-out")].iloc[0]
         assert row["diff"] == pytest.approx(diff.mean()) and row["wins"] == (diff > 0).sum()
         assert row["p"] == pytest.approx(stats.sign_test(int((diff > 0).sum()), int((diff < 0).sum())))
         assert row["diff_low"] <= row["diff"] <= row["diff_high"]

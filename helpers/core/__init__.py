@@ -3,6 +3,7 @@
 there) and the full-size configs, the fp16 rule (precision), folders written whole or not at all (files) and the
 one-trainer-per-run lock (lock). Imports nothing else of helpers but helpers.bootstrap.
 """
+from . import notices
 from .files import FolderError, NoSpaceError, discard, verify, write_folder
 from .lock import RunLock, RunLocked
 from .paths import (
@@ -23,3 +24,5 @@ from .paths import (
 from .precision import T4_DTYPES_ENV, Precision, precision_for
 from .presets import CIFAR10_CLASSES, PRESETS, Preset, get_preset, require_runtime, runtime_verdict
 from .runtime import PROFILES, Environment, ProfileError, choose_profile, detect, device, seed_everything, versions
+
+notices.install()  # the libraries' notices that are expected everywhere here (helpers.core.notices)

@@ -5,7 +5,7 @@ cache (embeddings).
 """
 from .caches import cache_latents, cache_text
 from .captions import caption_length_figure, caption_token_lengths
-from .dataset import TrainDataset, TrainTransform, cache_summary, prepare_dataset
+from .dataset import TrainDataset, TrainTransform, cache_summary, describe_item, prepare_dataset
 from .embeddings import (
     ClipEncoder,
     EmbeddingSet,

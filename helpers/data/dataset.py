@@ -187,3 +187,18 @@ def cache_summary(dataset: TrainDataset) -> str:
         size = sum(p.stat().st_size for p in folder.iterdir())
         lines.append(f"{name:<8} {dataset.cache_status[name]:<8} {size / 2**20:8.2f} MiB  {folder}")
     return "\n".join(lines)
+
+
+def describe_item(item: dict) -> str:
+    """One training sample as a reader wants it: the shape of each tensor, the values of short ones (SDXL's original
+    size and crop corner are two numbers each, not a shape of 2), and plain values as they are."""
+    lines = []
+    for key, value in item.items():
+        if hasattr(value, "shape") and value.numel() <= 4:
+            shown = tuple(round(v, 3) if isinstance(v, float) else v for v in value.flatten().tolist())
+        elif hasattr(value, "shape"):
+            shown = f"{tuple(value.shape)} {str(value.dtype).replace('torch.', '')}"
+        else:
+            shown = repr(value)
+        lines.append(f"{key:<16} {shown}")
+    return "\n".join(lines)

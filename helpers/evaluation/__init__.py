@@ -3,7 +3,7 @@ bootstrap CI, paired difference with a sign test, Wilson), the prompt sets (prom
 the same prompts and seeds turned into tables and sheets (compare).
 """
 from .clip_score import ClipScorer
-from .compare import ScoreTable, evaluate_variants, fine_tune_and_evaluate, record_run_summary
+from .compare import MIN_PAIRS, ScoreTable, evaluate_variants, fine_tune_and_evaluate, record_run_summary
 from .pickscore import PickScorer
 from .prompts import (
     PromptSet,

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from html import escape
 from pathlib import Path
 
+from PIL import Image
+
 from ..core import paths
 from ..data import dataset as data
 from ..generate import sampling
@@ -36,6 +38,9 @@ IMAGE_COLUMNS = ("image_path", "prompt_set", "split", "prompt", "seed", "variant
 RESULT_COLUMNS = IMAGE_COLUMNS + ("clip_model", "score")
 POOLED = "all"  # the prompt_set of rows pooled over every prompt set
 PAIRS = ("baseline", "all")  # paired rows for every variant vs the baseline, or for every two variants
+MIN_PAIRS = 16  # pairs per prompt set below which a paired CI is a demonstration, not a measurement: with 16 pairs a
+#                 sign test can call 12 of 16 wins (p ≈ 0.08) apart from chance; with 2 it cannot call anything. A
+#                 table with fewer says so in its caption.
 
 
 # ---------------------------------------------------------------- per-image results
@@ -115,12 +120,28 @@ class ScoreTable:
         import pandas as pd
         return pd.DataFrame(self.rows)
 
+    @property
+    def fewest_pairs(self) -> int | None:
+        """The smallest n of the paired rows per prompt set (the pooled rows aside); None without paired rows."""
+        counts = [r["n"] for r in self.rows if r["paired"] and r["prompt_set"] != POOLED]
+        return min(counts) if counts else None
+
     def caption(self) -> str:
         models = ", ".join(dict.fromkeys(r["clip_model"] for r in self.rows))
         withheld = (" withheld: images SD1.5's safety checker blacked out (left out; a pair with one is left out)."
                     if self.withheld else "")
-        return (f"CLIP score ({models}): mean with a bootstrap {self.level:.0%} CI; paired rows: variant − reference "
-                f"on the same prompt and seed, wins of n, p from a two-sided sign test.{withheld}")
+        few = self.fewest_pairs
+        demo = (f" A demonstration, not a measurement: {few} pairs in a prompt set (fewer than {MIN_PAIRS}) give "
+                "CIs too wide to read." if few is not None and few < MIN_PAIRS else "")
+        return (f"CLIP score ({models}): mean with a bootstrap {self.level:.0%} CI per prompt set; paired rows: "
+                f"variant − reference on the same prompt and seed, wins of n, p from a two-sided sign test."
+                f"{withheld}{demo}")
+
+    def shown_rows(self) -> list[dict]:
+        """The rows a reader sees: each prompt set apart (pooling in-domain, held-out and generic prompts would mix
+        what a fine-tune should change with what it should leave alone); `frame` and `row` keep the pooled rows."""
+        sets = {r["prompt_set"] for r in self.rows}
+        return [r for r in self.rows if r["prompt_set"] != POOLED or sets == {POOLED}]
 
     @property
     def withheld(self) -> int:
@@ -131,7 +152,7 @@ class ScoreTable:
         several_models = len({r["clip_model"] for r in self.rows}) > 1
         cells = [["prompt set", "variant", "n", "mean", f"{self.level:.0%} CI", "wins", "p"]
                  + (["withheld"] if self.withheld else []) + (["clip_model"] if several_models else [])]
-        for r in self.rows:
+        for r in self.shown_rows():
             sign = "+" if r["paired"] else ""
             name = f"{r['variant']} − {r['reference']}" if r["paired"] else r["variant"]
             cells.append([r["prompt_set"], name, str(r["n"]), f"{r['mean']:{sign}.2f}",
@@ -211,6 +232,31 @@ class EvaluationResult:
     @property
     def sheets(self) -> list[Path]:
         return [path for paths in self.grids.values() for path in paths]
+
+    def overview(self, rows: int = 5, seed: int | None = None) -> Path:
+        """One page: the first `rows` prompts of EVERY prompt set (training beside held-out beside generic) at one
+        seed (default: the first), each set a sheet of its variants, side by side in `grids/overview.png`. The full
+        sheets (every prompt and seed) stay in `sheets`."""
+        seed = int(self.images["seed"].min()) if seed is None else seed
+        variants = list(dict.fromkeys(self.images["variant"]))
+        parts = []
+        for set_name in dict.fromkeys(self.images["prompt_set"]):
+            part = self.images[(self.images["prompt_set"] == set_name) & (self.images["seed"] == seed)]
+            by_prompt = part.pivot(index="prompt", columns="variant", values="image_path")
+            prompts = list(dict.fromkeys(part["prompt"]))[:rows]
+            parts += comparison_sheets([list(by_prompt.loc[p, variants]) for p in prompts], prompts, variants,
+                                       self.out_dir / "grids" / f"overview_{folder_name(set_name)}",
+                                       title=f"{set_name} · seed {seed}")[:1]
+        sheets = [Image.open(path) for path in parts]
+        page = Image.new("RGB", (sum(s.width for s in sheets) + 16 * (len(sheets) - 1), max(s.height for s in sheets)),
+                         "white")
+        x = 0
+        for sheet in sheets:
+            page.paste(sheet, (x, 0))
+            x += sheet.width + 16
+        path = self.out_dir / "grids" / "overview.png"
+        page.save(path)
+        return path
 
     def _repr_html_(self) -> str:
         table = self.table._repr_html_() if self.table is not None else "<p>not scored (no scorer)</p>"

@@ -35,6 +35,8 @@ HELD_OUT_SUBJECTS = (
     "a red umbrella in the rain",
     "a castle on a hill at sunset",
     "a teapot on a stove",
+    "a sailboat on a calm sea",
+    "a snowy cabin in the woods",
 )
 # Everyday prompts of the kind the base model was trained for: a forgetting check, not a test of the new skill.
 GENERIC = (
@@ -43,6 +45,9 @@ GENERIC = (
     "a mountain lake at sunrise",
     "a plate of pasta with tomato sauce",
     "a child's drawing of a house and a tree",
+    "a cup of coffee on a desk",
+    "a kite flying over a field",
+    "a bicycle leaning against a brick wall",
 )
 
 

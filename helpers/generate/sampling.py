@@ -49,14 +49,15 @@ VAE_TILE_PX = 512  # tiled decode in 512 px tiles (the SD/fp16-fix VAE configs' 
 #                    which would leave a 1024 px image untiled): helpers.plan.memory models this tile
 
 
-def load_pipeline(preset: Preset, device: torch.device | str | None = None, progress: bool = True,
+def load_pipeline(preset: Preset, device: torch.device | str | None = None, progress: bool = False,
                   safety_checker: bool = False):
     """The stock pipeline of `preset.family` for `preset.model` with `preset.vae` swapped in when set, built the way
     training loads (helpers.models.load_components: one module at a time, each on `device` as soon as it is
     loaded, so host RAM holds one component, never the whole pipeline: SDXL is 6.5 GiB in fp16 on a 12.7 GB
     machine), with the model's own inference scheduler; dtypes by helpers.core.precision (fp16 on a T4, the VAE upcast
     where its config says so). `safety_checker`: also SD1.5's safety checker, for paths whose pictures other people
-    see (helpers.studio.engine); evaluation paths leave it out, as diffusers' training scripts' validation does."""
+    see (helpers.studio.engine); evaluation paths leave it out, as diffusers' training scripts' validation does.
+    `progress`: the pipeline's own bar per call (off: `generate` shows one bar over the images instead)."""
     device = torch.device(device or default_device())
     components = load_components(preset, device)
     model = resolve(preset.model)
@@ -132,7 +133,7 @@ def generate(pipe, prompts: list[str], seeds: list[int], steps: int, guidance: f
              height: int | None = None, width: int | None = None, out_dir: str | Path | None = None,
              prefix: str = "", batch_size: int = MAX_IMAGES_PER_CALL, negative_prompt: str | None = None,
              step_callback: Callable | None = None, image: Image.Image | None = None, strength: float = 0.8,
-             image_embeds: torch.Tensor | None = None) -> list[Image.Image]:
+             image_embeds: torch.Tensor | None = None, progress=True) -> list[Image.Image]:
     """One image per aligned (prompt, seed) pair. With `out_dir`, saves `{prefix}{i:03d}_seed{seed}.png` and
     `{prefix}manifest.csv` (file, prompt, seed, withheld) there. A picture SD1.5's safety checker blacked out comes
     back marked (`withheld(image)`): a mark, never a picture to score.
@@ -150,7 +151,10 @@ def generate(pipe, prompts: list[str], seeds: list[int], steps: int, guidance: f
     image-conditioned run, notebook 04), and only there: the one per-image input beyond the prompt (module
     docstring). Passed as `ip_adapter_image_embeds`, with a zero embedding as the unconditional half of
     classifier-free guidance (as the adapter was trained: a dropped image is a zero embedding). Images that share
-    an embedding share calls (`pipeline_calls`); an image is the same whatever it shares a call with."""
+    an embedding share calls (`pipeline_calls`); an image is the same whatever it shares a call with.
+
+    `progress`: True = one bar over the images when there is more than one call; False = none; a tqdm bar = advance
+    that one (one bar for a whole comparison, `generate_variants`)."""
     prompts, seeds = list(prompts), [int(s) for s in seeds]
     if not prompts or len(prompts) != len(seeds):
         raise ValueError(f"need one seed per prompt (got {len(prompts)} prompts, {len(seeds)} seeds); "
@@ -165,8 +169,11 @@ def generate(pipe, prompts: list[str], seeds: list[int], steps: int, guidance: f
     init = image.convert("RGB").resize((width, height), Image.Resampling.LANCZOS) if image is not None else None
     images: list[Image.Image | None] = [None] * len(prompts)
     calls = pipeline_calls(len(prompts), batch_size, image_embeds)
+    own = progress is True and len(calls) > 1
+    bar = (tqdm(total=len(prompts), desc="drawing", unit="image") if own
+           else None if isinstance(progress, bool) or progress is None else progress)
     with autocast_for(pipe.unet):
-        for chunk in tqdm(calls, desc="generating", disable=len(calls) < 2):
+        for chunk in calls:
             generators = [torch.Generator(device="cpu").manual_seed(seeds[i]) for i in chunk]
             chunk_prompts = [prompts[i] for i in chunk]
             extra = {}
@@ -190,8 +197,12 @@ def generate(pipe, prompts: list[str], seeds: list[int], steps: int, guidance: f
                 if black:  # a black square, not a picture: marked so nothing scores or shows it as one
                     drawn.info[WITHHELD] = True
                 images[i] = drawn
+            if bar is not None:
+                bar.update(len(chunk))
             if getattr(pipe, "_interrupt", False):  # stopped by step_callback: draw no further calls
                 break
+    if own:
+        bar.close()
     images = [drawn for drawn in images if drawn is not None]  # the calls drawn (all of them unless stopped)
     if out_dir is not None:
         out_dir = Path(out_dir)
@@ -262,12 +273,16 @@ def generate_variants(pipe, variants: Sequence[Variant], prompts: list[str], see
     """Each variant in turn: `variant.apply(pipe)`, then `generate` every aligned (prompt, seed) pair into
     `out_dir/<variant folder>/` with its manifest.csv. One pipeline for all, so a pair starts from the same noise in
     every variant. A variant with `image_embeds` gets one embedding per image from it. Returns {variant name: its
-    manifest path}; the pipeline is left in the last variant's state."""
+    manifest path}; the pipeline is left in the last variant's state. One progress bar for all of it."""
     manifests = {}
-    for variant in check_variants(variants):
+    variants = check_variants(variants)
+    bar = tqdm(total=len(variants) * len(prompts), desc=f"drawing {len(variants)} variants", unit="image")
+    for variant in variants:
         variant.apply(pipe)
         folder = Path(out_dir) / folder_name(variant.name)
         embeds = variant.image_embeds(list(prompts), list(seeds)) if variant.image_embeds is not None else None
-        generate(pipe, prompts, seeds, steps, guidance, height, width, out_dir=folder, image_embeds=embeds)
+        generate(pipe, prompts, seeds, steps, guidance, height, width, out_dir=folder, image_embeds=embeds,
+                 progress=bar)
         manifests[variant.name] = folder / "manifest.csv"
+    bar.close()
     return manifests

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..core.notices import LORA_WITHOUT_TEXT_ENCODER, expected
 from ..core.precision import autocast_for
 from ..data.embeddings import embed_dim, nearest_true_embeds
 from ..models import Components, encode_prompts, from_pretrained
@@ -203,7 +204,8 @@ def round_trip_delta(unet, final_dir: Path, model_ref: str, embeds: torch.Tensor
     stock = from_pretrained(StableDiffusionPipeline, resolve(model_ref), None, param.dtype, safety_checker=None,
                             requires_safety_checker=False)  # the files training loaded (fp16 variant on a T4)
     stock.load_ip_adapter(str(final_dir), subfolder="", weight_name=IP_ADAPTER_FILE, image_encoder_folder=None)
-    stock.load_lora_weights(str(final_dir), weight_name=LORA_FILE)
+    with expected(LORA_WITHOUT_TEXT_ENCODER):  # the adapter's LoRA is on the UNet alone
+        stock.load_lora_weights(str(final_dir), weight_name=LORA_FILE)
     fresh = stock.unet.to(param.device).eval()
     g, n = torch.Generator().manual_seed(0), min(3, len(embeds))
     size = unet.config.sample_size

@@ -15,7 +15,9 @@ from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
+from ..core.notices import LORA_WITHOUT_TEXT_ENCODER, SECOND_ADAPTER, expected
 from ..core.presets import Preset
 from ..generate.sampling import ImageEmbeds, Variant
 from ..models import family_of
@@ -98,7 +100,13 @@ class LoadedLora:
     """A LoRA run as a named peft adapter of the pipeline (stock `load_lora_weights`)."""
 
     def __init__(self, pipe, final_dir: Path, name: str):
-        pipe.load_lora_weights(Path(final_dir), weight_name=LORA_FILE, adapter_name=name)
+        path = Path(final_dir) / LORA_FILE
+        with safe_open(str(path), "pt") as f:
+            unet_only = not any(key.startswith("text_encoder") for key in f.keys())
+        # expected and said by diffusers/peft on every such load: no text-encoder keys in a UNet-only run; a second
+        # named adapter in one UNet (how RunSet keeps several runs). Any other notice still shows.
+        with expected(SECOND_ADAPTER, *(LORA_WITHOUT_TEXT_ENCODER if unet_only else ())):
+            pipe.load_lora_weights(Path(final_dir), weight_name=LORA_FILE, adapter_name=name)
         self.name = name
 
     def apply(self, pipe, scale: float) -> None:
@@ -119,14 +127,9 @@ class LoadedIPAdapter(LoadedLora):
 
     def apply(self, pipe, scale: float) -> None:
         """LoRA at `scale` and this run's adapter installed, at `scale` too."""
-        from diffusers.utils import logging as diffusers_logging
         super().apply(pipe, scale)
-        level = diffusers_logging.get_verbosity()
-        diffusers_logging.set_verbosity_error()  # "image_encoder is not loaded": by design, embeddings come given
-        try:
-            pipe.load_ip_adapter(self.state, subfolder="", weight_name="", image_encoder_folder=None)
-        finally:
-            diffusers_logging.set_verbosity(level)
+        # no image encoder, by design: embeddings come given (its notice is silenced in helpers.core.notices)
+        pipe.load_ip_adapter(self.state, subfolder="", weight_name="", image_encoder_folder=None)
         pipe.set_ip_adapter_scale(scale)
 
     def switch_off(self, pipe) -> None:

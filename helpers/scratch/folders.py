@@ -160,3 +160,15 @@ def load_for_profile(profile: str, repo_id: str = SD15_REPO) -> tuple[StableDiff
         return load_diffusers_folder(folder, "cuda", torch.float16, variant="fp16"), folder
     folder = TINY_ASSETS / "tiny_world" / "sd15"  # the committed tiny model (helpers.tiny; not imported: diffusers)
     return load_diffusers_folder(folder), folder
+
+
+# What each profile's model can draw: the real SD1.5 knows any English; the tiny one only the words of its generated
+# world (CIFAR-10 classes, coloured shapes, scenes), and a prompt outside its tokenizer's vocabulary draws a blank.
+PROMPTS = {"t4": ("a watercolor painting of a lighthouse on a cliff at sunset",
+                  "a watercolor portrait of a ninja with orange hair"),
+           "tiny": ("a photo of a ship", "a photo of a frog")}
+
+
+def default_prompts(profile: str) -> tuple[str, str]:
+    """(txt2img prompt, img2img prompt) that `profile`'s model knows."""
+    return PROMPTS["t4" if profile == "t4" else "tiny"]

@@ -52,7 +52,7 @@ GPU_JOBS = "gpu"  # the concurrency id shared by every endpoint that draws
 QUEUE_SIZE = 8  # waiting requests: at a few SDXL images each, several minutes of waiting (time_plan_text)
 TIME_LIMIT = {"t4": 300.0, "tiny": 60.0}  # seconds per request, loading included: room for the largest request
 #                                           (4 SDXL 1024 px images) at the estimate, not at its slow end
-STEPS = {"t4": 25, "tiny": 4}  # default denoising steps
+STEPS = {"t4": 25, "tiny": 20}  # default denoising steps (tiny: 20, as every tiny preset samples; 4 draws smudges)
 MAX_UPLOAD = "20mb"
 HOST = "127.0.0.1"  # never 0.0.0.0: off Colab the app is for this machine; on Colab the share link is the way in
 PLAN_SIZES = {"sd15": 512, "sdxl": 1024}  # the T4 sizes the memory plan is stated for

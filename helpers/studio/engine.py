@@ -246,7 +246,8 @@ class Engine:
                 state["model"] = entry.name
                 images = generate(pipe, prompts, seeds, request.steps, request.guidance, size, size,
                                   negative_prompt=request.negative_prompt, step_callback=on_step,
-                                  image=request.init_image, strength=request.strength, image_embeds=image_embeds)
+                                  image=request.init_image, strength=request.strength, image_embeds=image_embeds,
+                                  progress=False)  # the explorer's and the app's own progress show it
                 if state["stopped"] == "time":
                     raise TimeLimit(f"This request took longer than the {time_limit:g} s limit and was stopped "
                                     f"while drawing with {entry.name} (after {state['done']} of {state['total']} "

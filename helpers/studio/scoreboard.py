@@ -24,6 +24,7 @@ from ..core.presets import get_preset
 from ..evaluation import prompts as prompt_sets
 from ..evaluation.compare import (
     IMAGE_COLUMNS,
+    MIN_PAIRS,
     POOLED,
     ScoreTable,
     evaluate_variants,
@@ -56,7 +57,7 @@ def family_sets(runs: list[Entry], prompts_per_set: int) -> list[prompt_sets.Pro
     return [prompt_sets.spread(s, prompts_per_set) for s in chosen.values()]
 
 
-TINY_COUNTS = (3, 2)  # prompts per set × seeds in the tiny profile (notebook 05's CI budget)
+TINY_COUNTS = (8, 2)  # prompts per set × seeds in the tiny profile: 16 pairs per set (MIN_PAIRS)
 
 
 def t4_plan(catalog, budget_seconds: float = 1800, pickscore: bool = True, safety_checker: bool = True):
@@ -88,6 +89,7 @@ class Scoreboard:
     chart: Path | None
     missing: list = field(default_factory=list)  # helpers.studio.catalog.MissingRun
     sizes: dict = field(default_factory=dict)  # family → the size it was drawn at, and why
+    labels: dict = field(default_factory=dict)  # variant name → the short label tables and the chart show
 
     @property
     def withheld(self) -> int:
@@ -95,16 +97,25 @@ class Scoreboard:
         return int(self.scores["withheld"].sum()) // max(1, self.scores["clip_model"].nunique())
 
     def _cells(self) -> list[list[str]]:
-        head = ["family", "variant", "score", "n", "mean [95% CI]", "Δ vs base [95% CI]", "wins", "p"]
+        head = ["family", "prompt set", "variant", "score", "n", "mean [95% CI]", "Δ vs base [95% CI]", "wins", "p"]
         rows = [head + (["withheld"] if self.withheld else [])]
         for r in self.summary.to_dict("records"):
             delta = "" if r["reference"] is None or r["reference"] != r["reference"] else (
                 f"{r['diff']:+.2f} [{r['diff_low']:+.2f}, {r['diff_high']:+.2f}]")
             wins = "" if not delta else f"{int(r['wins'])}/{int(r['n'])}"
-            rows.append([r["family"], r["variant"], r["score_model"], str(int(r["n"])),
+            rows.append([r["family"], r["prompt_set"], self.labels.get(r["variant"], r["variant"]),
+                         short_score_name(r["score_model"]), str(int(r["n"])),
                          f"{r['mean']:.2f} [{r['low']:.2f}, {r['high']:.2f}]", delta, wins,
                          "" if not delta else f"{r['p']:.2g}"] + ([str(int(r["withheld"]))] if self.withheld else []))
         return rows
+
+    def caption(self) -> str:
+        models = " and ".join(f"{short_score_name(m)} = {m}" for m in dict.fromkeys(self.summary["score_model"]))
+        few = int(self.summary["n"].min()) if len(self.summary) else 0
+        demo = (f" A demonstration, not a measurement: {few} pairs per prompt set (fewer than {MIN_PAIRS}) give CIs "
+                "too wide to read." if few < MIN_PAIRS else "")
+        return (f"Every run vs its own base on each prompt set (paired on prompt and seed; n pairs; wins of n; p: "
+                f"two-sided sign test). {models}.{demo}")
 
     def notes(self) -> list[str]:
         """Drawing sizes per family, the images the safety checker withheld, the runs still missing."""
@@ -118,7 +129,7 @@ class Scoreboard:
         cells = self._cells()
         widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
         lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
-        return "\n".join(lines + self.notes())
+        return "\n".join([self.caption()] + lines + self.notes())
 
     __repr__ = __str__
 
@@ -127,50 +138,54 @@ class Scoreboard:
         th = "".join(f"<th>{escape(c)}</th>" for c in head)
         trs = "".join("<tr>" + "".join(f"<td>{escape(c)}</td>" for c in row) + "</tr>" for row in body)
         notes = "".join(f"<li>{escape(n)}</li>" for n in self.notes())
-        return (f"<table><caption>every run vs its own base, pooled over the family's prompt sets (paired on prompt"
-                f" and seed; p: two-sided sign test)</caption><thead><tr>{th}</tr></thead><tbody>{trs}</tbody></table>"
-                + (f"<ul>{notes}</ul>" if notes else ""))
+        return (f"<table><caption>{escape(self.caption())}</caption><thead><tr>{th}</tr></thead><tbody>{trs}"
+                f"</tbody></table>" + (f"<ul>{notes}</ul>" if notes else ""))
 
 
 def summary_rows(family: str, table: ScoreTable) -> list[dict]:
-    """One row per variant and score model, pooled over the prompt sets: mean with CI and, for runs, the paired
-    difference to the family's base (CI, wins, sign-test p)."""
+    """One row per prompt set, variant and score model (each set apart: in-domain, held-out and generic prompts
+    answer different questions): mean with CI and, for runs, the paired difference to the family's base (CI, wins,
+    sign-test p)."""
     rows = []
-    sets = {r["prompt_set"] for r in table.rows}
-    scope = POOLED if POOLED in sets else next(iter(sets))
-    for r in table.rows:
-        if r["prompt_set"] != scope or r["paired"]:
+    for r in table.shown_rows():
+        if r["paired"]:
             continue
-        row = dict(family=family, variant=r["variant"], score_model=r["clip_model"], n=r["n"], mean=r["mean"],
-                   low=r["low"], high=r["high"], reference=None, diff=None, diff_low=None, diff_high=None,
-                   wins=None, p=None, withheld=r.get("withheld", 0))
-        paired = [p for p in table.rows if p["paired"] and p["prompt_set"] == scope and p["variant"] == r["variant"]
-                  and p["clip_model"] == r["clip_model"]]
+        row = dict(family=family, prompt_set=r["prompt_set"], variant=r["variant"], score_model=r["clip_model"],
+                   n=r["n"], mean=r["mean"], low=r["low"], high=r["high"], reference=None, diff=None,
+                   diff_low=None, diff_high=None, wins=None, p=None, withheld=r.get("withheld", 0))
+        paired = [p for p in table.rows if p["paired"] and p["prompt_set"] == r["prompt_set"]
+                  and p["variant"] == r["variant"] and p["clip_model"] == r["clip_model"]]
         if paired:
             p = paired[0]
-            row.update(reference=p["reference"], diff=p["mean"], diff_low=p["low"], diff_high=p["high"],
+            row.update(reference=p["reference"], n=p["n"], diff=p["mean"], diff_low=p["low"], diff_high=p["high"],
                        wins=p["wins"], p=p["p"])
         rows.append(row)
     return rows
 
 
-def plot_differences(tables: dict, path: Path) -> Path | None:
-    """Bars: each run's paired difference to its base per prompt set of its family and pooled, one panel per score
-    model, with the 95 % CI as error bars. None when no run has a paired row."""
+def short_score_name(model: str) -> str:
+    """"CLIP" or "PickScore" for a table cell; the full model names go in the caption."""
+    return "PickScore" if "pick" in model.lower() else "CLIP"
+
+
+def plot_differences(tables: dict, path: Path, labels: dict | None = None) -> Path | None:
+    """Bars: each run's paired difference to its base on each prompt set of its family, one panel per score model,
+    with the 95 % CI as error bars; runs by their short `labels`. Sized for a notebook page (about 900 px wide, text
+    at 10–11 pt). None when no run has a paired row."""
     import textwrap
 
     import matplotlib
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
-    rows = [r for t in tables.values() for r in t.rows if r["paired"]]
+    labels = labels or {}
+    rows = [r for t in tables.values() for r in t.shown_rows() if r["paired"]]
     if not rows:
         return None
     models = list(dict.fromkeys(r["clip_model"] for r in rows))
     runs = list(dict.fromkeys(r["variant"] for r in rows))
-    scopes = {v: list(dict.fromkeys(r["prompt_set"] for r in rows if r["variant"] == v and r["prompt_set"] != POOLED))
-              + [POOLED] for v in runs}
-    names = list(dict.fromkeys(s for v in runs for s in scopes[v] if s != POOLED))
-    colours = {s: plt.cm.tab10(k % 10) for k, s in enumerate(names)} | {POOLED: "dimgray"}
+    scopes = {v: list(dict.fromkeys(r["prompt_set"] for r in rows if r["variant"] == v)) for v in runs}
+    names = list(dict.fromkeys(s for v in runs for s in scopes[v]))
+    colours = {s: plt.cm.tab10(k % 10) for k, s in enumerate(names)}
     bars, x, centres = [], 0.0, []
     for v in runs:
         first = x
@@ -179,7 +194,7 @@ def plot_differences(tables: dict, path: Path) -> Path | None:
             x += 1.0
         centres.append((first + x - 1) / 2)
         x += 0.8  # a gap between runs
-    fig, axes = plt.subplots(len(models), 1, figsize=(max(6.5, 0.55 * x + 2), 3.3 * len(models)), squeeze=False)
+    fig, axes = plt.subplots(len(models), 1, figsize=(8.5, 3.4 * len(models) + 0.6), squeeze=False)
     for ax, model in zip(axes[:, 0], models):
         found = {(r["variant"], r["prompt_set"]): r for r in rows if r["clip_model"] == model}
         seen = set()
@@ -187,15 +202,15 @@ def plot_differences(tables: dict, path: Path) -> Path | None:
             r = found.get((v, scope))
             if r is None:
                 continue
-            label = None if scope in seen else ("pooled" if scope == POOLED else scope)
-            seen.add(scope)
-            ax.bar(pos, r["mean"], 0.9, color=colours[scope], label=label,
+            ax.bar(pos, r["mean"], 0.9, color=colours[scope], label=None if scope in seen else scope,
                    yerr=[[r["mean"] - r["low"]], [r["high"] - r["mean"]]], capsize=3)
+            seen.add(scope)
         ax.axhline(0, color="black", linewidth=0.8)
-        ax.set_xticks(centres, ["\n".join(textwrap.wrap(v.replace("_", " "), 22)) for v in runs], fontsize=8)
-        ax.set_ylabel("Δ vs base\n" + "\n".join(textwrap.wrap(model, 28)), fontsize=8)
-        ax.legend(fontsize=7, ncol=3, loc="best")
-    axes[0, 0].set_title("Each run minus its own base on the same prompt and seed (95 % bootstrap CI)", fontsize=10)
+        ax.set_xticks(centres, ["\n".join(textwrap.wrap(labels.get(v, v), 16)) for v in runs], fontsize=10)
+        ax.set_ylabel(f"Δ vs base\n{short_score_name(model)}", fontsize=11)
+        ax.tick_params(axis="y", labelsize=10)
+        ax.legend(fontsize=10, ncol=3, loc="best")
+    axes[0, 0].set_title("Each run minus its own base, same prompt and seed (95 % bootstrap CI)", fontsize=11)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -247,8 +262,9 @@ def evaluate_runs(engine: Engine, prompts_per_set: int, seeds, out_dir: str | Pa
         (out_dir / family / "table.md").write_text(table.to_markdown() + "\n")
     summary = pd.DataFrame([row for f, t in tables.items() for row in summary_rows(f, t)])
     summary.to_csv(out_dir / "summary.csv", index=False)
-    board = Scoreboard(out_dir, scores, tables, summary, plot_differences(tables, out_dir / "chart.png"),
-                       list(catalog.missing), sizes)
+    labels = {e.name: e.label for e in catalog.entries}
+    board = Scoreboard(out_dir, scores, tables, summary, plot_differences(tables, out_dir / "chart.png", labels),
+                       list(catalog.missing), sizes, labels)
     (out_dir / "summary.md").write_text("\n".join("| " + " | ".join(r) + " |" for r in board._cells()) + "\n")
     pd.DataFrame([m.__dict__ for m in catalog.missing], columns=["name", "notebook", "why"]).to_csv(
         out_dir / "missing.csv", index=False)

@@ -154,7 +154,7 @@ class SampleHook(Hook):
                 pipe = pipeline_from_components(t.c)
                 embeds = t.method.sample_image_embeds(t, prompts, seeds) if t.method.needs_image_embeds else None
                 images = generate(pipe, prompts, seeds, steps=t.preset.sample_steps, height=t.preset.resolution,
-                                  width=t.preset.resolution, image_embeds=embeds)
+                                  width=t.preset.resolution, image_embeds=embeds, progress=False)
         except torch.OutOfMemoryError:
             oom = True
         else:
