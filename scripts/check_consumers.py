@@ -387,15 +387,19 @@ def sd_scripts(root: Path, family: str, candidates: list[str]) -> dict:
         suffixes = sorted({k[len(k.split(".")[0]):] for k in keys})
         modules = {n: n for n in names}
         if family == "sdxl":  # diffusers-named UNet keys: create_network_from_weights renames them first
-            probe = {n + ".lora_down.weight": None for n in candidates if n.startswith("lora_unet_")}
-            renamed = dict(probe)
-            before = list(renamed)
-            # their rename pops and re-inserts in order: pair old and new names by position
-            lora.convert_diffusers_to_sai_if_needed(renamed)
-            for old, new in zip(before, list(renamed)):
-                old, new = old.split(".")[0], new.split(".")[0]
-                if old != new and new in names:
-                    modules[old] = new
+            # A file's UNet keys are renamed together once any names down_blocks / up_blocks: probe each candidate
+            # beside one such key (converted alone first), and read which name the candidate became.
+            trigger = "lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight"
+            alone = {trigger: None}
+            lora.convert_diffusers_to_sai_if_needed(alone)
+            for name in candidates:
+                if not name.startswith("lora_unet_") or name in names:
+                    continue
+                sd = {trigger: None, name + ".lora_down.weight": None}
+                lora.convert_diffusers_to_sai_if_needed(sd)
+                new = [k.split(".")[0] for k in sd if k not in alone]
+                if len(new) == 1 and new[0] in names:
+                    modules[name] = new[0]
     return {"modules": dict(sorted(modules.items())), "suffixes": suffixes}
 
 
