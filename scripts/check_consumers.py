@@ -1,11 +1,13 @@
-"""Which LoRA key names do the programs our users draw with accept? Runs each consumer's OWN key-map code on the real-size
-SD1.5 and SDXL architectures (built on the meta device from helpers.core.configs) and writes what it accepts to
+"""Which LoRA key names do the programs our users draw with accept? Runs each consumer's OWN key-map code on the
+real-size SD1.5 and SDXL architectures (built on the meta device from helpers.core.configs) and writes what it accepts to
 tests/data/consumer_keys/{comfyui,a1111,sd_scripts}-{sd15,sdxl}.json, with the commit each was read at.
 
     .venv/bin/python scripts/check_consumers.py --comfyui PATH --webui PATH --sd-scripts PATH [--out DIR]
 
 Each PATH is a checkout (a work tree, or a bare git directory: its HEAD is exported to a temporary folder) of
-Comfy-Org/ComfyUI (comfyanonymous/ComfyUI), AUTOMATIC1111/stable-diffusion-webui and kohya-ss/sd-scripts. Nothing of
+Comfy-Org/ComfyUI (comfyanonymous/ComfyUI), AUTOMATIC1111/stable-diffusion-webui and kohya-ss/sd-scripts (PATH@REV
+reads commit REV: the data files were written from the webui's upstream dev commit a30b19dd, read from a fork's
+mirror that holds it, the upstream snapshot being too large to fetch here). Nothing of
 their code is kept (ComfyUI is GPL-3.0, the webui AGPL-3.0, sd-scripts Apache-2.0): only the names their code accepts,
 as data. Their heavy imports (gradio, their model management, their settings) are stubbed here; the code that turns a
 key into a layer is theirs, run as it is:
@@ -268,8 +270,9 @@ def webui(root: Path, family: str, ldm_layers: list[str], candidates: list[str])
 
         probe_sd: dict[str, torch.Tensor] = {}
         stub("modules")
-        shared = stub("modules.shared", opts=types.SimpleNamespace(lora_functional=False, lora_preferred_name="Alias from file"),
-                      cmd_opts=types.SimpleNamespace(lora_dir=tempfile.mkdtemp(), lyco_dir_backcompat=tempfile.mkdtemp()),
+        opts = types.SimpleNamespace(lora_functional=False, lora_preferred_name="Alias from file")
+        cmd_opts = types.SimpleNamespace(lora_dir=tempfile.mkdtemp(), lyco_dir_backcompat=tempfile.mkdtemp())
+        shared = stub("modules.shared", opts=opts, cmd_opts=cmd_opts,
                       walk_files=lambda *a, **k: [])
         stub("modules.sd_models", read_state_dict=lambda filename: probe_sd,
              read_metadata_from_safetensors=read_metadata)
@@ -417,7 +420,9 @@ def main(argv=None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        comfy_root, comfy_commit = checkout(args.comfyui, ["comfy/utils.py", "comfy/lora.py", "comfy/model_detection.py", "comfy/clip_model.py", "comfy/weight_adapter", "comfy/sd1_clip_config.json", "comfy/clip_config_bigg.json"], tmp / "comfyui")
+        comfy_root, comfy_commit = checkout(args.comfyui, [f"comfy/{f}" for f in (
+            "utils.py", "lora.py", "model_detection.py", "clip_model.py", "weight_adapter", "sd1_clip_config.json",
+            "clip_config_bigg.json")], tmp / "comfyui")
         webui_root, webui_commit = checkout(args.webui, ["extensions-builtin/Lora"], tmp / "webui")
         kohya_root, kohya_commit = checkout(args.sd_scripts, ["library", "networks"], tmp / "sd_scripts")
         for family in FAMILIES:

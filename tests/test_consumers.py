@@ -121,3 +121,17 @@ def test_data_files_record_their_commits():
 def test_kohya_file_name_is_the_run_name():
     assert lora.kohya_file_name("sdxl_lora_naruto_1024-t4") == "sdxl_lora_naruto_1024-t4.safetensors"
     assert lora.kohya_file_name("my run/2") == "my_run_2.safetensors"
+
+
+def test_where_files_go_names_each_program(tmp_path):
+    from safetensors.torch import save_file
+    final = tmp_path / "final"
+    final.mkdir()
+    save_file({"x": torch.zeros(1)}, final / lora.LORA_FILE)
+    save_file({"x": torch.zeros(1)}, final / "my-run.safetensors",
+              metadata=lora.kohya_metadata(real_size_preset("sdxl", False), "sdxl", 16, 16, "my-run", None))
+    text = lora.where_files_go(final)
+    assert "models/loras/" in text and "models/Lora/" in text and "<lora:my-run:1>" in text and "SDXL" in text
+    assert lora.LORA_FILE in text
+    (final / "my-run.safetensors").unlink()
+    assert "cross-attention" in lora.where_files_go(final) and "method='lora'" in lora.where_files_go(final)

@@ -289,7 +289,8 @@ def test_exported_lora_loads_in_stock_pipeline_and_kohya_roundtrips(storage, tmp
         meta = f.metadata()
     assert meta["ss_base_model_version"] == "sdxl_base_v1-0" and meta["ss_output_name"] == "run"
     assert meta["ss_network_dim"] == str(preset.lora_rank) and meta["ss_network_alpha"] == "8"
-    assert meta["ss_steps"] == str(preset.max_steps) and meta["ss_resolution"] == f"({preset.resolution}, {preset.resolution})"
+    assert meta["ss_steps"] == str(preset.max_steps)
+    assert meta["ss_resolution"] == f"({preset.resolution}, {preset.resolution})"
     assert meta["ss_sd_model_name"] == preset.model and len(meta["ss_captions_sha256"]) == 64
 
 

@@ -19,7 +19,7 @@ from .method import Method, RunFacts, cast_trainable_fp32
 
 LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' default weight name
 LEGACY_KOHYA_FILE = "lora_kohya.safetensors"  # the kohya file's name before it was named after the run
-# kohya's text-encoder prefixes: SD1.5's one encoder is lora_te (sd-scripts takes nothing else), SDXL's lora_te1 / lora_te2
+# kohya's text-encoder prefixes: SD1.5's one encoder is lora_te (sd-scripts takes no other), SDXL's lora_te1/te2
 KOHYA_TE_PREFIX = {"sd15": ("lora_te",), "sdxl": ("lora_te1", "lora_te2")}
 BASE_MODEL_VERSION = {"sd15": "sd_v1", "sdxl": "sdxl_base_v1-0"}  # ss_base_model_version, as sd-scripts writes it
 
@@ -174,3 +174,28 @@ class Lora(Method):
             if key.endswith(".alpha"):
                 kohya[key] = torch.tensor(float(self.preset.lora_alpha))
         return {k: v.to(torch.float16).contiguous() for k, v in kohya.items()}
+
+
+def where_files_go(final_dir: Path, family: str | None = None) -> str:
+    """Where each file of a finished run's final/ goes, as notebook 02's and 03's export cells print it. A run of
+    notebook 02's default method (cross-attention weights) has no LoRA: none of these programs loads it, and the
+    text says so and points to the LoRA variant's run."""
+    final_dir = Path(final_dir)
+    try:
+        kohya = kohya_path(final_dir)
+    except FileNotFoundError:
+        return (f"{final_dir} holds no LoRA (the cross-attention method's weights load only with this project's "
+                "helpers: ComfyUI, AUTOMATIC1111 and diffusers' load_lora_weights cannot read them). Train the LoRA "
+                "variant (method='lora') for files those programs take.")
+    from safetensors import safe_open
+    with safe_open(str(kohya), framework="pt") as f:
+        meta = f.metadata() or {}
+    family = family or ("sdxl" if meta.get("ss_base_model_version", "").startswith("sdxl") else "sd15")
+    base = "SDXL base 1.0" if family == "sdxl" else "Stable Diffusion 1.5"
+    return "\n".join([
+        f"diffusers: pipe.load_lora_weights({str(final_dir)!r}, weight_name={LORA_FILE!r})",
+        f"ComfyUI: copy {kohya.name} into ComfyUI/models/loras/ and pick it in a LoraLoader node",
+        f"AUTOMATIC1111: copy {kohya.name} into stable-diffusion-webui/models/Lora/ and write "
+        f"<lora:{kohya.stem}:1> in the prompt",
+        f"Both with a {base} checkpoint; {kohya.name} also loads in diffusers and sd-scripts.",
+    ])
