@@ -275,12 +275,23 @@ def test_exported_lora_loads_in_stock_pipeline_and_kohya_roundtrips(storage, tmp
 
         pipe.unload_lora_weights()
         torch.testing.assert_close(pipe.unet(x, t, **kw).sample, base)
-        pipe.load_lora_weights(final, weight_name=lora.KOHYA_FILE)
-        torch.testing.assert_close(pipe.unet(x, t, **kw).sample, trained, atol=1e-5, rtol=1e-4)
+        path = lora.kohya_path(final)
+        pipe.load_lora_weights(final, weight_name=path.name)  # fp16 in the file: fp16's rounding
+        torch.testing.assert_close(pipe.unet(x, t, **kw).sample, trained, atol=2e-3, rtol=1e-3)
 
-    kohya = load_file(str(final / lora.KOHYA_FILE))
+    assert path.name == "run.safetensors"  # named after the run (its folder here)
+    kohya = load_file(str(path))
     assert all(k.startswith("lora_unet_") for k in kohya)
+    assert {v.dtype for v in kohya.values()} == {torch.float16}
     assert {float(v) for k, v in kohya.items() if k.endswith(".alpha")} == {8.0}
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    assert meta["ss_base_model_version"] == "sdxl_base_v1-0" and meta["ss_output_name"] == "run"
+    assert meta["ss_network_dim"] == str(preset.lora_rank) and meta["ss_network_alpha"] == "8"
+    assert meta["ss_steps"] == str(preset.max_steps)
+    assert meta["ss_resolution"] == f"({preset.resolution}, {preset.resolution})"
+    assert meta["ss_sd_model_name"] == preset.model and len(meta["ss_captions_sha256"]) == 64
 
 
 def test_exported_text_encoder_lora_loads_in_stock_pipeline(storage, tmp_path):
@@ -300,9 +311,17 @@ def test_exported_text_encoder_lora_loads_in_stock_pipeline(storage, tmp_path):
         base = states(pipe.text_encoder)
         pipe.load_lora_weights(tmp_path / "run" / "final")
         loaded = [states(pipe.text_encoder), states(pipe.text_encoder_2)]
+        pipe.unload_lora_weights()
+        torch.testing.assert_close(states(pipe.text_encoder), base)
+        pipe.load_lora_weights(lora.kohya_path(tmp_path / "run" / "final"))  # the kohya file (fp16) too
+        from_kohya = [states(pipe.text_encoder), states(pipe.text_encoder_2)]
     assert not torch.allclose(base, trained[0], atol=1e-3)  # the text encoder did train
     for got, want in zip(loaded, trained):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    for got, want in zip(from_kohya, trained):
+        torch.testing.assert_close(got, want, atol=2e-3, rtol=1e-3)
+    kohya = load_file(str(lora.kohya_path(tmp_path / "run" / "final")))
+    assert {k.split("_text_model_")[0] for k in kohya if k.startswith("lora_te")} == {"lora_te1", "lora_te2"}
 
 
 def test_exported_crossattn_weights_load_into_stock_unet(storage, tmp_path):

@@ -5,7 +5,7 @@ and switches them per variant (runs).
 """
 from .crossattn import CROSSATTN_FILE, load_crossattn_weights
 from .ip_adapter import IP_ADAPTER_FILE, EmbeddedDataset, round_trip_delta
-from .lora import KOHYA_FILE, LORA_FILE
+from .lora import LORA_FILE, kohya_path, where_files_go
 from .method import Method
 from .registry import METHODS, make_method, method_class
 from .runs import RunSet, finished_runs, is_finished, load_snippet, run_preset

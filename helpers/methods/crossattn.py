@@ -34,7 +34,7 @@ class CrossAttention(Method):
                 module.requires_grad_(True)
         cast_trainable_fp32([components.unet])
 
-    def export(self, components: Components, out_dir: Path) -> list[Path]:
+    def export(self, components: Components, out_dir: Path, run=None) -> list[Path]:
         out_dir.mkdir(parents=True, exist_ok=True)
         path = out_dir / CROSSATTN_FILE
         weights = {n.removeprefix("unet."): p.detach().to("cpu", torch.float32).contiguous()

@@ -184,8 +184,8 @@ class IPAdapter(Lora):
         return nearest_true_embeds(es)(list(prompts), list(seeds))
 
     # ---- what leaves the run
-    def export(self, components: Components, out_dir: Path) -> list[Path]:
-        files = super().export(components, out_dir)  # the LoRA (diffusers and kohya layouts)
+    def export(self, components: Components, out_dir: Path, run=None) -> list[Path]:
+        files = super().export(components, out_dir, run)  # the LoRA (diffusers and kohya layouts)
         path = Path(out_dir) / IP_ADAPTER_FILE
         save_file(ip_adapter_state(components.unet), str(path),
                   metadata={"format": "t4-diffusion-lab ip_adapter", "base_model": components.model_ref,

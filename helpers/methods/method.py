@@ -4,6 +4,8 @@ loading a finished run back into a pipeline is helpers.methods.runs' job. The me
 the priors; their registry is helpers.methods.registry."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from pathlib import Path
 
 import torch
@@ -20,6 +22,15 @@ def cast_trainable_fp32(modules) -> None:
         for p in module.parameters():
             if p.requires_grad:
                 p.data = p.data.float()
+
+
+@dataclass(frozen=True)
+class RunFacts:
+    """What an export tells the programs that read it about the run: its name (the kohya file is named after it),
+    the optimizer steps done and the training records (pictures and captions)."""
+    name: str
+    steps: int
+    records: list | None = None
 
 
 class Method:
@@ -113,7 +124,7 @@ class Method:
         return kwargs
 
     # ---- what leaves the run, and its way back in
-    def export(self, components: Components, out_dir: Path) -> list[Path]:
+    def export(self, components: Components, out_dir: Path, run: RunFacts | None = None) -> list[Path]:
         raise NotImplementedError
 
     def load(self, pipe, final_dir: Path, name: str):

@@ -16,6 +16,7 @@ from ..core.precision import forked_rng
 from ..core.presets import Preset
 from ..generate.grids import image_grid, thumbnail_sheet
 from ..generate.sampling import generate, prompt_seed_pairs
+from ..methods.method import RunFacts
 from ..methods.runs import write_run_info
 from ..models import on_device, pipeline_from_components, release_cuda_cache
 from .stops import TrainingStopped, sampling_oom_message
@@ -110,7 +111,8 @@ class ExportHook(Hook):
             names = []
 
             def fill(tmp: Path) -> None:  # final/ appears whole or not at all
-                names.extend(path.name for path in t.method.export(t.c, tmp))
+                run = RunFacts(t.run_dir.name, t.state.step, getattr(t.dataset, "records", None))
+                names.extend(path.name for path in t.method.export(t.c, tmp, run))
                 names.append(write_run_info(tmp, t.preset).name)
 
             exported = sum(p.numel() * 4 for p in t.trainable.values())
