@@ -19,8 +19,10 @@ from safetensors import safe_open
 
 from ..core.notices import LORA_WITHOUT_TEXT_ENCODER, SECOND_ADAPTER, expected
 from ..core.presets import Preset
+from ..data.embeddings import embed_dim
 from ..generate.sampling import ImageEmbeds, Variant
 from ..models import family_of
+from ..tiny.world import resolve
 from .crossattn import CROSSATTN_FILE, attn2_parameters, base_attn2, read_crossattn_weights, restore_base_attn2
 from .ip_adapter import IP_ADAPTER_FILE, read_ip_adapter
 from .lora import LORA_FILE
@@ -51,21 +53,32 @@ def is_finished(folder: Path) -> bool:
 
 
 def load_snippet(folder: Path) -> str:
-    """Three lines that load a finished LoRA run into stock diffusers (outside this project); an IP-Adapter run
-    adds its adapter file and shows how to generate from an image embedding."""
+    """Lines that load a finished LoRA run into stock diffusers outside this project and draw one picture, runnable as
+    printed where the run is (the tiny profile: its committed model folder on the CPU in fp32; t4: the Hub id on CUDA
+    in fp16); an IP-Adapter run adds its adapter file and draws from a CLIP image embedding."""
     preset = run_preset(folder)
     cls = "StableDiffusionXLPipeline" if preset.family == "sdxl" else "StableDiffusionPipeline"
-    final = str(Path(folder) / "final")
+    t4 = preset.profile == "t4"
+    device, dtype = ("cuda", "torch.float16") if t4 else ("cpu", "torch.float32")
+    model = preset.model if t4 else str(resolve(preset.model))
+    vae = "" if not preset.vae else (
+        f"vae = diffusers.AutoencoderKL.from_pretrained({(preset.vae if t4 else str(resolve(preset.vae)))!r}, "
+        f"torch_dtype={dtype})\n")
     lines = ("import diffusers, torch\n"
-             f"pipe = diffusers.{cls}.from_pretrained({preset.model!r}, torch_dtype=torch.float16).to(\"cuda\")\n"
-             f"pipe.load_lora_weights({final!r}, weight_name=\"pytorch_lora_weights.safetensors\")")
+             f"final = {str(Path(folder) / 'final')!r}  # this run's final/ folder\n" + vae +
+             f"pipe = diffusers.{cls}.from_pretrained({model!r}, {'vae=vae, ' if vae else ''}"
+             f"torch_dtype={dtype}).to({device!r})\n"
+             f"pipe.load_lora_weights(final, weight_name={LORA_FILE!r})")
+    size, steps = preset.resolution, preset.sample_steps
     if preset.method == "ip_adapter":
-        lines += (f"\npipe.load_ip_adapter({final!r}, subfolder=\"\", weight_name=\"ip_adapter.safetensors\", "
-                  "image_encoder_folder=None)\n"
-                  f"# emb: (1, D) CLIP image embedding of {preset.clip_model}; zeros = the unconditional half\n"
-                  "embeds = torch.cat([torch.zeros_like(emb), emb])[:, None].half().cuda()\n"
-                  "image = pipe(\"a prompt\", ip_adapter_image_embeds=[embeds]).images[0]")
-    return lines
+        return lines + (
+            f"\npipe.load_ip_adapter(final, subfolder=\"\", weight_name={IP_ADAPTER_FILE!r}, image_encoder_folder=None)\n"
+            f"emb = torch.randn(1, {embed_dim(preset.clip_model)})  # a (1, D) CLIP image embedding of {preset.clip_model}\n"
+            f"embeds = torch.cat([torch.zeros_like(emb), emb])[:, None].to({device!r}, {dtype})  # zeros: unconditional\n"
+            f"image = pipe(\"\", ip_adapter_image_embeds=[embeds], height={size}, width={size}, "
+            f"num_inference_steps={steps}).images[0]")
+    prompt = (preset.sample_prompts or ("a photo of a cat",))[0]
+    return lines + f"\nimage = pipe({prompt!r}, height={size}, width={size}, num_inference_steps={steps}).images[0]"
 
 
 def finished_runs(root: Path, under: str = "runs") -> list[Path]:
