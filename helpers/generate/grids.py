@@ -18,6 +18,8 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont
 
 MAX_SIDE = 2000  # longest side of one sheet in pixels: readable on a laptop screen and in a notebook at 100 %
+PAGE_PX = 1000  # the width a notebook page shows at 100 %: a sheet meant to be read inline is drawn this wide at most
+#                 and shown at its own size, so its 14 px text stays 14 px (a 2000 px sheet shown 680 px wide has 5 px)
 MIN_TILE = 128  # smaller images are enlarged (by a whole factor) to at least this many pixels
 MAX_TILE = 512  # larger images are shrunk to this: more rows per sheet, the full images are in the run folder
 LABEL_WIDTH = 260  # the prompt column: about 31 characters per line at FONT_PX (both grow with big tiles)
@@ -186,7 +188,7 @@ def _sheet_caption(title: str, index: int, count: int) -> str:
 
 
 def sheet_layout(image_size: tuple[int, int], row_labels: Sequence[str], column_names: Sequence[str],
-                 title: str = "", max_side: int = MAX_SIDE) -> SheetLayout:
+                 title: str = "", max_side: int = MAX_SIDE, max_height: int | None = None) -> SheetLayout:
     scale, text_scale = tile_scale(image_size, len(column_names), max_side)
     tile = (math.floor(image_size[0] * scale + 1e-9), math.floor(image_size[1] * scale + 1e-9))  # down: must fit
     if min(tile) < MIN_READABLE_TILE:
@@ -200,7 +202,7 @@ def sheet_layout(image_size: tuple[int, int], row_labels: Sequence[str], column_
     header = names_top + name_lines * _line_height(bold) + GAP
     label_lines = max(len(draft.label_lines(label)) for label in row_labels)
     row_height = max(tile[1], label_lines * _line_height(regular)) + GAP
-    rows_per_sheet = (max_side - header - GAP) // row_height
+    rows_per_sheet = ((max_height or max_side) - header - GAP) // row_height
     if rows_per_sheet < 1:
         raise ValueError(f"one row of {row_height} px does not fit a {max_side} px sheet; shorten the labels")
     return SheetLayout(tile, len(column_names), text_scale, names_top, header, row_height, rows_per_sheet)
@@ -233,16 +235,18 @@ def _draw_sheet(layout: SheetLayout, rows: Sequence[Sequence], row_labels: Seque
 
 
 def comparison_sheets(rows: Sequence[Sequence], row_labels: Sequence[str], column_names: Sequence[str],
-                      out_stem: str | Path, title: str = "", max_side: int = MAX_SIDE) -> list[Path]:
+                      out_stem: str | Path, title: str = "", max_side: int = MAX_SIDE,
+                      max_height: int | None = None) -> list[Path]:
     """Draw `rows` (each one image or image path per column, e.g. one prompt and seed across the variants) as
-    sheets `{out_stem}_1.png`, `{out_stem}_2.png`, … of at most `max_side` px a side; returns their paths.
+    sheets `{out_stem}_1.png`, `{out_stem}_2.png`, … of at most `max_side` px a side (`max_height`: a taller
+    limit for the rows, e.g. a page-wide sheet of many rows); returns their paths.
     A row label may hold several paragraphs ("prompt\\nseed 3"): the first is drawn black, the others grey."""
     if not rows or len(rows) != len(row_labels):
         raise ValueError(f"need one label per row and at least one row (got {len(rows)} rows, "
                          f"{len(row_labels)} labels)")
     if not column_names or any(len(row) != len(column_names) for row in rows):
         raise ValueError(f"every row needs one image per column ({len(column_names)} columns)")
-    layout = sheet_layout(_open(rows[0][0]).size, row_labels, column_names, title, max_side)
+    layout = sheet_layout(_open(rows[0][0]).size, row_labels, column_names, title, max_side, max_height)
     out_stem = Path(out_stem)
     out_stem.parent.mkdir(parents=True, exist_ok=True)
     per_sheet = layout.rows_per_sheet

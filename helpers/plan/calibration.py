@@ -70,5 +70,5 @@ def error_band() -> float:
 def calibration_text() -> str:
     rows = [(r["family"], r["setting"], f"{r['reported_gib']:.2f}" + (" max" if r["kind"] == "max" else ""),
              f"{r['predicted_gib']:.2f}", f"{100 * r['error']:+.0f}%", r["source"]) for r in calibration_table()]
-    return (m.text_table(("model", "setting", "reported", "predicted", "error", "source"), rows)
-            + f"\nerror band = ±{100 * error_band():.0f}% (worst measured report; 'max' rows are upper bounds)")
+    return m.Table(("model", "setting", "reported", "predicted", "error", "source"), rows,
+                   f"error band = ±{100 * error_band():.0f}% (worst measured report; 'max' rows are upper bounds)")

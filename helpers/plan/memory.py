@@ -12,6 +12,7 @@ from .model import (
     PRIOR_METHODS,
     T4_USABLE_GIB,
     prior_training_plan,
+    Table,
     text_table,
     training_plan,
 )
@@ -48,6 +49,6 @@ def memory_plan_table(presets, encode_pixels: int = CACHE_ENCODE_PIXELS) -> str:
                      f"{ph['sampling']:.1f}", f"{e['total_gib']:.1f} ({e['peak_phase']})", f"{e['band_gib']:.1f}",
                      f"{e['spare_gib']:.1f}", f"{e['host_ram_gib']:.1f} ({e['host_ram_no_variant_gib']:.1f})",
                      f"{e['checkpoint_mb']:.0f} × {p.keep_checkpoints}", e["verdict"]))
-    return (text_table(header, rows) + f"\nGiB on a T4 ({T4_USABLE_GIB} GiB usable); fits when peak + band + "
-            f"{MARGIN_GIB:.0f} GiB ≤ {T4_USABLE_GIB}. RAM load: peak host GiB with the fp16 variant files (without "
-            f"them) vs Colab's {COLAB_RAM_GIB} GiB. train+opt: fp32 trainable + grads + optimizer state.")
+    return Table(header, rows, f"GiB on a T4 ({T4_USABLE_GIB} GiB usable); fits when peak + band + "
+                 f"{MARGIN_GIB:.0f} GiB ≤ {T4_USABLE_GIB}. RAM load: peak host GiB with the fp16 variant files "
+                 f"(without them) vs Colab's {COLAB_RAM_GIB} GiB. train+opt: fp32 trainable + grads + optimizer state.")

@@ -23,6 +23,7 @@ helpers.plan.memory turns its phases into a verdict (peak + error band + 1 GiB â
 from __future__ import annotations
 
 from functools import lru_cache
+from html import escape
 from math import ceil
 
 import torch
@@ -299,4 +300,22 @@ def text_table(header, rows) -> str:
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)) for r in [header, *rows]]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+class Table(str):
+    """A plan table: prints as fixed-width text (a terminal, a log) and shows in a notebook as an HTML table, whose
+    cells never break mid-word the way 170 characters of text do in a 1000 px output area."""
+
+    def __new__(cls, header, rows, note: str = ""):
+        self = super().__new__(cls, text_table(header, rows) + (f"\n{note}" if note else ""))
+        self.header, self.rows, self.note = tuple(header), [tuple(r) for r in rows], note
+        return self
+
+    def _repr_html_(self) -> str:
+        cell = "padding:1px 6px;white-space:nowrap;text-align:left;font-size:12px"
+        head = "".join(f"<th style='{cell}'>{escape(str(h))}</th>" for h in self.header)
+        body = "".join("<tr>" + "".join(f"<td style='{cell}'>{escape(str(c))}</td>" for c in row) + "</tr>"
+                       for row in self.rows)
+        note = f"<p style='font-size:12px'>{escape(self.note)}</p>" if self.note else ""
+        return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{note}"
 

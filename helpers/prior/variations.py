@@ -24,7 +24,7 @@ from PIL import Image
 
 from ..data.embeddings import cosine_matrix, slerp
 from ..data.sources import fill_template
-from ..generate.grids import comparison_sheets
+from ..generate.grids import MAX_SIDE, PAGE_PX, comparison_sheets
 from ..generate.sampling import generate
 
 CAPTION = ""  # the prompt of every image-conditioned image here: the embedding alone
@@ -106,7 +106,8 @@ def held_out_check(board, run: str, embeddings, rows: list[int], seeds: list[int
     labels = [f"{_class_caption(embeddings, r)}\nheld-out pair {r}" for r in rows[:sheet_rows]]
     columns = ["source picture", *[f"embedding · seed {s}" for s in seeds], f"base + caption · seed {seeds[0]}"]
     sheet = comparison_sheets(sheet_data, labels, columns, out_dir / "held_out",
-                              title=f"{run}: pictures drawn back from their CLIP image embedding")[0]
+                              title=f"{run}: pictures drawn back from their CLIP image embedding",
+                              max_side=PAGE_PX, max_height=MAX_SIDE)[0]
     return HeldOutCheck(rows, seeds, *rates, float(_own_cosine(embeddings, adapter, [r for r, _ in pairs]).mean()),
                         float(_own_cosine(embeddings, base, [r for r, _ in pairs]).mean()), sheet)
 
@@ -153,7 +154,8 @@ def variations(board, run: str, embeddings, pictures: list, labels: list[str], s
     rows = [drawn[i * len(seeds):(i + 1) * len(seeds)] for i in range(len(pictures))]
     sheet = comparison_sheets([[p, *r] for p, r in zip(pictures, rows)], labels,
                               ["given picture", *[f"seed {s}" for s in seeds]], Path(out_dir) / "variations",
-                              title=f"{run}: variations (the picture's CLIP image embedding, several seeds)")[0]
+                              title=f"{run}: variations (the picture's CLIP image embedding, several seeds)",
+                              max_side=PAGE_PX, max_height=MAX_SIDE)[0]
     return Variations(rows, closer_to_own(similarity, own), float(similarity[torch.arange(len(own)), own].mean()),
                       sheet)
 
@@ -196,8 +198,9 @@ def interpolations(board, run: str, embeddings, ends: list[Ends], count: int, se
         sims = cosine_matrix(embeddings.encode_images(strip), torch.stack([end.a, end.b]))
         images.append(strip)
         drift.append([float(d) for d in sims[:, 0] - sims[:, 1]])
-    columns = ["A", *[f"t = {t:.2f}" for t in torch.linspace(0, 1, count).tolist()], "B"]
+    columns = ["A", *[f"{t:.2f}" for t in torch.linspace(0, 1, count).tolist()], "B"]  # t along the strip
     sheet = comparison_sheets([[e.picture_a, *s, e.picture_b] for e, s in zip(ends, images)],
                               [e.label for e in ends], columns, Path(out_dir) / "interpolation",
-                              title=f"{run}: slerp between two CLIP image embeddings, seed {seed}")[0]
+                              title=f"{run}: slerp between two CLIP image embeddings, seed {seed}",
+                              max_side=PAGE_PX, max_height=MAX_SIDE)[0]
     return Strips(images, drift, sheet)

@@ -75,7 +75,11 @@ class Entry:
 
     @property
     def label(self) -> str:
-        """A short name that wraps on a sheet: the run folder's name without its profile, in words."""
+        """A short name that wraps on a sheet: the run folder's name without its profile, in words; a run drawn
+        through a prior: its method and the prior's ("ip adapter + mlp prior"), which tell two such entries apart
+        in the first words, where a sheet's header and a chart's axis cut."""
+        if self.source is not None:
+            return f"{self.preset.method} + {runs_.run_preset(self.source).method}".replace("_", " ")
         name = self.name.replace(f"-{self.preset.profile}", "") if self.is_run else self.name
         return name.replace("_", " ").replace("-", " ")
 

@@ -90,6 +90,7 @@ class Scoreboard:
     missing: list = field(default_factory=list)  # helpers.studio.catalog.MissingRun
     sizes: dict = field(default_factory=dict)  # family → the size it was drawn at, and why
     labels: dict = field(default_factory=dict)  # variant name → the short label tables and the chart show
+    overviews: dict = field(default_factory=dict)  # family → one page of its sheets (first prompts of every set)
 
     @property
     def withheld(self) -> int:
@@ -226,7 +227,8 @@ def evaluate_runs(engine: Engine, prompts_per_set: int, seeds, out_dir: str | Pa
     `steps`: denoising steps per family (default: T4_STEPS on a T4, each base preset's sample_steps in tiny)."""
     import pandas as pd
     out_dir, catalog = Path(out_dir), engine.catalog
-    images, families, sizes = [], {}, {}
+    images, families, sizes, overviews = [], {}, {}, {}
+    labels = {e.name: e.label for e in catalog.entries}
     for family, entries in catalog.by_family().items():
         runs = [e for e in entries if e.is_run]
         if not runs:
@@ -237,8 +239,9 @@ def evaluate_runs(engine: Engine, prompts_per_set: int, seeds, out_dir: str | Pa
         size, why = shared_size([base, *runs])  # base and runs paired at the runs' training size
         variants = [engine.variant(e.name) for e in [base, *runs]]
         result = evaluate_variants(engine.pipeline(base.name), variants, family_sets(runs, prompts_per_set), seeds,
-                                   out_dir / family, scorer=None, steps=n_steps, size=size)
+                                   out_dir / family, scorer=None, steps=n_steps, size=size, labels=labels)
         images.append(result.images.assign(family=family))
+        overviews[family] = result.overview(rows=4)
         families[family], sizes[family] = base.name, f"{size} px, {why}"
         engine.unload()  # the next family (or scorer) gets the GPU
     if not images:
@@ -262,9 +265,8 @@ def evaluate_runs(engine: Engine, prompts_per_set: int, seeds, out_dir: str | Pa
         (out_dir / family / "table.md").write_text(table.to_markdown() + "\n")
     summary = pd.DataFrame([row for f, t in tables.items() for row in summary_rows(f, t)])
     summary.to_csv(out_dir / "summary.csv", index=False)
-    labels = {e.name: e.label for e in catalog.entries}
     board = Scoreboard(out_dir, scores, tables, summary, plot_differences(tables, out_dir / "chart.png", labels),
-                       list(catalog.missing), sizes, labels)
+                       list(catalog.missing), sizes, labels, overviews)
     (out_dir / "summary.md").write_text("\n".join("| " + " | ".join(r) + " |" for r in board._cells()) + "\n")
     pd.DataFrame([m.__dict__ for m in catalog.missing], columns=["name", "notebook", "why"]).to_csv(
         out_dir / "missing.csv", index=False)
