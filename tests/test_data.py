@@ -351,12 +351,45 @@ def test_cache_reused_rebuilt_on_key_change_and_on_corruption(sd15, storage, cap
                                 blob[:-10] + bytes([blob[-10] ^ 1]) + blob[-9:])
         capsys.readouterr()
         fixed = data.prepare_dataset(preset, c)
-        assert fixed.cache_status["latents"] == "rebuilt" and "cache corrupt" in capsys.readouterr().out
+        assert fixed.cache_status["latents"] == "rebuilt" and "is not usable" in capsys.readouterr().out
         assert torch.equal(fixed[0]["latent_params"], params)
     assert data.prepare_dataset(preset, c).cache_status["latents"] == "reused"
     assert "latents" in data.cache_summary(fixed)
     with pytest.raises(ValueError, match="center_crop"):
         data.prepare_dataset(get_preset(preset.name, "tiny", center_crop=False), c)
+
+
+def test_a_cache_whose_values_went_bad_is_rebuilt_and_named_even_when_its_manifest_matches(sd15, storage, capsys):
+    """Issue 27, item 3: a latent cache overwritten with NaN or zero rows (its manifest written to match, as a tool
+    or an older version might) was trained on silently, or ended in a NaN stop that blamed the VAE; its values are
+    checked when it is read, and an encoder that gives NaN/inf caches nothing."""
+    from safetensors.torch import load_file, save_file
+
+    from helpers.core import files
+    preset, c = sd15
+    ds = data.prepare_dataset(preset, c)
+    folder, params = ds.cache_dirs["latents"], ds[0]["latent_params"]
+    tensors = load_file(folder / "latents.safetensors")
+    tensors["latent_params"][[2, 5]] = float("nan")
+    tensors["latent_params"][7] = 0.0
+
+    def fill(tmp):
+        save_file(tensors, tmp / "latents.safetensors")
+        (tmp / "cache.json").write_bytes((folder / "cache.json").read_bytes())
+    files.write_folder(folder, fill)
+    capsys.readouterr()
+    fixed = data.prepare_dataset(preset, c)
+    out = capsys.readouterr().out
+    assert fixed.cache_status["latents"] == "rebuilt", out
+    assert f"cache {folder} is not usable" in out and "rebuilding it" in out
+    assert "latent_params rows [2, 5] (2 of 20) are NaN/inf; latent_params rows [7] (1 of 20) are all zeros" in out
+    assert torch.equal(fixed[0]["latent_params"], params) and torch.isfinite(fixed.latents["latent_params"]).all()
+    before = sorted((storage / "cache").iterdir())
+    broken = {"latent_params": torch.full((3, 8, 8, 8), float("inf"))}
+    with pytest.raises(ValueError, match=r"building the cache .*latent_params rows \[0, 1, 2\] \(3 of 3\) are "
+                                         r"NaN/inf.*nothing was written"):
+        caches.cached("latents", {"a": 1}, 3, lambda: broken, storage)
+    assert sorted((storage / "cache").iterdir()) == before
 
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])

@@ -179,6 +179,7 @@ class Poisoned(torch.utils.data.Dataset):
 
     def __init__(self, base):
         self.base, self.armed = base, False
+        self.cache_dirs = base.cache_dirs
 
     def __len__(self):
         return len(self.base)
@@ -203,8 +204,12 @@ def test_nan_loss_stops_cleanly_and_keeps_last_good_checkpoint(storage, tmp_path
             ds.armed = t.state.step >= 7
 
     run = tmp_path / "run"
-    with pytest.raises(TrainingStopped, match=r"NaN/inf at optimizer step 8.*fp16.*learning rate"):
+    # issue 27, item 3: the inputs were NaN before the model saw them: the stop names the cache they came from,
+    # not the VAE or the learning rate
+    with pytest.raises(TrainingStopped, match=r"inputs of optimizer step 8 are NaN/inf before the model sees them: "
+                                              r"latent_params of samples \[.*\] \(from the cache .*latents-.*\)") as stop:
         Trainer(preset, c, ds, run, hooks=[LogHook(), CheckpointHook(), ArmAfter7()]).run()
+    assert "learning rate" not in str(stop.value) and f"delete {ds.cache_dirs['latents']}" in str(stop.value)
     assert [p.name for p in checkpoint.checkpoint_dirs(run)] == ["step-000005"]
     weights = load_file(str(run / "checkpoints" / "step-000005" / "trainable.safetensors"))
     assert all(torch.isfinite(v).all() for v in weights.values())

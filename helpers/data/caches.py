@@ -99,7 +99,28 @@ def _load(folder: Path, name: str, count: int) -> dict[str, torch.Tensor]:
     if info.get("version") != CACHE_VERSION or info.get("count") != count:
         raise ValueError("cache.json does not match (version or record count)")
     # in memory, as verified: a memory map would follow later changes to the file (a truncation kills with SIGBUS)
-    return load(files.read_verified(folder, tensors, manifest))
+    loaded = load(files.read_verified(folder, tensors, manifest))
+    bad = bad_values(loaded)
+    if bad:  # a manifest only says the bytes are the ones written: NaN or zeroed rows are not an encoder's output
+        raise ValueError(bad)
+    return loaded
+
+
+def bad_values(tensors: dict[str, torch.Tensor]) -> str:
+    """'' when every float tensor's rows are finite and not all zeros (no VAE latent or text embedding is), else
+    which rows of which tensor are not, e.g. "latent_params rows [2, 5] (2 of 20) are NaN/inf"."""
+    found = []
+    for key, values in tensors.items():
+        if not values.is_floating_point() or values.dim() == 0 or len(values) == 0:
+            continue
+        rows = values.reshape(len(values), -1).float()
+        for what, hit in (("are NaN/inf", ~torch.isfinite(rows).all(dim=1)),
+                          ("are all zeros", (rows == 0).all(dim=1))):
+            if hit.any():
+                where = hit.nonzero().flatten().tolist()
+                found.append(f"{key} rows {where[:10]}{' …' * (len(where) > 10)} ({len(where)} of {len(values)}) "
+                             f"{what}")
+    return "; ".join(found)
 
 
 def cached(name: str, fields: dict, count: int, build, root: Path) -> tuple[dict, str, Path]:
@@ -113,12 +134,17 @@ def cached(name: str, fields: dict, count: int, build, root: Path) -> tuple[dict
             tensors = _load(folder, name, count)
             print(f"reusing cache {folder}")
             return tensors, "reused", folder
-        except Exception as e:  # truncated file, bad checksum, missing manifest: never trust it
-            print(f"cache corrupt ({type(e).__name__}: {e}): rebuilding {folder}")
+        except Exception as e:  # truncated file, bad checksum, missing manifest, NaN values: never trust it
+            print(f"cache {folder} is not usable ({type(e).__name__}: {e}): rebuilding it")
             status = "rebuilt"
     else:
         print(f"building cache {folder}")
     tensors = build()
+    bad = bad_values(tensors)
+    if bad:
+        raise ValueError(f"building the cache {folder}: {bad}, so the encoder's output is broken (a model whose "
+                         f"weights hold NaN, or a float16 overflow); nothing was written. Check the model, then run "
+                         f"again.")
     info = {"version": CACHE_VERSION, "name": name, "count": count, "fields": fields}
 
     def fill(tmp: Path) -> None:

@@ -35,6 +35,7 @@ from .stops import (
     MAX_CONSECUTIVE_SKIPS,
     SettingsChanged,
     TrainingStopped,
+    bad_input_message,
     interrupted_message,
     nan_message,
     oom_message,
@@ -66,6 +67,24 @@ def dataset_identity(dataset) -> str | None:
     if records is None:
         return None
     return f"{len(records)} pictures and captions, {training_data_digest(records)[:16]}"
+
+
+def bad_inputs(batch: dict) -> dict[str, list[int]]:
+    """The batch's float inputs holding NaN/inf, each with the dataset indices of the samples that hold them."""
+    found = {}
+    for name, values in batch.items():
+        if torch.is_tensor(values) and values.is_floating_point() and values.dim() >= 1:
+            rows = ~torch.isfinite(values.reshape(len(values), -1)).all(dim=1)
+            if rows.any():
+                found[name] = [int(batch["index"][i]) if "index" in batch else i for i in rows.nonzero().flatten()]
+    return found
+
+
+def input_caches(dataset) -> dict[str, Path]:
+    """Batch input → the cache folder it is read from (helpers.data.dataset: `cache_dirs`)."""
+    folders = getattr(dataset, "cache_dirs", {}) or {}
+    return {name: folders[cache] for name, cache in (("latent_params", "latents"), ("prompt_embeds", "text"),
+                                                     ("pooled_prompt_embeds", "text")) if cache in folders}
 
 
 # ---------------------------------------------------------------- the loop
@@ -241,7 +260,9 @@ class Trainer:
         with self.precision.autocast():
             loss = self._loss(batch, epoch)
         if not torch.isfinite(loss):
-            raise TrainingStopped(nan_message(self.state.step, self.preset))
+            bad = bad_inputs(batch)
+            raise TrainingStopped(bad_input_message(self.state.step, bad, input_caches(self.dataset)) if bad
+                                  else nan_message(self.state.step, self.preset))
         self.accelerator.backward(self.scaler.scale(loss))
         return self.accelerator.reduce(loss.detach().float(), "mean").item()
 
