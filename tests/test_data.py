@@ -231,6 +231,31 @@ def test_folder_source_caption_layouts(tmp_path, layout):
     assert len(validate(records, 32).records) == 3
 
 
+def test_metadata_rows_naming_files_the_scan_does_not_use_are_in_the_report(tmp_path, monkeypatch):
+    """Issue 27, item 8: rows naming a file outside the folder, in a hidden folder or a non-image vanished from the
+    report; and `~/pictures` / `$HOME/pictures` were "does not exist"."""
+    d = tmp_path / "home" / "pictures"
+    (d / ".thumbs").mkdir(parents=True)
+    for path in (d / "a.png", d / ".thumbs" / "b.png", tmp_path / "outside.png"):
+        Image.new("RGB", (40, 30), "red").save(path)
+    (d / "notes.psd").write_bytes(b"8BPS not an image we read")
+    rows = {"a.png": "kept", "../../outside.png": "out", ".thumbs/b.png": "hidden", "notes.psd": "psd"}
+    (d / "metadata.jsonl").write_text("".join(json.dumps({"file_name": n, "text": c}) + "\n" for n, c in rows.items()))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    for ref in ("~/pictures", "$HOME/pictures", str(d)):
+        report = validate(sources.load_source("folder", ref), 32)
+        assert [r.caption for r in report.records] == ["kept"]
+        found = {(os.path.basename(i.key), i.code): i for i in report.issues}
+        named = [("outside.png", "outside_folder", 2), ("b.png", "hidden", 3), ("notes.psd", "not_an_image", 4)]
+        for name, code, line in named:
+            assert found[name, code].detail == f"metadata.jsonl line {line}", found
+        summary = report.summary()
+        for reason in ("outside the image folder", "hidden (a name starting with '.'", "not an image file"):
+            assert reason in summary
+    with pytest.raises(DatasetError, match=r"'~/nowhere' does not exist \(read as '.*home/nowhere'\)"):
+        sources.load_source("folder", "~/nowhere")
+
+
 def test_an_empty_dataset_reference_is_an_error_not_the_current_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     Image.new("RGB", (40, 40)).save(tmp_path / "stray.png")  # what an empty path would have picked up
