@@ -9,7 +9,6 @@ draws the same batches, noise and timesteps as one never interrupted, and so doe
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,6 +34,7 @@ from .stops import (
     MAX_CONSECUTIVE_SKIPS,
     SettingsChanged,
     TrainingStopped,
+    append_log,
     bad_input_message,
     interrupted_message,
     nan_message,
@@ -338,7 +338,10 @@ class Trainer:
             batch = batches = None
             self.optimizer.zero_grad(set_to_none=True)
             release_cuda_cache()
-            self._log_event("stopped", reason=stopped.split(";")[0])
+            try:
+                self._log_event("stopped", reason=stopped.split(";")[0])
+            except NoSpaceError:  # the disk that stopped the run cannot take the stopped event either
+                stopped += " (log.jsonl has no stopped event: the disk is full)"
             raise TrainingStopped(stopped)
         if st.step > first_step:
             st.seconds_per_step = (time.perf_counter() - t0) / (st.step - first_step)
@@ -349,5 +352,4 @@ class Trainer:
     def _log_event(self, event: str, **fields) -> None:
         if not self.is_main_process:
             return
-        with open(self.run_dir / "log.jsonl", "a") as f:
-            f.write(json.dumps({"event": event, "step": self.state.step, **fields}) + "\n")
+        append_log(self.run_dir, {"event": event, "step": self.state.step, **fields})
