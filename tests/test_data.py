@@ -417,6 +417,32 @@ def test_a_cache_whose_values_went_bad_is_rebuilt_and_named_even_when_its_manife
     assert sorted((storage / "cache").iterdir()) == before
 
 
+def test_two_builders_finishing_the_same_cache_at_once_the_second_reuses_the_first(storage, monkeypatch, capsys):
+    """Issue 27, item 8: the second builder's rename failed with "Directory not empty"."""
+    import os
+
+    from helpers.core import files
+    mine, theirs = {"x": torch.ones(3, 2)}, {"x": torch.full((3, 2), 2.0)}
+    replace, raced, pid = os.replace, [], os.getpid()
+
+    def the_other_builder_first(src, dst):  # the other builder renames its folder into place just before us
+        if os.path.basename(src).startswith(".tmp-latents-") and not raced:
+            raced.append(dst)
+            monkeypatch.setattr(os, "replace", replace)
+            monkeypatch.setattr(os, "getpid", lambda: pid + 1)  # another process: its own temp folder
+            caches.cached("latents", {"a": 1}, 3, lambda: theirs, storage)  # the other builder, start to end
+            monkeypatch.setattr(os, "getpid", lambda: pid)
+            monkeypatch.setattr(os, "replace", the_other_builder_first)
+        return replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", the_other_builder_first)
+    tensors, status, folder = caches.cached("latents", {"a": 1}, 3, lambda: mine, storage)
+    assert raced and status == "reused" and torch.equal(tensors["x"], theirs["x"])
+    assert "another builder finished cache" in capsys.readouterr().out
+    assert [p.name for p in folder.parent.iterdir()] == [folder.name]  # no temp folder left behind
+    files.verify(folder)
+
+
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
 def test_cached_items_equal_uncached_encoder_outputs(family, sd15, sdxl):
     preset, c = sd15 if family == "sd15" else sdxl

@@ -8,6 +8,7 @@ does not match its manifest (a disconnect mid-write, a truncated file) is rebuil
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 from pathlib import Path
@@ -151,7 +152,16 @@ def cached(name: str, fields: dict, count: int, build, root: Path) -> tuple[dict
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / f"{name}.safetensors"))
         (tmp / "cache.json").write_text(json.dumps(info, indent=1, default=str))
 
-    files.write_folder(folder, fill, expected_bytes=sum(v.numel() * v.element_size() for v in tensors.values()))
+    try:
+        files.write_folder(folder, fill, expected_bytes=sum(v.numel() * v.element_size() for v in tensors.values()))
+    except OSError as e:
+        # another builder (a second notebook, another VM on the same Drive) put the same cache in place between
+        # our check and our rename ("Directory not empty"): its cache has the same key, so it is used
+        if e.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not folder.exists():
+            raise
+        reused = _load(folder, name, count)
+        print(f"another builder finished cache {folder} at the same moment: reusing it")
+        return reused, "reused", folder
     return tensors, status, folder
 
 
