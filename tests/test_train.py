@@ -206,8 +206,9 @@ def test_nan_loss_stops_cleanly_and_keeps_last_good_checkpoint(storage, tmp_path
     run = tmp_path / "run"
     # issue 27, item 3: the inputs were NaN before the model saw them: the stop names the cache they came from,
     # not the VAE or the learning rate
-    with pytest.raises(TrainingStopped, match=r"inputs of optimizer step 8 are NaN/inf before the model sees them: "
-                                              r"latent_params of samples \[.*\] \(from the cache .*latents-.*\)") as stop:
+    message = (r"inputs of optimizer step 8 are NaN/inf before the model sees them: latent_params of samples \[.*\] "
+               r"\(from the cache .*latents-.*\)")
+    with pytest.raises(TrainingStopped, match=message) as stop:
         Trainer(preset, c, ds, run, hooks=[LogHook(), CheckpointHook(), ArmAfter7()]).run()
     assert "learning rate" not in str(stop.value) and f"delete {ds.cache_dirs['latents']}" in str(stop.value)
     assert [p.name for p in checkpoint.checkpoint_dirs(run)] == ["step-000005"]

@@ -146,7 +146,8 @@ def load_folder(ref: str, limit: int | None = None, seed: int = 0) -> list[Recor
     """A folder of images with captions in same-name .txt files (any case: X.TXT beside X.JPG) or in
     metadata.jsonl / metadata.csv (columns file_name + text or caption; a .txt file wins). Scanned here, not
     through `datasets`, so that every stray caption, missing file and choice made becomes a line in the report."""
-    root = Path(os.path.expandvars(os.path.expanduser(str(ref))))  # "~/pictures", "$HOME/pictures" as a shell reads them
+    # "~/pictures" and "$HOME/pictures" as a shell reads them
+    root = Path(os.path.expandvars(os.path.expanduser(str(ref))))
     if not root.is_dir():
         raise DatasetError(f"image folder {ref!r} does not exist" + (f" (read as {str(root)!r})"
                                                                      if str(root) != str(ref) else ""))
