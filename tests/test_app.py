@@ -150,6 +150,36 @@ def test_every_bad_input_gets_its_sentence(served, green, tmp_path, endpoint, ch
     assert app.jobs == 0
 
 
+def _post(app, endpoint: str, data: list) -> str:
+    """One request as curl makes it (the inputs as a bare list), and the server-sent events that answer it."""
+    import json
+
+    import requests
+    base = app.url.rstrip("/") + f"/gradio_api/call/{endpoint}"
+    event = requests.post(base, data=json.dumps({"data": data}), headers={"Content-Type": "application/json"},
+                          timeout=30).json()["event_id"]
+    return requests.get(f"{base}/{event}", timeout=120).text
+
+
+def test_a_wrong_number_of_inputs_and_a_url_without_an_upload_get_their_sentence(served):
+    """Issue 27, item 7: 3 inputs instead of 9 got `null`, 10 were drawn as if 9, and an img2img image given as a
+    URL without an uploaded file was silently drawn as text to image."""
+    app, _ = served
+    names = "model, prompt, negative_prompt, seed, steps, guidance, size, scale, count"
+    assert f"/txt2img takes 9 inputs ({names}), in this order; this request sent 3." in \
+        _post(app, "txt2img", ["SD1.5 base", "a cat", ""])
+    assert "/txt2img takes 9 inputs" in _post(app, "txt2img", ["SD1.5 base", "a cat", "", 0, 2, 7.5, 0, 1.0, 1, 5])
+    for size in ("nan", "inf"):  # JSON's NaN / Infinity, as a script sends them (gradio_client cannot)
+        assert f"image size {size} is not allowed for sd15: use a multiple of 64 px" in \
+            _post(app, "txt2img", ["SD1.5 base", "a cat", "", 0, 2, 7.5, float(size), 1.0, 1])
+    url_only = {"url": "http://127.0.0.1:9/cat.png", "meta": {"_type": "gradio.FileData"}}
+    answer = _post(app, "img2img", ["SD1.5 base", "a cat", url_only, 0.5, "", 0, 2, 7.5, 0, 1.0, 1])
+    assert "event: error" in answer and "The image to start from was not uploaded: the request names only the " \
+        "URL 'http://127.0.0.1:9/cat.png', no uploaded file" in answer
+    assert app.jobs == 0 and "event: complete" in _post(app, "txt2img", ["SD1.5 base", "a cat", "", 0, 2, 7.5, 0,
+                                                                         1.0, 1])
+
+
 def test_a_request_past_the_time_limit_is_stopped_between_steps_and_the_app_goes_on(served):
     app, client = served
     limit, app.time_limit = app.time_limit, 0.05

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +14,7 @@ import torch
 from PIL import Image
 from tiny_runs import train_tiny_ip_adapter_run, train_tiny_run
 
-from helpers.core import paths, presets
+from helpers.core import files, paths, presets
 from helpers.evaluation.clip_score import ClipScorer
 from helpers.generate import sampling
 from helpers.methods import runs
@@ -215,6 +217,87 @@ def test_save_writes_a_sheet_and_the_settings(engine, root, tmp_path):
     assert saved["request"]["models"] == ["SD1.5 base", LORA] and saved["request"]["seed"] == 2
     assert [(i["model"], i["seed"]) for i in saved["images"]] == [(m, s) for m in request.models for s in (2, 3)]
     assert saved["images"][0]["clip_score"] == pytest.approx(result.images[0].clip_score)
+
+
+# ---------------------------------------------------------------- one bad run folder (issue 27, item 1)
+
+def _relabelled(good: Path, folder: Path, **preset_values) -> Path:
+    """A copy of the finished run `good` whose run.json says `preset_values`, its manifest rewritten to match (as a
+    run exported by another version, or a folder put together by hand, would be)."""
+    shutil.copytree(good, folder)
+
+    def fill(tmp):
+        for path in (good / "final").iterdir():
+            if path.name not in (files.MANIFEST, runs.RUN_FILE):
+                shutil.copy(path, tmp / path.name)
+        info = json.loads((good / "final" / runs.RUN_FILE).read_text())
+        info["preset"].update(preset_values)
+        (tmp / runs.RUN_FILE).write_text(json.dumps(info))
+    files.write_folder(folder / "final", fill)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def broken_root(root, tmp_path_factory):
+    """The finished LoRA run, and beside it one folder per way a run folder goes bad."""
+    broken = tmp_path_factory.mktemp("broken-storage")
+    good = root / "runs" / LORA
+    shutil.copytree(good, broken / "runs" / LORA)
+
+    def copy(name: str) -> Path:
+        shutil.copytree(good, broken / "runs" / name)
+        return broken / "runs" / name / "final"
+
+    copy("garbage-run-json").joinpath(runs.RUN_FILE).write_bytes(b"\x00\x93 not json {")
+    for name, change in (("lacks-a-field", lambda p: p.pop("resolution")),
+                         ("refused-value", lambda p: p.update(batch_size=0))):
+        final = copy(name)
+        info = json.loads((final / runs.RUN_FILE).read_text())
+        change(info["preset"])
+        (final / runs.RUN_FILE).write_text(json.dumps(info))
+    weights = copy("truncated-weights") / "pytorch_lora_weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    for path in copy("empty-final").iterdir():
+        path.unlink()
+    _relabelled(good, broken / "runs" / "other-method", method="crossattn")
+    sdxl = presets.get_preset("sdxl_lora_naruto_1024", "tiny")  # the SDXL base's model and VAE
+    _relabelled(good, broken / "runs" / "other-family", family="sdxl", model=sdxl.model, vae=sdxl.vae)
+    return broken
+
+
+def test_a_bad_run_folder_is_listed_with_its_folder_and_reason_and_the_scan_goes_on(broken_root):
+    """A garbage run.json, a missing field or a value today's rules refuse made the scan raise (the app did not
+    start); truncated weights, an empty final/ or a run.json of another method were listed as drawable."""
+    catalog = Catalog.scan("tiny", broken_root)
+    assert catalog.names() == ["SD1.5 base", "SDXL base", "other-family", LORA]  # its manifest holds: a load decides
+    why = {m.name: m.why for m in catalog.missing}
+    final = {name: broken_root / "runs" / name / "final" for name in why}
+    for name, reason in (("garbage-run-json", f"{final['garbage-run-json'] / 'run.json'} cannot be read"),
+                         ("lacks-a-field", "lacks the preset fields ['resolution']"),
+                         ("refused-value", "values today's rules refuse: batch_size=0: a whole number ≥ 1"),
+                         ("truncated-weights", "pytorch_lora_weights.safetensors does not match its checksum"),
+                         ("empty-final", f"{final['empty-final']} has no run.json"),
+                         ("other-method", "crossattn_weights.safetensors is missing (its run.json says a "
+                                          "'crossattn' run on sd15)")):
+        assert why[name].startswith("not drawable: ") and reason in why[name], (name, why[name])
+        assert str(final[name]) in why[name], why[name]  # the folder, named
+
+
+@pytest.mark.slow  # loads both families' pipelines twice (≈ 5 s)
+def test_a_run_that_does_not_load_never_takes_its_base_model_down(broken_root, root):
+    """A run whose files do not fit its run.json (an SD1.5 LoRA labelled SDXL) made "SDXL base" and every SDXL run
+    undrawable; now it alone is refused, with its folder, and the base draws as if it were not there."""
+    engine = Engine(Catalog.scan("tiny", broken_root), scorer=None, device="cpu")
+    request = Request("a photo of a cat", ("SDXL base",), steps=2, size=64)
+    with pytest.warns(UserWarning, match="other-family is left out: .*other-family/final does not load into the "
+                                         "sdxl pipeline"):
+        drawn = engine.generate(request).images[0].image
+    clean = Engine(Catalog.scan("tiny", root), scorer=None, device="cpu").generate(request).images[0].image
+    assert np.array_equal(_array(drawn), _array(clean))  # nothing of the failed load stayed in the pipeline
+    with pytest.raises(RequestError, match="other-family cannot be drawn: .*size mismatch"):
+        engine.generate(dataclasses.replace(request, models=("other-family",)))
+    both = engine.generate(Request("a photo of a cat", ("SD1.5 base", LORA), steps=2, size=64))
+    assert [d.model for d in both.images] == ["SD1.5 base", LORA]
 
 
 # ---------------------------------------------------------------- an image-conditioned run (notebook 04)

@@ -231,6 +231,31 @@ def test_folder_source_caption_layouts(tmp_path, layout):
     assert len(validate(records, 32).records) == 3
 
 
+def test_metadata_rows_naming_files_the_scan_does_not_use_are_in_the_report(tmp_path, monkeypatch):
+    """Issue 27, item 8: rows naming a file outside the folder, in a hidden folder or a non-image vanished from the
+    report; and `~/pictures` / `$HOME/pictures` were "does not exist"."""
+    d = tmp_path / "home" / "pictures"
+    (d / ".thumbs").mkdir(parents=True)
+    for path in (d / "a.png", d / ".thumbs" / "b.png", tmp_path / "outside.png"):
+        Image.new("RGB", (40, 30), "red").save(path)
+    (d / "notes.psd").write_bytes(b"8BPS not an image we read")
+    rows = {"a.png": "kept", "../../outside.png": "out", ".thumbs/b.png": "hidden", "notes.psd": "psd"}
+    (d / "metadata.jsonl").write_text("".join(json.dumps({"file_name": n, "text": c}) + "\n" for n, c in rows.items()))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    for ref in ("~/pictures", "$HOME/pictures", str(d)):
+        report = validate(sources.load_source("folder", ref), 32)
+        assert [r.caption for r in report.records] == ["kept"]
+        found = {(os.path.basename(i.key), i.code): i for i in report.issues}
+        named = [("outside.png", "outside_folder", 2), ("b.png", "hidden", 3), ("notes.psd", "not_an_image", 4)]
+        for name, code, line in named:
+            assert found[name, code].detail == f"metadata.jsonl line {line}", found
+        summary = report.summary()
+        for reason in ("outside the image folder", "hidden (a name starting with '.'", "not an image file"):
+            assert reason in summary
+    with pytest.raises(DatasetError, match=r"'~/nowhere' does not exist \(read as '.*home/nowhere'\)"):
+        sources.load_source("folder", "~/nowhere")
+
+
 def test_an_empty_dataset_reference_is_an_error_not_the_current_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     Image.new("RGB", (40, 40)).save(tmp_path / "stray.png")  # what an empty path would have picked up
@@ -351,12 +376,71 @@ def test_cache_reused_rebuilt_on_key_change_and_on_corruption(sd15, storage, cap
                                 blob[:-10] + bytes([blob[-10] ^ 1]) + blob[-9:])
         capsys.readouterr()
         fixed = data.prepare_dataset(preset, c)
-        assert fixed.cache_status["latents"] == "rebuilt" and "cache corrupt" in capsys.readouterr().out
+        assert fixed.cache_status["latents"] == "rebuilt" and "is not usable" in capsys.readouterr().out
         assert torch.equal(fixed[0]["latent_params"], params)
     assert data.prepare_dataset(preset, c).cache_status["latents"] == "reused"
     assert "latents" in data.cache_summary(fixed)
     with pytest.raises(ValueError, match="center_crop"):
         data.prepare_dataset(get_preset(preset.name, "tiny", center_crop=False), c)
+
+
+def test_a_cache_whose_values_went_bad_is_rebuilt_and_named_even_when_its_manifest_matches(sd15, storage, capsys):
+    """Issue 27, item 3: a latent cache overwritten with NaN or zero rows (its manifest written to match, as a tool
+    or an older version might) was trained on silently, or ended in a NaN stop that blamed the VAE; its values are
+    checked when it is read, and an encoder that gives NaN/inf caches nothing."""
+    from safetensors.torch import load_file, save_file
+
+    from helpers.core import files
+    preset, c = sd15
+    ds = data.prepare_dataset(preset, c)
+    folder, params = ds.cache_dirs["latents"], ds[0]["latent_params"]
+    tensors = load_file(folder / "latents.safetensors")
+    tensors["latent_params"][[2, 5]] = float("nan")
+    tensors["latent_params"][7] = 0.0
+
+    def fill(tmp):
+        save_file(tensors, tmp / "latents.safetensors")
+        (tmp / "cache.json").write_bytes((folder / "cache.json").read_bytes())
+    files.write_folder(folder, fill)
+    capsys.readouterr()
+    fixed = data.prepare_dataset(preset, c)
+    out = capsys.readouterr().out
+    assert fixed.cache_status["latents"] == "rebuilt", out
+    assert f"cache {folder} is not usable" in out and "rebuilding it" in out
+    assert "latent_params rows [2, 5] (2 of 20) are NaN/inf; latent_params rows [7] (1 of 20) are all zeros" in out
+    assert torch.equal(fixed[0]["latent_params"], params) and torch.isfinite(fixed.latents["latent_params"]).all()
+    before = sorted((storage / "cache").iterdir())
+    broken = {"latent_params": torch.full((3, 8, 8, 8), float("inf"))}
+    with pytest.raises(ValueError, match=r"building the cache .*latent_params rows \[0, 1, 2\] \(3 of 3\) are "
+                                         r"NaN/inf.*nothing was written"):
+        caches.cached("latents", {"a": 1}, 3, lambda: broken, storage)
+    assert sorted((storage / "cache").iterdir()) == before
+
+
+def test_two_builders_finishing_the_same_cache_at_once_the_second_reuses_the_first(storage, monkeypatch, capsys):
+    """Issue 27, item 8: the second builder's rename failed with "Directory not empty"."""
+    import os
+
+    from helpers.core import files
+    mine, theirs = {"x": torch.ones(3, 2)}, {"x": torch.full((3, 2), 2.0)}
+    replace, raced, pid = os.replace, [], os.getpid()
+
+    def the_other_builder_first(src, dst):  # the other builder renames its folder into place just before us
+        if os.path.basename(src).startswith(".tmp-latents-") and not raced:
+            raced.append(dst)
+            monkeypatch.setattr(os, "replace", replace)
+            monkeypatch.setattr(os, "getpid", lambda: pid + 1)  # another process: its own temp folder
+            caches.cached("latents", {"a": 1}, 3, lambda: theirs, storage)  # the other builder, start to end
+            monkeypatch.setattr(os, "getpid", lambda: pid)
+            monkeypatch.setattr(os, "replace", the_other_builder_first)
+        return replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", the_other_builder_first)
+    tensors, status, folder = caches.cached("latents", {"a": 1}, 3, lambda: mine, storage)
+    assert raced and status == "reused" and torch.equal(tensors["x"], theirs["x"])
+    assert "another builder finished cache" in capsys.readouterr().out
+    assert [p.name for p in folder.parent.iterdir()] == [folder.name]  # no temp folder left behind
+    files.verify(folder)
 
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])

@@ -159,3 +159,37 @@ def test_the_study_reuses_evaluation_images_and_the_demo_keeps_its_own_csv(engin
     saved = pd.read_csv(panel.study.csv_path)
     assert len(saved) == 2 and saved["rater"].str.contains("not a person").all()
     assert "win rate" in panel.results.value
+
+
+def test_a_broken_answers_file_is_a_sentence_in_the_study_panel_not_an_exception(engine, root, tmp_path):
+    """Issue 27, item 6: an answers file of another layout, or with garbage lines, made Start raise out of the
+    widget (the study could not start); now the panel names the file and line, and keeps the good answers."""
+    from helpers.studio.study import study_csv
+    images = {}
+    for variant, colour in (("SD1.5 base", 40), (LORA, 200)):
+        for seed in (0, 1):
+            images[variant, seed] = tmp_path / f"{variant}-{seed}.png"
+            Image.new("RGB", (64, 64), (colour, seed * 50, 0)).save(images[variant, seed])
+    scores = pd.DataFrame([dict(image_path=str(images[v, s]), prompt_set="generic", split="generic",
+                                prompt="a red house", seed=s, variant=v, clip_model="clip", score=10.0 + s)
+                           for v in ("SD1.5 base", LORA) for s in (0, 1)])
+    path = study_csv(engine, "SD1.5 base", LORA)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00garbage")
+        panel = StudyPanel(engine, scores=scores)
+        panel.rater.value = "ada"
+        panel.start.click()  # raised before: the exception escaped the widget
+        assert f"{path}, line 1: the header is not the A/B study" in panel.message.value.replace("&#x27;", "'")
+        assert panel.shown is None and panel.buttons["left"].disabled
+        path.unlink()
+        panel.start.click()
+        panel.buttons["left"].click()
+        with open(path, "ab") as f:
+            f.write(b"\x00\xff garbage line\r\n")
+        with pytest.warns(UserWarning, match="line 3: it holds bytes that are not text"):
+            panel.buttons["right"].click()
+        assert "line 3: it holds bytes that are not text" in panel.message.value
+        assert "2 of 2" in panel.counter.value and list(panel.study.answers()["choice"]) == ["left", "right"]
+    finally:
+        path.unlink(missing_ok=True)

@@ -102,3 +102,21 @@ def test_the_arithmetic_in_the_preset_comments():
             if per:
                 assert abs(float(per[1]) - per_epoch) < 0.05 and abs(int(per[2]) - 5 * per_epoch) < 1, name
                 assert abs(p.max_steps - 5 * per_epoch) < 2, name
+
+
+def test_every_numeric_field_has_a_range_checked_when_the_preset_is_made():
+    """Issue 27, item 4: max_grad_norm −1 trained by gradient ascent, snr_gamma −5 ran the loss to −309, snr_gamma 0
+    trained nothing (loss 0) and exported the untouched weights, NaN max_grad_norm / noise_offset ended in a NaN stop
+    that blamed the VAE. Every numeric field of Preset has a rule now; a new one without a rule fails here."""
+    numeric = [f.name for f in dataclasses.fields(presets.Preset) if f.type.split(" |")[0] in ("int", "float")]
+    assert sorted(numeric) == sorted(presets.NUMBER_RULES)
+    for field in numeric:
+        for bad in (float("nan"), float("inf"), -1):
+            with pytest.raises(ValueError, match=f"{field}[= ]{bad!r}"):  # resolution: the family's size rule
+                get_preset("prior_diffusion_cifar10", "tiny", **{field: bad})
+    for field, bad in (("max_grad_norm", -1.0), ("snr_gamma", -5.0), ("snr_gamma", 0.0), ("noise_offset", 2.0),
+                       ("max_grad_norm", float("nan")), ("noise_offset", float("nan")), ("seed", 2**32)):
+        with pytest.raises(ValueError, match=f"{field}={bad!r}: "):
+            get_preset("sd15_xattn_cifar10", "tiny", **{field: bad})
+    assert get_preset("sd15_xattn_cifar10", "tiny", snr_gamma=None, noise_offset=0.0).snr_gamma is None
+    assert get_preset("sd15_xattn_cifar10", "tiny", snr_gamma=5.0, noise_offset=0.05, max_grad_norm=0.5).snr_gamma == 5

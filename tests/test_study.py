@@ -8,7 +8,15 @@ import pandas as pd
 import pytest
 
 from helpers.evaluation.stats import wilson
-from helpers.studio.study import ANSWER_COLUMNS, Pair, Study, pairs_from_scores, scripted_answers, study_results
+from helpers.studio.study import (
+    ANSWER_COLUMNS,
+    AnswersFileError,
+    Pair,
+    Study,
+    pairs_from_scores,
+    scripted_answers,
+    study_results,
+)
 
 
 def make_pairs(n=12, sets=("train", "generic")):
@@ -44,13 +52,89 @@ def test_answers_record_the_true_variant_behind_each_side_and_resume(tmp_path):
     saved = pd.read_csv(path)
     assert list(saved.columns) == list(ANSWER_COLUMNS) and list(saved["winner"]) == [shown.right, "tie"]
     assert (saved["left"] != saved["right"]).all()
-    with open(path, "a") as f:  # a line cut short by a disconnect is skipped, not fatal
+    with open(path, "a") as f:  # a line cut short by a disconnect is skipped (and named), not fatal
         f.write("2024-01-01T00:00:00,A vs B,ada,train|prompt 5|2,train,prompt 5,2,A,B,le")
-    assert len(again.answers()) == 2
+    with pytest.warns(UserWarning, match="line 4: it has 10 cells"):
+        assert len(again.answers()) == 2
     with pytest.raises(ValueError, match="Type your name"):
         study.next("  ")
     with pytest.raises(ValueError, match="choice must be one of"):
         study.record("ada", second, "both")
+
+
+def answer_all(study, rater, choices):
+    for choice in choices:
+        study.record(rater, study.next(rater), choice)
+
+
+def test_an_answer_after_a_line_cut_by_a_crash_is_kept_and_the_cut_line_named(tmp_path):
+    """Issue 27, item 6: the next answer was appended to the cut line (no newline ended it) and lost with it."""
+    path = tmp_path / "ab.csv"
+    study = Study(make_pairs(6), "A", "B", path, seed=1)
+    answer_all(study, "ada", ["left", "right"])
+    with open(path, "a") as f:  # the crash: a line without its end
+        f.write('2024-01-01T00:00:00,A vs B,ada,"train|prompt 5|2",train,"prompt 5, cut')
+    with pytest.warns(UserWarning) as caught:  # reading the file to find ada's next pair names the cut line once
+        answer_all(study, "ada", ["tie"])
+        answers = study.answers()
+    assert list(answers["choice"]) == ["left", "right", "tie"] and study.progress("ada") == "3 of 6 answered by ada"
+    assert [str(w.message) for w in caught] == study.notes and len(study.notes) == 1
+    assert study.notes[0].startswith(f"{path}, line 4: it has 6 cells where the header has 13 (cut short")
+    answer_all(study, "ada", ["left"])  # the next answers follow on lines of their own
+    assert len(study.answers()) == 4 and len(study.notes) == 1
+
+
+def test_an_answers_file_of_another_layout_is_refused_by_name_never_ignored_or_appended_to(tmp_path):
+    path = tmp_path / "ab.csv"
+    path.write_text("time,rater,choice\n2024-01-01T00:00:00,ada,left\n")
+    study = Study(make_pairs(4), "A", "B", path)
+    message = rf"{path}, line 1: the header is not the A/B study's \(it lacks study, pair, .*clip_right\)"
+    with pytest.raises(AnswersFileError, match=message):
+        study.answers()
+    with pytest.raises(AnswersFileError, match=message):
+        study.record("ada", Study(make_pairs(4), "A", "B", tmp_path / "other.csv").next("ada"), "left")
+    assert path.read_text() == "time,rater,choice\n2024-01-01T00:00:00,ada,left\n"  # nothing appended
+    # the same columns in another order, with a column of the rater's own and a BOM (a spreadsheet's save): read
+    # by name, and new answers appended in the file's own order
+    reordered = tmp_path / "reordered.csv"
+    Study(make_pairs(4), "A", "B", reordered).record("ada", Study(make_pairs(4), "A", "B", reordered).next("ada"),
+                                                      "left")
+    frame = pd.read_csv(reordered)
+    frame["note"] = "x"
+    columns = ["note"] + list(reversed(ANSWER_COLUMNS))
+    reordered.write_text("\ufeff" + frame[columns].to_csv(index=False), encoding="utf-8")
+    study = Study(make_pairs(4), "A", "B", reordered)
+    answer_all(study, "ada", ["tie"])
+    assert list(study.answers()["choice"]) == ["left", "tie"] and study.notes == []
+    assert list(pd.read_csv(reordered, encoding="utf-8-sig").columns) == columns
+
+
+def test_bad_cells_and_binary_garbage_are_left_out_with_file_and_line(tmp_path):
+    path = tmp_path / "ab.csv"
+    study = Study(make_pairs(8), "A", "B", path, seed=2)
+    answer_all(study, "ada", ["left", "right", "tie", "left"])
+    lines = path.read_bytes().split(b"\r\n")
+    lines[2] = lines[2].replace(b",ada,", b",ada,", 1).rsplit(b",", 1)[0] + b",abc"  # clip_right "abc"
+    cells = lines[3].split(b",")
+    cells[6] = b"two"  # seed
+    lines[3] = b",".join(cells)
+    lines.insert(4, b"\x00\x00\xff\xfe garbage \x89PNG\x00")
+    path.write_bytes(b"\r\n".join(lines))
+    with pytest.warns(UserWarning):
+        answers = study.answers()
+    assert len(answers) == 2  # lines 2 and 6 (the first and the fourth answer) are whole
+    assert study.notes == [
+        f"{path}, line 3: its clip_right 'abc' is not a number; this line is left out of the results (the other "
+        "lines' answers are kept).",
+        f"{path}, line 4: its seed 'two' is not a whole number; this line is left out of the results (the other "
+        "lines' answers are kept).",
+        f"{path}, line 5: it holds bytes that are not text (binary garbage); this line is left out of the results "
+        "(the other lines' answers are kept)."]
+    # another study's lines in the same file are not this study's answers: skipped without a word
+    other = Study(make_pairs(8), "B", "A", path)
+    other.record("bob", other.next("bob"), "left")
+    study.answers()
+    assert len(study.notes) == 3
 
 
 def test_statistics_match_a_hand_computation():

@@ -179,6 +179,7 @@ class Poisoned(torch.utils.data.Dataset):
 
     def __init__(self, base):
         self.base, self.armed = base, False
+        self.cache_dirs = base.cache_dirs
 
     def __len__(self):
         return len(self.base)
@@ -203,12 +204,49 @@ def test_nan_loss_stops_cleanly_and_keeps_last_good_checkpoint(storage, tmp_path
             ds.armed = t.state.step >= 7
 
     run = tmp_path / "run"
-    with pytest.raises(TrainingStopped, match=r"NaN/inf at optimizer step 8.*fp16.*learning rate"):
+    # issue 27, item 3: the inputs were NaN before the model saw them: the stop names the cache they came from,
+    # not the VAE or the learning rate
+    message = (r"inputs of optimizer step 8 are NaN/inf before the model sees them: latent_params of samples \[.*\] "
+               r"\(from the cache .*latents-.*\)")
+    with pytest.raises(TrainingStopped, match=message) as stop:
         Trainer(preset, c, ds, run, hooks=[LogHook(), CheckpointHook(), ArmAfter7()]).run()
+    assert "learning rate" not in str(stop.value) and f"delete {ds.cache_dirs['latents']}" in str(stop.value)
     assert [p.name for p in checkpoint.checkpoint_dirs(run)] == ["step-000005"]
     weights = load_file(str(run / "checkpoints" / "step-000005" / "trainable.safetensors"))
     assert all(torch.isfinite(v).all() for v in weights.values())
     assert read_log(run)[-1]["event"] == "stopped"
+
+
+def test_a_full_disk_while_appending_the_log_stops_with_the_folder_named(storage, tmp_path, monkeypatch):
+    """Issue 27, item 8: a full disk while appending to log.jsonl gave a bare "No space left on device" (no folder,
+    no stop); now the run stops like any other stop, naming the folder, with whole lines in its log."""
+    import errno
+    import os
+    preset = small_preset(max_steps=10)
+    c = load_components(preset)
+    ds = data.prepare_dataset(preset, c)
+    write, full = os.write, {"after": 7}
+
+    def write_on_a_full_disk(fd, data):  # the disk fills once step 7 is logged: log.jsonl gets a few bytes, no more
+        if os.readlink(f"/proc/self/fd/{fd}").endswith("log.jsonl") and full["after"] < 0:
+            write(fd, data[:5])
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write(fd, data)
+
+    class FillAfter7(Hook):
+        def on_step(self, t):
+            full["after"] = 7 - t.state.step
+
+    monkeypatch.setattr(os, "write", write_on_a_full_disk)
+    run = tmp_path / "run"
+    with pytest.raises(TrainingStopped, match=rf"the disk holding {run} is full: log.jsonl could not be appended "
+                                              r"\(step 8\)\..*training resumes from the last checkpoint") as stop:
+        Trainer(preset, c, ds, run, hooks=[FillAfter7(), LogHook(), CheckpointHook()]).run()
+    assert "log.jsonl has no stopped event: the disk is full" in str(stop.value)
+    monkeypatch.setattr(os, "write", write)
+    assert [r["step"] for r in read_log(run)] == list(range(1, 8))  # whole lines: the cut one is gone
+    assert (run / "log.jsonl").read_text().endswith("\n")
+    assert [p.name for p in checkpoint.checkpoint_dirs(run)] == ["step-000005"]
 
 
 def test_checkpoint_refuses_non_finite_weights(tmp_path):

@@ -4,6 +4,8 @@ diffusers' models from them, and the image-size rule of every generation and tra
 """
 from __future__ import annotations
 
+import math
+
 # Copied from the Hub config.json files (we may not download them): stable-diffusion-v1-5/stable-diffusion-v1-5
 # unet/config.json, stabilityai/stable-diffusion-xl-base-1.0 unet/config.json, vae/config.json (identical layout in
 # both and in madebyollin/sdxl-vae-fp16-fix, whose sample_size 512 sets diffusers' VAE tile to 512 px),
@@ -61,7 +63,8 @@ def check_image_size(size: int, family: str, what: str = "image size") -> int:
     """The one image-size rule (presets, evaluation, explorer, app): a positive multiple of the family's multiple."""
     multiple = image_size_multiple(family)
     if not isinstance(size, int) or isinstance(size, bool) or size < multiple or size % multiple:
-        near = max(multiple, round(size / multiple) * multiple) if isinstance(size, (int, float)) else multiple
+        finite = isinstance(size, (int, float)) and not isinstance(size, bool) and math.isfinite(size)
+        near = max(multiple, round(size / multiple) * multiple) if finite else multiple
         raise ValueError(f"{what} {size!r} is not allowed for {family}: use a multiple of {multiple} px "
                          f"(e.g. {near})")
     return size

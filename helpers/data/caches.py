@@ -8,6 +8,7 @@ does not match its manifest (a disconnect mid-write, a truncated file) is rebuil
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 from pathlib import Path
@@ -99,7 +100,28 @@ def _load(folder: Path, name: str, count: int) -> dict[str, torch.Tensor]:
     if info.get("version") != CACHE_VERSION or info.get("count") != count:
         raise ValueError("cache.json does not match (version or record count)")
     # in memory, as verified: a memory map would follow later changes to the file (a truncation kills with SIGBUS)
-    return load(files.read_verified(folder, tensors, manifest))
+    loaded = load(files.read_verified(folder, tensors, manifest))
+    bad = bad_values(loaded)
+    if bad:  # a manifest only says the bytes are the ones written: NaN or zeroed rows are not an encoder's output
+        raise ValueError(bad)
+    return loaded
+
+
+def bad_values(tensors: dict[str, torch.Tensor]) -> str:
+    """'' when every float tensor's rows are finite and not all zeros (no VAE latent or text embedding is), else
+    which rows of which tensor are not, e.g. "latent_params rows [2, 5] (2 of 20) are NaN/inf"."""
+    found = []
+    for key, values in tensors.items():
+        if not values.is_floating_point() or values.dim() == 0 or len(values) == 0:
+            continue
+        rows = values.reshape(len(values), -1).float()
+        for what, hit in (("are NaN/inf", ~torch.isfinite(rows).all(dim=1)),
+                          ("are all zeros", (rows == 0).all(dim=1))):
+            if hit.any():
+                where = hit.nonzero().flatten().tolist()
+                found.append(f"{key} rows {where[:10]}{' …' * (len(where) > 10)} ({len(where)} of {len(values)}) "
+                             f"{what}")
+    return "; ".join(found)
 
 
 def cached(name: str, fields: dict, count: int, build, root: Path) -> tuple[dict, str, Path]:
@@ -113,19 +135,33 @@ def cached(name: str, fields: dict, count: int, build, root: Path) -> tuple[dict
             tensors = _load(folder, name, count)
             print(f"reusing cache {folder}")
             return tensors, "reused", folder
-        except Exception as e:  # truncated file, bad checksum, missing manifest: never trust it
-            print(f"cache corrupt ({type(e).__name__}: {e}): rebuilding {folder}")
+        except Exception as e:  # truncated file, bad checksum, missing manifest, NaN values: never trust it
+            print(f"cache {folder} is not usable ({type(e).__name__}: {e}): rebuilding it")
             status = "rebuilt"
     else:
         print(f"building cache {folder}")
     tensors = build()
+    bad = bad_values(tensors)
+    if bad:
+        raise ValueError(f"building the cache {folder}: {bad}, so the encoder's output is broken (a model whose "
+                         f"weights hold NaN, or a float16 overflow); nothing was written. Check the model, then run "
+                         f"again.")
     info = {"version": CACHE_VERSION, "name": name, "count": count, "fields": fields}
 
     def fill(tmp: Path) -> None:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / f"{name}.safetensors"))
         (tmp / "cache.json").write_text(json.dumps(info, indent=1, default=str))
 
-    files.write_folder(folder, fill, expected_bytes=sum(v.numel() * v.element_size() for v in tensors.values()))
+    try:
+        files.write_folder(folder, fill, expected_bytes=sum(v.numel() * v.element_size() for v in tensors.values()))
+    except OSError as e:
+        # another builder (a second notebook, another VM on the same Drive) put the same cache in place between
+        # our check and our rename ("Directory not empty"): its cache has the same key, so it is used
+        if e.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not folder.exists():
+            raise
+        reused = _load(folder, name, count)
+        print(f"another builder finished cache {folder} at the same moment: reusing it")
+        return reused, "reused", folder
     return tensors, status, folder
 
 

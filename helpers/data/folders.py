@@ -146,9 +146,11 @@ def load_folder(ref: str, limit: int | None = None, seed: int = 0) -> list[Recor
     """A folder of images with captions in same-name .txt files (any case: X.TXT beside X.JPG) or in
     metadata.jsonl / metadata.csv (columns file_name + text or caption; a .txt file wins). Scanned here, not
     through `datasets`, so that every stray caption, missing file and choice made becomes a line in the report."""
-    root = Path(ref)
+    # "~/pictures" and "$HOME/pictures" as a shell reads them
+    root = Path(os.path.expandvars(os.path.expanduser(str(ref))))
     if not root.is_dir():
-        raise DatasetError(f"image folder {ref!r} does not exist")
+        raise DatasetError(f"image folder {ref!r} does not exist" + (f" (read as {str(root)!r})"
+                                                                     if str(root) != str(ref) else ""))
     files, records = _walk(root)
     meta_rows, per_image, notes = _metadata(files)
     records += notes
@@ -162,9 +164,25 @@ def load_folder(ref: str, limit: int | None = None, seed: int = 0) -> list[Recor
             records.append(_note(txt, "error", "orphan_caption", "caption file with no image beside it",
                                  f"no {txt.stem}.png/.jpg/…"))
         txts.setdefault(txt.with_suffix(""), txt)
+    scanned, top = set(images), os.path.realpath(root)
     for path, (_, where) in meta_rows.items():
+        if path in scanned:
+            continue
         if not path.is_file():
             records.append(_note(path, "error", "missing_file", "named in the metadata but does not exist", where))
+        elif os.path.commonpath([os.path.realpath(path), top]) != top:
+            records.append(_note(path, "error", "outside_folder", "named in the metadata but outside the image "
+                                                                  f"folder {root}: not used", where))
+        elif path.is_relative_to(root) and any(part.startswith(".") for part in path.relative_to(root).parts):
+            records.append(_note(path, "error", "hidden", "named in the metadata but hidden (a name starting with "
+                                                          "'.', skipped by the scan): not used", where))
+        elif path.suffix.lower() not in IMAGE_EXTENSIONS:
+            records.append(_note(path, "error", "not_an_image", "named in the metadata but not an image file "
+                                 f"({', '.join(sorted(IMAGE_EXTENSIONS))}): not used", where))
+        else:
+            records.append(_note(path, "error", "not_scanned", "named in the metadata but not among the scanned "
+                                                               "images (an unreadable folder): "
+                                                               "not used", where))
     found = []
     for path in images[:limit] if limit is not None else images:
         row, where = meta_rows.get(path, ({}, ""))

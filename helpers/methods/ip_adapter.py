@@ -253,6 +253,11 @@ class EmbeddedDataset(torch.utils.data.Dataset):
         """The wrapped dataset's text cache: with it, training never runs the text encoder (Trainer.idle_modules)."""
         return getattr(self.dataset, "text", None)
 
+    @property
+    def cache_dirs(self) -> dict:
+        """The wrapped dataset's cache folders (a NaN stop names the one a bad input came from)."""
+        return getattr(self.dataset, "cache_dirs", {})
+
     def set_epoch(self, epoch: int) -> None:
         self.dataset.set_epoch(epoch)
 

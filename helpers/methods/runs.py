@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import json
 import weakref
-from dataclasses import asdict, fields
+from dataclasses import MISSING, asdict, fields
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
+from ..core import files
 from ..core.notices import LORA_WITHOUT_TEXT_ENCODER, SECOND_ADAPTER, expected
 from ..core.presets import Preset
 from ..data.embeddings import embed_dim
@@ -31,6 +32,10 @@ from .registry import make_method
 RUN_FILE = "run.json"  # in final/: the preset the run was trained with
 
 
+class RunError(ValueError):
+    """A finished run that cannot be used; the message names its folder and why, in one sentence."""
+
+
 def write_run_info(final_dir: Path, preset: Preset) -> Path:
     path = Path(final_dir) / RUN_FILE
     path.write_text(json.dumps({"preset": asdict(preset)}, indent=2))
@@ -38,14 +43,53 @@ def write_run_info(final_dir: Path, preset: Preset) -> Path:
 
 
 def run_preset(folder: Path) -> Preset:
-    """The preset a finished run was trained with (from final/run.json)."""
+    """The preset a finished run was trained with (from final/run.json); RunError when that file is not a run.json
+    this version can use (not JSON, fields missing, values today's rules refuse)."""
     path = Path(folder) / "final" / RUN_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{folder} is not a finished run: {path} is missing (train it to the end first)")
-    values = json.loads(path.read_text())["preset"]
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RunError(f"{path} cannot be read ({type(e).__name__}: {e})") from None
+    values = info.get("preset") if isinstance(info, dict) else None
+    if not isinstance(values, dict):
+        raise RunError(f"{path} holds no preset (it is not a run.json written by a training run)")
     known = {f.name for f in fields(Preset)}
+    absent = sorted(f.name for f in fields(Preset) if f.name not in values and f.default is MISSING)
+    if absent:
+        raise RunError(f"{path} lacks the preset fields {absent} (written by another version, or edited)")
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in known}
-    return Preset(**values)
+    try:
+        return Preset(**values)
+    except (TypeError, ValueError) as e:
+        reasons = str(e).split(":\n  ", 1)[-1].replace("\n  ", "; ")
+        raise RunError(f"{path} holds values today's rules refuse: {reasons}") from None
+
+
+def first_line(error: BaseException) -> str:
+    """An exception's message in one line: its first line, with the next one when the first only introduces it
+    ("Error(s) in loading state_dict for UNet2DConditionModel:")."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()] or ["no message"]
+    return f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
+
+
+# What each drawable method's loader reads from final/ (besides run.json).
+RUN_FILES = {"crossattn": (CROSSATTN_FILE,), "lora": (LORA_FILE,), "ip_adapter": (LORA_FILE, IP_ADAPTER_FILE)}
+
+
+def checked_run(folder: Path) -> Preset:
+    """The preset of a finished run whose final/ is whole: run.json reads and holds a valid preset, final/'s
+    manifest verifies (every file's size and sha256, run.json included) and the files its method's loader reads
+    are there. A RunError naming the folder and why otherwise."""
+    preset = run_preset(folder)
+    final = Path(folder) / "final"
+    try:
+        files.verify(final, RUN_FILES.get(preset.method, ()))
+    except files.FolderError as e:
+        why = str(e).split(": ", 1)[-1]
+        raise RunError(f"{final}: {why} (its run.json says a {preset.method!r} run on {preset.family})") from None
+    return preset
 
 
 def is_finished(folder: Path) -> bool:
@@ -173,9 +217,20 @@ class RunSet:
         if preset.method not in LOADERS:
             raise ValueError(f"{folder.name} is a {preset.method!r} run, which draws no pictures in a pipeline "
                              f"(drawable: {sorted(LOADERS)})")
-        self.loaded[name] = (method, LOADERS[preset.method](self.pipe, folder / "final", name))
+        try:
+            self.loaded[name] = (method, LOADERS[preset.method](self.pipe, folder / "final", name))
+        except Exception as e:  # a run.json that does not fit its files: leave the pipeline as it was
+            self._remove_adapter(name)
+            raise RunError(f"{folder / 'final'} does not load into the {family} pipeline ({type(e).__name__}: "
+                           f"{first_line(e)})") from e
         self.use(None)
         return name
+
+    def _remove_adapter(self, name: str) -> None:
+        """Take out whatever a failed load of run `name` put into the pipeline (a half-installed LoRA adapter)."""
+        adapters = getattr(self.pipe, "get_list_adapters", lambda: {})()
+        if any(name in names for names in adapters.values()):
+            self.pipe.delete_adapters(name)
 
     def use(self, name: str | None, scale: float = 1.0) -> None:
         """Switch the pipeline to run `name` at LoRA/weight scale `scale`; None = the base model."""

@@ -27,6 +27,7 @@ Rules this module owns:
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import threading
@@ -195,6 +196,11 @@ class LabApp:
             raise gr.Error("Upload an image to start from (PNG or JPEG).", title="Cannot draw this",
                            print_exception=False)
         path = image.get("path") if isinstance(image, dict) else image
+        if not isinstance(path, str) or not path:  # never drawn as text to image instead: that is another request
+            raise gr.Error("The image to start from was not uploaded: the request names "
+                           f"{_described(image)}, and this app draws only from a file uploaded to it "
+                           "(gradio_client: image=handle_file(path_or_url); curl: POST the file to /gradio_api/upload "
+                           "first and pass {\"path\": …}).", title="Cannot draw this", print_exception=False)
         return self.draw(self._request(model, prompt, negative_prompt, seed, steps, guidance, size, scale, count,
                                        init_image=path, strength=strength), progress)
 
@@ -256,7 +262,20 @@ class LabApp:
             go_image.click(self.img2img, [model, prompt, image, strength, *shared], [gallery, info],
                            api_name="img2img", **gpu)
             gr.api(self.status, api_name="status", concurrency_limit=None)
+        blocks.validate_inputs = self._validate_inputs  # one sentence for a wrong number of inputs, never `null`
         return blocks
+
+    def _validate_inputs(self, block_fn, inputs: list) -> None:
+        """Gradio's own check answers too few inputs with an error it does not show (`null`) and ignores extra
+        ones; here either is refused with the endpoint's inputs named."""
+        wanted = len(block_fn.inputs)
+        if len(inputs) != wanted:
+            endpoint = block_fn.api_name or block_fn.name
+            names = [n for n in inspect.signature(getattr(self, endpoint)).parameters if n != "progress"] \
+                if endpoint in ("txt2img", "img2img") else []
+            raise gr.Error(f"/{endpoint} takes {wanted} inputs" + (f" ({', '.join(names)})" if names else "")
+                           + f", in this order; this request sent {len(inputs)}.", title="Cannot draw this",
+                           print_exception=False)
 
     # ---- serving
     def launch(self, share: bool | None = None, port: int | None = None, inline: bool | None = None) -> str:
@@ -281,6 +300,13 @@ class LabApp:
 
 
 # ---------------------------------------------------------------- how to call it
+
+def _described(value) -> str:
+    """An upload that is not one, for a sentence: its URL, or what it is."""
+    if isinstance(value, dict) and value.get("url"):
+        return f"only the URL {str(value['url'])[:200]!r}, no uploaded file"
+    return f"no uploaded file ({type(value).__name__} {str(value)[:80]!r})"
+
 
 def gallery_picture(gallery: list, title: str | None = None, at_least: int = 192, at_most: int = 512):
     """What an API call returned (`[{"image": path, "caption": text}, …]`) as one picture with the captions under

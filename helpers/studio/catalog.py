@@ -15,6 +15,10 @@ Rule this module owns:
   `image_embeds_source` turns each (prompt, seed) into the embedding (helpers.generate.sampling's one per-image input).
   Without a source it is in `missing` as "not drawable from a prompt"; a source alone draws nothing and is listed
   nowhere.
+- Each run folder is checked on its own: its run.json must hold a preset today's rules accept, and its final/ must
+  match its manifest and hold the files its method loads (helpers.methods.runs.checked_run). A folder that fails is
+  in `missing` as "not drawable: <folder>: <why>"; the bases and every other run are listed as usual. What only a
+  load can tell (files that do not fit their run.json) is the engine's: that run alone is refused.
 """
 from __future__ import annotations
 
@@ -112,6 +116,16 @@ class MissingRun:
     why: str  # one sentence: not trained, unfinished, other profile, unknown method
 
 
+def _unusable(folder: Path) -> str | None:
+    """Why a finished run's final/ cannot be drawn (its manifest, run.json and the files its method loads are
+    checked: helpers.methods.runs.checked_run), or None when it is whole."""
+    try:
+        runs_.checked_run(folder)
+    except (OSError, runs_.RunError) as e:
+        return f"not drawable: {e}"
+    return None
+
+
 def _series_name(preset: str, method: str, profile: str) -> str:
     return run_name(get_preset(preset, profile, method=method))
 
@@ -133,8 +147,18 @@ class Catalog:
         entries = [Entry(label, family, "base", get_preset(preset, profile)) for family, (label, preset)
                    in BASES.items()]
         missing, sources, conditioned = [], [], []
-        for folder in [f for under in RUN_FOLDERS for f in runs_.finished_runs(root, under)]:
-            preset = runs_.run_preset(folder)
+        for folder in [f for under in RUN_FOLDERS if (root / under).is_dir()
+                       for f in sorted((root / under).iterdir()) if (f / "final").is_dir()]:
+            try:  # each run folder on its own: a bad one is listed with why, the rest (and the bases) keep working
+                preset = runs_.run_preset(folder)
+            except FileNotFoundError:
+                missing.append(MissingRun(folder.name, "", f"not drawable: {folder / 'final'} has no {runs_.RUN_FILE} "
+                                          "(its export did not finish, or its files were removed): train it to the "
+                                          "end again to export it"))
+                continue
+            except (OSError, runs_.RunError) as e:
+                missing.append(MissingRun(folder.name, "", f"not drawable: {e}"))
+                continue
             notebook = next((nb for nb, p, m, _ in SERIES_RUNS if (p, m) == (preset.name, preset.method)), "")
             if preset.profile != profile:
                 continue  # another profile's run (tiny models next to real ones): not this catalog's
@@ -146,17 +170,27 @@ class Catalog:
                 sources.append((folder, preset))
             elif method.needs_image_embeds:
                 conditioned.append((folder, preset, notebook))
+            elif (why := _unusable(folder)) is not None:
+                missing.append(MissingRun(folder.name, notebook, why))
             else:
                 entries.append(Entry(folder.name, preset.family, preset.method, preset, folder))
+        checked: dict[Path, str | None] = {}  # a source is checked once it would draw: paired with a run of its CLIP
         for folder, preset, notebook in conditioned:
-            usable = [f for f, p in sources if p.clip_model == preset.clip_model]
+            matching = [f for f, p in sources if p.clip_model == preset.clip_model]
+            for source in matching:
+                if source not in checked and (why := checked.setdefault(source, _unusable(source))) is not None:
+                    missing.append(MissingRun(source.name, "", why))
+            usable = [f for f in matching if checked[f] is None]
             if not usable:
                 missing.append(MissingRun(folder.name, notebook, "finished, but it draws from a CLIP image embedding "
                                           "per image and nothing turns a prompt into one yet: not drawable from a "
                                           f"prompt until a prior on {preset.clip_model} embeddings is trained "
                                           "(notebook 04, part 2)"))
-            entries += [Entry(f"{folder.name} + {source.name}", preset.family, preset.method, preset, folder, source)
-                        for source in usable]
+            elif (why := _unusable(folder)) is not None:
+                missing.append(MissingRun(folder.name, notebook, why))
+            else:
+                entries += [Entry(f"{folder.name} + {source.name}", preset.family, preset.method, preset, folder,
+                                  source) for source in usable]
         found = {e.folder.name for e in entries if e.is_run} | {m.name for m in missing}
         for notebook, preset, method, how in SERIES_RUNS:
             name = _series_name(preset, method, profile)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -142,20 +141,3 @@ def open_upload(image) -> Image.Image:
         return image.convert("RGB") if isinstance(image, Image.Image) else Image.open(image).convert("RGB")
     except Exception as e:  # any unreadable upload: PIL raises several kinds
         raise RequestError(f"cannot read the init image ({type(e).__name__}: {e}); upload a PNG or JPEG") from e
-
-
-@contextmanager
-def quiet_lora_notices():
-    """diffusers' and peft's notices while a run's LoRA loads ("no LoRA keys associated to CLIPTextModel", once per
-    UNet-only run): expected, and noise in a notebook."""
-    import warnings
-
-    from diffusers.utils import logging as diffusers_logging
-    level = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity_error()
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-            yield
-    finally:
-        diffusers_logging.set_verbosity(level)

@@ -19,7 +19,9 @@ loads a model or calls a pipeline itself; they all come here. Requests, results 
 Rules this module owns:
 - One pipeline per base model (family, weights, VAE, precision) is loaded on first use and kept; every catalog run
   of that base is loaded into it once (helpers.methods.runs.RunSet) and switched on per image, so a T4 never holds two
-  copies of a UNet. Under the T4's rules (fp16 on a GPU, or the T4-dtype mode on a CPU, helpers.core.precision), before
+  copies of a UNet. A run that does not load into it (files that do not fit its run.json) is left out with a
+  warning and refused by name (`Engine.unusable`); its base model and the other runs draw as if it were not there.
+  Under the T4's rules (fp16 on a GPU, or the T4-dtype mode on a CPU, helpers.core.precision), before
   a second base model loads, the T4 plan (helpers.plan.inference.explorer_fits) decides whether both fit; if not, the
   other one is freed first. `unload()` frees them: variants handed out hold their pipeline weakly.
 - SD1.5 loads with its safety checker (`safety_checker=True`, counted by the plan): the engine's pictures reach
@@ -41,6 +43,7 @@ Rules this module owns:
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -68,7 +71,6 @@ from .drawing import (
     advice_for,
     checked_number,
     open_upload,
-    quiet_lora_notices,
 )
 
 
@@ -85,6 +87,7 @@ class Engine:
         self._pipes: dict[tuple, tuple] = {}  # base key → (pipe, RunSet), most recently used last
         self._img2img: dict[tuple, object] = {}
         self._sources: dict[Path, object] = {}  # source run folder → its ImageEmbeds (a loaded prior)
+        self.unusable: dict[str, str] = {}  # run folder name → why its final/ did not load into its pipeline
 
     # ---- scorer
     @property
@@ -117,13 +120,25 @@ class Engine:
             families = [k[0] for k in self._pipes] + [entry.family]
             if not explorer_fits(families, safety_checker=self.safety_checker):
                 self.unload()
-        pipe = load_pipeline(self._base_entry(entry).preset, self.device, progress=False,
-                             safety_checker=self.safety_checker)
+        base = self._base_entry(entry)
+        try:
+            pipe = load_pipeline(base.preset, self.device, progress=False, safety_checker=self.safety_checker)
+        except (OSError, ValueError, KeyError) as e:
+            if not base.is_run:
+                raise
+            # a run whose run.json names a base model no base entry has: only this run fails
+            raise RequestError(f"{entry.name} cannot be drawn: the base model its run.json names "
+                               f"({base.preset.model}, {base.preset.family}) does not load ({type(e).__name__}: "
+                               f"{runs_.first_line(e)})") from None
         board = runs_.RunSet(pipe)
-        with quiet_lora_notices():  # a UNet-only LoRA has no text-encoder keys: said once per run, expected
-            for run in self.catalog.runs():  # once per run folder, also when several sources draw it
-                if run.base_key == key and run.folder.name not in board.loaded:
-                    board.add(run.folder, run.folder.name)
+        for run in self.catalog.runs():  # once per run folder, also when several sources draw it
+            name = run.folder.name
+            if run.base_key == key and name not in board.loaded and name not in self.unusable:
+                try:
+                    board.add(run.folder, name)  # its expected notices are silenced where it loads (methods.runs)
+                except runs_.RunError as e:  # one run that does not load never takes its base model down
+                    self.unusable[name] = str(e)
+                    warnings.warn(f"{name} is left out: {e}", stacklevel=2)
         self._pipes[key] = (pipe, board)
         return self._pipes[key]
 
@@ -138,6 +153,8 @@ class Engine:
         (default: the catalog name, with ×scale when it is not 1)."""
         entry = self.catalog.get(name)
         _, board = self._runset(entry)
+        if entry.is_run and entry.folder.name in self.unusable:
+            raise RequestError(f"{name} cannot be drawn: {self.unusable[entry.folder.name]}")
         label = label or (name if scale == 1.0 or not entry.is_run else f"{name} ×{scale:g}")
         embeds = None
         if entry.source is not None:  # looked up on each call, so the variant does not keep the prior (and its

@@ -257,8 +257,16 @@ class StudyPanel:
             self.message.value = _error(str(e))
             self._enable(False)
             return
-        self.shown = self.study.next(rater)
-        done = len(self.study.answered(rater))
+        try:  # the answers file is read here: whatever is wrong with it reaches the person as a sentence
+            self.shown = self.study.next(rater)
+            done = len(self.study.answered(rater))
+        except Exception as e:
+            self.shown = None
+            self._enable(False)
+            self.message.value = _error(str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}")
+            return
+        if self.study.notes:  # lines of the answers file left out, each named
+            self.message.value = "<br>".join(_error(note) for note in self.study.notes)
         self.counter.value = f"<span class='lab-n-of-n'>{done} of {len(self.study.pairs)}</span> answered by " \
                              f"{escape(rater)}"
         if self.shown is None:
@@ -281,11 +289,20 @@ class StudyPanel:
         if self.study is None or self.shown is None:
             self.message.value = _error("Press Start first.")
             return
-        self.study.record(self.rater.value, self.shown, choice)
+        try:
+            self.study.record(self.rater.value, self.shown, choice)
+        except Exception as e:  # a file of another layout, a full disk: the answer was not written, say so
+            self.message.value = _error(f"this answer was not saved: {e}" if isinstance(e, (ValueError, OSError))
+                                        else f"this answer was not saved: {type(e).__name__}: {e}")
+            return
         self._show_next()
 
     def show_results(self) -> None:
-        answers = self.study.answers()
+        try:
+            answers = self.study.answers()
+        except Exception as e:
+            self.message.value = _error(str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}")
+            return
         self.results.value = "" if answers.empty else self.study.results()._repr_html_()
 
     def scripted_demo(self, count: int, seed: int = 0, p_a: float = 0.6, p_tie: float = 0.1) -> None:

@@ -25,7 +25,6 @@ from ..evaluation import prompts as prompt_sets
 from ..evaluation.compare import (
     IMAGE_COLUMNS,
     MIN_PAIRS,
-    POOLED,
     ScoreTable,
     evaluate_variants,
     results_frame,

@@ -9,12 +9,15 @@ A checkpoint is a folder `checkpoints/step-NNNNNN/`:
   manifest.json          sha256 and size of every file above; written last
 It is written with `helpers.core.files.write_folder` (hidden temp folder, every file fsync'ed, manifest last, rename),
 so a kill or a full Drive never leaves a half-written `step-*` folder: the previous checkpoint stays the newest
-good one. Only after the rename are old checkpoints pruned to the newest `keep`.
+good one. Only after the rename are old checkpoints pruned, to the newest `keep` that verify: pruning never removes
+a verified checkpoint to keep one that does not verify. Anything else in checkpoints/ (a file manager's
+"step-000004 (copy)", a note) is not a checkpoint: never resumed from, never pruned, noted once.
 """
 from __future__ import annotations
 
 import json
 import random
+import re
 import time
 import warnings
 from dataclasses import asdict
@@ -31,6 +34,7 @@ from ..core.files import write_file
 from ..core.runtime import versions
 
 PREFIX = "step-"
+STEP_FOLDER = re.compile(r"^step-(\d+)$")  # `step-000050`; hidden temp folders and anything else are not checkpoints
 FILES = ("trainable.safetensors", "optimizer.pt", "state.pt", "meta.json")
 
 
@@ -57,13 +61,29 @@ def set_rng_states(states: dict) -> None:
 
 # ---------------------------------------------------------------- save
 
+_NOTED: set[str] = set()  # folders already said not to be checkpoints (said once per process, not at every save)
+
+
 def checkpoint_dirs(run_dir: Path) -> list[Path]:
-    """Completed checkpoint folders, oldest first (temp folders start with '.' and are never listed)."""
+    """Checkpoint folders (`step-NNNNNN`), oldest first. Temp folders start with '.' and are never listed; anything
+    else is not a checkpoint and is left alone, with a note naming it."""
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    return sorted((p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX)),
-                  key=lambda p: int(p.name[len(PREFIX):]))
+    found = []
+    for path in root.iterdir():
+        match = STEP_FOLDER.match(path.name)
+        if match and path.is_dir():
+            found.append((int(match[1]), path.name, path))
+        elif not path.name.startswith(".") and str(path) not in _NOTED:
+            _NOTED.add(str(path))
+            warnings.warn(f"{path} is not a checkpoint (checkpoints are folders named {PREFIX}NNNNNN): left alone, "
+                          "never resumed from or pruned", stacklevel=2)
+    return [path for _, _, path in sorted(found)]
+
+
+def step_of(ckpt: Path) -> int:
+    return int(STEP_FOLDER.match(Path(ckpt).name)[1])
 
 
 def save_checkpoint(run_dir: Path, step: int, trainable: dict[str, torch.Tensor], optimizer, lr_scheduler,
@@ -101,16 +121,32 @@ def save_checkpoint(run_dir: Path, step: int, trainable: dict[str, torch.Tensor]
     # a re-save of the same step (after resuming before it) replaces the folder as a whole
     final = files.write_folder(Path(run_dir) / "checkpoints" / f"{PREFIX}{step:06d}", fill,
                                expected_bytes=expected_checkpoint_bytes(run_dir, weights), make_room=make_room)
-    for old in checkpoint_dirs(run_dir)[:-max(1, keep)]:
-        files.discard(old)  # emptied first: on Drive a deleted file would sit in the trash, counted, for 30 days
+    _remember_good(final)
+    prune(run_dir, final, keep)
     return final
+
+
+def prune(run_dir: Path, newest: Path, keep: int) -> list[Path]:
+    """Keep `newest` (just written) and the next newest checkpoints that verify, `keep` in all; discard the older
+    ones. A checkpoint that does not verify is never kept in place of one that does: one older than `newest` goes,
+    one newer stays as it is (a resume skips it with a warning; training to its step replaces it). Discarded
+    folders are emptied first: on Drive a deleted file would sit in the trash, counted, for 30 days."""
+    kept, discarded = [newest], []
+    for ckpt in reversed(checkpoint_dirs(run_dir)):
+        if ckpt != newest and len(kept) < max(1, keep) and is_good(ckpt):
+            kept.append(ckpt)
+    for ckpt in checkpoint_dirs(run_dir):
+        if ckpt not in kept and step_of(ckpt) < step_of(newest):
+            files.discard(ckpt)
+            discarded.append(ckpt)
+    return discarded
 
 
 def expected_checkpoint_bytes(run_dir: Path, weights: dict[str, torch.Tensor]) -> int:
     """The size of the newest checkpoint, or before the first one: weights + two fp32 optimizer moments."""
-    existing = checkpoint_dirs(run_dir)
-    if existing:
-        return sum(p.stat().st_size for p in existing[-1].iterdir() if p.is_file())
+    newest = next((c for c in reversed(checkpoint_dirs(run_dir)) if is_good(c)), None)
+    if newest is not None:
+        return sum(p.stat().st_size for p in newest.iterdir() if p.is_file())
     return 3 * sum(t.numel() * 4 for t in weights.values()) + 2**16
 
 
@@ -124,7 +160,21 @@ RESUMABLE_FIELDS = frozenset({"max_steps", "sample_prompts", "sample_every", "sa
 
 
 def read_meta(ckpt: Path) -> dict:
-    return json.loads((Path(ckpt) / "meta.json").read_text())
+    """A checkpoint's meta.json (step, position, preset, data), or a CheckpointError naming the checkpoint."""
+    path = Path(ckpt) / "meta.json"
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path} cannot be read ({type(e).__name__}: {e}): the checkpoint {Path(ckpt).name} "
+                              "is not usable") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("preset"), dict) or not _is_step(meta.get("step")):
+        raise CheckpointError(f"{path} is not a checkpoint's meta.json (no step and preset): the checkpoint "
+                              f"{Path(ckpt).name} is not usable")
+    return meta
+
+
+def _is_step(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def setting_changes(saved: dict, wanted: dict) -> tuple[list[str], list[str]]:
@@ -141,11 +191,37 @@ def setting_changes(saved: dict, wanted: dict) -> tuple[list[str], list[str]]:
     return notes, blocking
 
 def verify(ckpt: Path) -> None:
-    """Raise CheckpointError unless every file is present and matches the manifest."""
+    """Raise CheckpointError unless every file is present and matches the manifest and meta.json reads."""
     try:
         files.verify(ckpt, FILES)
     except files.FolderError as e:
-        raise CheckpointError(str(e)) from e
+        raise CheckpointError(f"{Path(ckpt).parent}/{e}") from e
+    read_meta(ckpt)
+    _remember_good(ckpt)
+
+
+# Checkpoints this process wrote or verified, by the size and time of every file: pruning asks at every save which
+# checkpoints verify, and hashing them all again each time would read every kept checkpoint back from Drive.
+_GOOD: dict[str, tuple] = {}
+
+
+def _signature(ckpt: Path) -> tuple:
+    return tuple(sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in Path(ckpt).iterdir()))
+
+
+def _remember_good(ckpt: Path) -> None:
+    _GOOD[str(ckpt)] = _signature(ckpt)
+
+
+def is_good(ckpt: Path) -> bool:
+    """Whether `ckpt` verifies (remembered while none of its files changes)."""
+    try:
+        if _GOOD.get(str(ckpt)) == _signature(ckpt):
+            return True
+        verify(ckpt)
+        return True
+    except (OSError, CheckpointError):
+        return False
 
 
 def latest_good(run_dir: Path) -> Path | None:

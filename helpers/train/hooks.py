@@ -19,7 +19,7 @@ from ..generate.sampling import generate, prompt_seed_pairs
 from ..methods.method import RunFacts
 from ..methods.runs import write_run_info
 from ..models import on_device, pipeline_from_components, release_cuda_cache
-from .stops import TrainingStopped, sampling_oom_message
+from .stops import TrainingStopped, append_log, sampling_oom_message
 
 if TYPE_CHECKING:  # for types only: the loop imports this module
     from .loop import Trainer
@@ -77,8 +77,7 @@ class LogHook(Hook):
         st = t.state
         row = {"step": st.step, "loss": st.last_loss, "lr": st.last_lr, "grad_norm": st.last_grad_norm,
                "epoch": st.epoch, "skipped_steps": st.skipped_steps, "time": round(time.perf_counter() - self.t0, 3)}
-        with open(t.run_dir / "log.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
+        append_log(t.run_dir, row)  # a full disk: NoSpaceError naming the folder, and the run stops
         postfix = dict(loss=f"{st.last_loss:.4f}", lr=f"{st.last_lr:.2e}")
         if st.skipped_steps:
             postfix["fp16_skipped"] = st.skipped_steps

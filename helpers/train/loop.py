@@ -9,7 +9,6 @@ draws the same batches, noise and timesteps as one never interrupted, and so doe
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,6 +34,8 @@ from .stops import (
     MAX_CONSECUTIVE_SKIPS,
     SettingsChanged,
     TrainingStopped,
+    append_log,
+    bad_input_message,
     interrupted_message,
     nan_message,
     oom_message,
@@ -66,6 +67,24 @@ def dataset_identity(dataset) -> str | None:
     if records is None:
         return None
     return f"{len(records)} pictures and captions, {training_data_digest(records)[:16]}"
+
+
+def bad_inputs(batch: dict) -> dict[str, list[int]]:
+    """The batch's float inputs holding NaN/inf, each with the dataset indices of the samples that hold them."""
+    found = {}
+    for name, values in batch.items():
+        if torch.is_tensor(values) and values.is_floating_point() and values.dim() >= 1:
+            rows = ~torch.isfinite(values.reshape(len(values), -1)).all(dim=1)
+            if rows.any():
+                found[name] = [int(batch["index"][i]) if "index" in batch else i for i in rows.nonzero().flatten()]
+    return found
+
+
+def input_caches(dataset) -> dict[str, Path]:
+    """Batch input → the cache folder it is read from (helpers.data.dataset: `cache_dirs`)."""
+    folders = getattr(dataset, "cache_dirs", {}) or {}
+    return {name: folders[cache] for name, cache in (("latent_params", "latents"), ("prompt_embeds", "text"),
+                                                     ("pooled_prompt_embeds", "text")) if cache in folders}
 
 
 # ---------------------------------------------------------------- the loop
@@ -241,7 +260,9 @@ class Trainer:
         with self.precision.autocast():
             loss = self._loss(batch, epoch)
         if not torch.isfinite(loss):
-            raise TrainingStopped(nan_message(self.state.step, self.preset))
+            bad = bad_inputs(batch)
+            raise TrainingStopped(bad_input_message(self.state.step, bad, input_caches(self.dataset)) if bad
+                                  else nan_message(self.state.step, self.preset))
         self.accelerator.backward(self.scaler.scale(loss))
         return self.accelerator.reduce(loss.detach().float(), "mean").item()
 
@@ -317,7 +338,10 @@ class Trainer:
             batch = batches = None
             self.optimizer.zero_grad(set_to_none=True)
             release_cuda_cache()
-            self._log_event("stopped", reason=stopped.split(";")[0])
+            try:
+                self._log_event("stopped", reason=stopped.split(";")[0])
+            except NoSpaceError:  # the disk that stopped the run cannot take the stopped event either
+                stopped += " (log.jsonl has no stopped event: the disk is full)"
             raise TrainingStopped(stopped)
         if st.step > first_step:
             st.seconds_per_step = (time.perf_counter() - t0) / (st.step - first_step)
@@ -328,5 +352,4 @@ class Trainer:
     def _log_event(self, event: str, **fields) -> None:
         if not self.is_main_process:
             return
-        with open(self.run_dir / "log.jsonl", "a") as f:
-            f.write(json.dumps({"event": event, "step": self.state.step, **fields}) + "\n")
+        append_log(self.run_dir, {"event": event, "step": self.state.step, **fields})

@@ -30,6 +30,51 @@ def nan_message(step: int, preset: Preset) -> str:
             f"a broken image/caption in the data. Fix it and run again: training resumes from the last checkpoint.")
 
 
+def append_log(run_dir: Path, row: dict) -> None:
+    """Append one line to the run's log.jsonl; a full disk is a NoSpaceError naming the folder (the partial line it
+    left is cut off again, so the log stays whole lines)."""
+    import errno
+    import json
+    import os
+
+    from ..core.files import NoSpaceError
+    path = Path(run_dir) / "log.jsonl"
+    data = (json.dumps(row) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        size = os.fstat(fd).st_size
+        try:
+            while data:
+                data = data[os.write(fd, data):]
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            try:
+                os.ftruncate(fd, size)
+            except OSError:
+                pass
+            raise NoSpaceError(f"the disk holding {Path(run_dir)} is full: log.jsonl could not be appended "
+                               f"({row.get('event') or 'step ' + str(row.get('step'))}). Training stopped; the "
+                               "checkpoints already written are whole. Free some space there, then run again: "
+                               "training resumes from the last checkpoint.") from None
+    finally:
+        os.close(fd)
+
+
+def bad_input_message(step: int, inputs: dict[str, list[int]], caches: dict[str, Path]) -> str:
+    """The loss is NaN/inf because the batch already was: its inputs (name → sample indices) and the caches they
+    came from (name → folder), not the VAE or the learning rate."""
+    parts = [f"{name} of sample{'s' * (len(rows) > 1)} {rows[:5]}" + (f" (from the cache {caches[name]})"
+                                                                       if name in caches else "")
+             for name, rows in inputs.items()]
+    folders = sorted({str(caches[name]) for name in inputs if name in caches})
+    fix = (f"delete {' and '.join(folders)} and run again: the cache is rebuilt from the pictures, and training "
+           "resumes from the last checkpoint" if folders else
+           "check the data those samples come from, then run again: training resumes from the last checkpoint")
+    return (f"the inputs of optimizer step {step + 1} are NaN/inf before the model sees them: {'; '.join(parts)}. "
+            f"Training stopped and the last good checkpoint is kept (no weights were written after it); {fix}.")
+
+
 def oom_message(preset: Preset) -> str:
     offload = []
     if not preset.cache_latents:
