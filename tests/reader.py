@@ -32,8 +32,11 @@ def notices_shown(nb) -> list[tuple[int, str]]:
 
 
 def progress_bars(cell) -> int:
-    """How many progress bars a cell left on the page: tqdm's text bars end with a newline once each."""
-    return sum("%|" in line for line in _stderr(cell).split("\n"))
+    """How many progress bars a cell left on the page: tqdm's widgets (one display each) and its text bars on
+    stderr (one line each once closed)."""
+    widgets = sum("%|" in o.get("data", {}).get("text/plain", "") for o in cell.get("outputs", [])
+                  if o.get("output_type") == "display_data")
+    return widgets + sum("%|" in line for line in _stderr(cell).split("\n"))
 
 
 def crowded_cells(nb, limit: int = MAX_BARS_PER_CELL) -> list[tuple[int, int]]:

@@ -78,3 +78,14 @@ def test_readme_times_are_one_measurement_and_the_prose_says_no_vague_times():
         text = path.read_text() if path.suffix == ".md" else " ".join(
             "".join(c["source"]) for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "markdown")
         assert not vague.search(text), f"{path.name}: {vague.search(text)[0]!r}"
+
+
+def test_each_paired_row_is_read_out_in_words():
+    def rows(shift):
+        return [dict(image_path="x", prompt_set="s", split="s", prompt=f"p{k}", seed=0, variant=v, withheld=False,
+                     clip_model="clip", score=float(k % 5 + (shift + (k % 3 - 1) * 0.1 if v == "tuned" else 0)))
+                for k in range(MIN_PAIRS) for v in ("base", "tuned")]
+    assert score_table(rows(+2)).readings()[0].endswith("better, beyond prompt and seed noise")
+    assert score_table(rows(-2)).readings()[0].endswith("worse, beyond prompt and seed noise")
+    assert score_table(rows(0)).readings()[0].endswith("no change these pairs can tell from noise")
+    assert "over 16 pairs" in str(score_table(rows(0)))

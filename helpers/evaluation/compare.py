@@ -95,6 +95,15 @@ def comparisons(variants: Sequence[str], baseline: str | None = None, pairs: str
     return chosen
 
 
+def reading(row: dict) -> str:
+    """What a paired row's CI says, in words: "+14.89 [+6.52, +24.22] over 40 pairs: better, beyond prompt and seed
+    noise" (its CI excludes zero), "worse, …", or "no change these pairs can tell from noise" (it spans zero)."""
+    verdict = ("better, beyond prompt and seed noise" if row["low"] > 0 else
+               "worse, beyond prompt and seed noise" if row["high"] < 0 else
+               "no change these pairs can tell from noise")
+    return f"{row['mean']:+.2f} [{row['low']:+.2f}, {row['high']:+.2f}] over {row['n']} pairs: {verdict}"
+
+
 class ScoreTable:
     """Per prompt set (and pooled over all sets, "all") and CLIP model: n, mean and CI of every variant, then
     the paired rows (variant − reference on the same prompt and seed: mean difference, CI, wins, sign-test p).
@@ -138,6 +147,15 @@ class ScoreTable:
                 f"variant − reference on the same prompt and seed, wins of n, p from a two-sided sign test."
                 f"{withheld}{demo}")
 
+    def readings(self) -> list[str]:
+        """One sentence per paired row shown: what its CI says (better or worse beyond prompt and seed noise, or no
+        change it can tell from noise), so a reader need not work it out from the brackets."""
+        lines = []
+        for r in self.shown_rows():
+            if r["paired"]:
+                lines.append(f"{r['variant']} − {r['reference']} on {r['prompt_set']}: {reading(r)}")
+        return lines
+
     def shown_rows(self) -> list[dict]:
         """The rows a reader sees: each prompt set apart (pooling in-domain, held-out and generic prompts would mix
         what a fine-tune should change with what it should leave alone); `frame` and `row` keep the pooled rows."""
@@ -167,7 +185,7 @@ class ScoreTable:
         cells = self._cells()
         widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
         return "\n".join([self.caption()] + ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip()
-                                             for row in cells])
+                                             for row in cells] + self.readings())
 
     def to_markdown(self) -> str:
         cells = self._cells()
@@ -180,7 +198,9 @@ class ScoreTable:
         th = "".join(f"<th>{escape(c)}</th>" for c in head)
         trs = "".join("<tr>" + "".join(f"<td>{escape(c)}</td>" for c in row) + "</tr>" for row in body)
         caption = f"<caption>{escape(self.caption())}</caption>"
-        return f"<table>{caption}<thead><tr>{th}</tr></thead><tbody>{trs}</tbody></table>"
+        readings = "".join(f"<li>{escape(line)}</li>" for line in self.readings())
+        return (f"<table>{caption}<thead><tr>{th}</tr></thead><tbody>{trs}</tbody></table>"
+                + (f"<ul>{readings}</ul>" if readings else ""))
 
     __repr__ = __str__
 

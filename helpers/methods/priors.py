@@ -215,7 +215,7 @@ class PriorMethod(Method):
         if state.ema is not None:
             state.ema.step()
 
-    def export(self, state: PriorState, out_dir: Path) -> list[Path]:
+    def export(self, state: PriorState, out_dir: Path, run=None) -> list[Path]:
         network = copy.deepcopy(state.network).to("cpu").eval()
         if state.ema is not None:
             state.ema.copy_to(network, "prior.")

@@ -27,6 +27,7 @@ from ..evaluation.compare import (
     MIN_PAIRS,
     ScoreTable,
     evaluate_variants,
+    reading,
     results_frame,
     score_images,
     score_table,
@@ -117,9 +118,17 @@ class Scoreboard:
         return (f"Every run vs its own base on each prompt set (paired on prompt and seed; n pairs; wins of n; p: "
                 f"two-sided sign test). {models}.{demo}")
 
+    def readings(self) -> list[str]:
+        """One sentence per run, prompt set and score: what its paired CI says (compare.reading)."""
+        return [f"{self.labels.get(r['variant'], r['variant'])}, {r['prompt_set']}, {short_score_name(r['score_model'])}"
+                f": {reading(dict(mean=r['diff'], low=r['diff_low'], high=r['diff_high'], n=int(r['n'])))}"
+                for r in self.summary.to_dict("records")
+                if r["reference"] is not None and r["reference"] == r["reference"]]
+
     def notes(self) -> list[str]:
-        """Drawing sizes per family, the images the safety checker withheld, the runs still missing."""
-        notes = [f"{family} drawn at {size}" for family, size in self.sizes.items()]
+        """What each run's CIs say, the drawing sizes per family, the images the safety checker withheld, the runs
+        still missing."""
+        notes = self.readings() + [f"{family} drawn at {size}" for family, size in self.sizes.items()]
         if self.withheld:
             notes.append(f"{self.withheld} image(s) withheld by the SD1.5 safety checker (black squares): left out "
                          "of the means and pairs, counted in `withheld`")

@@ -2,8 +2,12 @@
 that stay broken, and a resume whose settings changed. The Trainer raises these; notebooks show the message."""
 from __future__ import annotations
 
+import errno
+import json
+import os
 from pathlib import Path
 
+from ..core.files import NoSpaceError
 from ..core.presets import Preset
 
 MAX_CONSECUTIVE_SKIPS = 25  # fp16 overflow skips in a row before we call the gradients broken, not just large
@@ -33,11 +37,6 @@ def nan_message(step: int, preset: Preset) -> str:
 def append_log(run_dir: Path, row: dict) -> None:
     """Append one line to the run's log.jsonl; a full disk is a NoSpaceError naming the folder (the partial line it
     left is cut off again, so the log stays whole lines)."""
-    import errno
-    import json
-    import os
-
-    from ..core.files import NoSpaceError
     path = Path(run_dir) / "log.jsonl"
     data = (json.dumps(row) + "\n").encode()
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
