@@ -332,7 +332,7 @@ def test_an_image_conditioned_run_draws_from_a_prompt_once_a_prior_of_its_clip_e
     assert [e.name for e in catalog.runs()] == [name]  # paired with the prior of its CLIP only
     entry = catalog.get(name)
     assert (entry.kind, entry.folder, entry.source, entry.label) == (
-        "ip_adapter", run, prior, "prior sd15 ip adapter + prior mlp cifar10 mlp prior")
+        "ip_adapter", run, prior, "ip adapter + mlp prior")
     assert not {run.name, prior.name, other.parent.name} & {m.name for m in catalog.missing}  # priors draw nothing
 
     engine = Engine(catalog, scorer=None, device="cpu")
