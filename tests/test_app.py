@@ -180,8 +180,34 @@ def test_a_wrong_number_of_inputs_and_a_url_without_an_upload_get_their_sentence
                                                                          1.0, 1])
 
 
-def test_a_request_past_the_time_limit_is_stopped_between_steps_and_the_app_goes_on(served):
+def test_a_request_estimated_past_the_limit_on_this_machine_is_refused_at_once_and_a_normal_one_draws(served):
+    """Issue 27, item 7: the limit was checked only between denoising steps, and a 2048 px tiny request held the only
+    drawing slot for ~600 s against a 30 s limit. Now the engine estimates the request's time here first (steps ×
+    seconds per step at its size + the VAE decode, from its measured speed) and refuses it with one sentence."""
     app, client = served
+    gallery, _ = client.predict(model="SD1.5 base", prompt="a photo of a ship", steps=2, api_name="/txt2img")
+    assert len(gallery) == 1  # a normal request draws (and the engine has measured this machine)
+    limit, app.time_limit = app.time_limit, 10.0
+    try:
+        start = time.perf_counter()
+        with pytest.raises(AppError, match=r"This request would take about \S+ (s|min|h) to draw on this machine "
+                                           r"\(SD1.5 base: 1 image × 21 steps at 1024 px, .* s a step; measured here: "
+                                           r".*\), more than the 10 s limit, so it was not started: it would fit at "
+                                           r"\d+ px"):
+            client.predict(model="SD1.5 base", prompt="a photo of a ship", steps=20, size=1024, api_name="/txt2img")
+        refused = time.perf_counter() - start
+        assert refused < 5.0, f"refused after {refused:.1f} s: it drew first"  # well under the limit
+        estimate = app.engine.estimate(Request("a photo of a ship", ("SD1.5 base",), steps=20, size=1024))
+        assert estimate > 10.0
+        gallery, _ = client.predict(model="SD1.5 base", prompt="a photo of a ship", steps=2, api_name="/txt2img")
+        assert len(gallery) == 1 and app.jobs == 0
+    finally:
+        app.time_limit = limit
+
+
+def test_a_request_past_the_time_limit_is_stopped_between_steps_and_the_app_goes_on(served, monkeypatch):
+    app, client = served
+    monkeypatch.setattr(Engine, "_refuse_if_too_slow", lambda *args: None)  # a machine slower than its estimate
     limit, app.time_limit = app.time_limit, 0.05
     try:
         with pytest.raises(AppError, match=r"took longer than the 0.05 s limit and was stopped while drawing with "

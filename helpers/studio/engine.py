@@ -37,8 +37,15 @@ Rules this module owns:
   empty prompt, unknown or no model, a size the family's size rule (helpers.core.configs.check_image_size) refuses or
   above MAX_SIZE, steps / guidance / seed / scale / count / strength outside LIMITS, an unreadable init image.
   An out-of-memory error while drawing becomes a RequestError with advice (`advice_for`), never a traceback;
-  `should_stop()` returning True stops between denoising steps and raises `Interrupted`; so does a request that
-  runs past its `time_limit` (seconds from the call), raising `TimeLimit` (the app's per-request limit).
+  `should_stop()` returning True stops between denoising steps and raises `Interrupted`.
+- A `time_limit` (seconds from the call, loading included: the app's per-request limit) holds on the machine the
+  engine runs on: before drawing, the request's time is estimated here (`Engine.estimate`: steps × seconds per UNet
+  step at its size, plus the VAE decodes, from a speed measured once per base model (helpers.studio.pace), times how
+  much slower than estimated that base model's drawings under a limit went, each moving it halfway), and a request
+  whose estimate does not fit is refused with `TimeLimit`: one sentence with the estimate, the limit and the smaller
+  size, fewer steps or fewer images that would fit. While drawing, it stops between denoising steps (`TimeLimit`) as
+  soon as the next step, at the estimate scaled by how fast this drawing actually goes, would end past the limit, so
+  no step starts that cannot end in time. Without a time limit (the explorer) nothing is measured.
 """
 from __future__ import annotations
 
@@ -50,7 +57,7 @@ from pathlib import Path
 
 import torch
 
-from ..core.configs import check_image_size
+from ..core.configs import check_image_size, image_size_multiple
 from ..core.precision import precision_for
 from ..core.runtime import device as default_device
 from ..evaluation.clip_score import ClipScorer
@@ -58,6 +65,7 @@ from ..generate.sampling import generate, images_per_call, load_pipeline, pipeli
 from ..methods import runs as runs_
 from ..models import release_cuda_cache
 from ..plan.inference import explorer_fits
+from ..plan.timing import duration
 from ..prior.images import prompt_source
 from .catalog import Catalog, Entry, shared_size
 from .drawing import (
@@ -72,6 +80,9 @@ from .drawing import (
     checked_number,
     open_upload,
 )
+from .pace import Pace
+
+FIT_SIZES = (1536, 1024, 768, 512, 384, 256, 192, 128, 64)  # smaller sizes a refusal may offer, largest first
 
 
 class Engine:
@@ -88,6 +99,8 @@ class Engine:
         self._img2img: dict[tuple, object] = {}
         self._sources: dict[Path, object] = {}  # source run folder → its ImageEmbeds (a loaded prior)
         self.unusable: dict[str, str] = {}  # run folder name → why its final/ did not load into its pipeline
+        self._paces: dict[tuple, Pace] = {}  # base key → its speed on this machine (measured once, kept)
+        self._slower: dict[tuple, float] = {}  # base key → actual / estimated seconds of its last drawing
 
     # ---- scorer
     @property
@@ -191,6 +204,80 @@ class Engine:
         n = len(scheduler.timesteps)
         return max(1, min(int(request.steps * request.strength), request.steps)) if request.init_image else n
 
+    # ---- time on this machine
+    def pace(self, name: str) -> Pace:
+        """How fast `name`'s pipeline draws on this machine (helpers.studio.pace), measured on first use and kept."""
+        entry = self.catalog.get(name)
+        if entry.base_key not in self._paces:
+            self._paces[entry.base_key] = Pace.measure(self.pipeline(entry.name))
+        return self._paces[entry.base_key]
+
+    def _plan(self, request: Request, entries: list[Entry], sizes: list[int], embeds=None) -> list[tuple]:
+        """The pipeline calls `request` makes, in order: (entry, size, images, steps, seconds a step, seconds of
+        its VAE decodes), at this machine's pace. An img2img upload's encode counts as one more decode."""
+        cfg = 2 if request.guidance > 1.0 else 1  # diffusers' classifier-free guidance doubles the UNet batch
+        plan = []
+        for k, (entry, size) in enumerate(zip(entries, sizes)):
+            pace, steps = self.pace(entry.name), self._steps_per_call(entry, request)
+            slower, given = self._slower.get(entry.base_key, 1.0), None if embeds is None else embeds[k]
+            decodes = 2 if request.init_image is not None else 1
+            for call in pipeline_calls(request.count, images_per_call(size, size), given):
+                plan.append((entry, size, len(call), steps, slower * pace.step_seconds(size, cfg * len(call)),
+                             slower * decodes * len(call) * pace.decode_seconds(size)))
+        return plan
+
+    @staticmethod
+    def _seconds(plan: list[tuple]) -> float:
+        return sum(steps * step + decode for _, _, _, steps, step, decode in plan)
+
+    def estimate(self, request: Request) -> float:
+        """Seconds `request` takes to draw on this machine once its pipelines are loaded (loads and measures them)."""
+        request = self.check(request)
+        entries = [self.catalog.get(m) for m in request.models]
+        return self._seconds(self._plan(request, entries, self.sizes(request, entries)[0]))
+
+    def _what_fits(self, request: Request, entries: list[Entry], sizes: list[int], seconds: float) -> list[str]:
+        """What a refused request could ask for instead, each alone: a smaller size, fewer steps, fewer images."""
+        fits = []
+        multiple = max(image_size_multiple(e.family) for e in entries)
+        for size in (s for s in FIT_SIZES if s < max(sizes) and s % multiple == 0):
+            if self._seconds(self._plan(request, entries, [min(size, s) for s in sizes])) <= seconds:
+                fits.append(f"at {size} px")
+                break
+        for steps in range(request.steps - 1, 0, -1):
+            if self._seconds(self._plan(replace(request, steps=steps), entries, sizes)) <= seconds:
+                fits.append(f"with {steps} step{'s' if steps > 1 else ''}")
+                break
+        for count in range(request.count - 1, 0, -1):
+            if self._seconds(self._plan(replace(request, count=count), entries, sizes)) <= seconds:
+                fits.append(f"with {count} image{'s' if count > 1 else ''} per model")
+                break
+        return fits
+
+    def _refuse_if_too_slow(self, request: Request, entries: list[Entry], sizes: list[int], plan: list[tuple],
+                            time_limit: float, spent: float) -> None:
+        """TimeLimit, before anything draws, when `spent` seconds (loading) + the plan's estimate exceed the limit."""
+        seconds = self._seconds(plan)
+        if spent + seconds <= time_limit:
+            return
+        parts = []
+        for entry in dict.fromkeys(e for e, *_ in plan):
+            rows = [row for row in plan if row[0] is entry]
+            images, steps, size = sum(r[2] for r in rows), rows[0][3], rows[0][1]
+            slowest, slower = max(r[4] for r in rows), self._slower.get(entry.base_key, 1.0)
+            parts.append(f"{entry.name}: {images} image{'s' if images > 1 else ''} × {steps} steps at {size} px, "
+                         f"{slowest:.2g} s a step; measured here: {self.pace(entry.name).measured}"
+                         + (f", and its last drawing took ×{slower:.2g} its estimate" if slower != 1.0 else ""))
+        loading = f", after {spent:.0f} s of loading" if spent >= 1 else ""
+        fits = self._what_fits(request, entries, sizes, time_limit) if seconds > time_limit else []
+        advice = (f"it would fit {', or '.join(fits)}" if fits else
+                  "ask again: the model is loaded now" if seconds <= time_limit else
+                  "no smaller size, fewer steps or fewer images fit it here: ask the app for a longer limit "
+                  "(--time-limit)")
+        raise TimeLimit(f"This request would take about {duration(seconds)} to draw on this machine "
+                        f"({'; '.join(parts)}){loading}, more than the {time_limit:g} s limit, so it was not "
+                        f"started: {advice}.")
+
     # ---- requests
     def check(self, request: Request) -> Request:
         """The request with numbers normalised, or a RequestError saying what to change. Loads nothing."""
@@ -228,19 +315,39 @@ class Engine:
     def generate(self, request: Request, progress: Callable[[float, str], None] | None = None,
                  should_stop: Callable[[], bool] | None = None, time_limit: float | None = None) -> Result:
         """Draw `request.count` images per model (checked first), score them, and return them in request order.
-        `progress(fraction, text)` after every denoising step; `should_stop()` is asked there too, and past
-        `time_limit` seconds from this call (loading included) the drawing stops there with `TimeLimit`."""
+        `progress(fraction, text)` after every denoising step; `should_stop()` is asked there too. With a
+        `time_limit` (seconds from this call, loading included), a request estimated not to fit is refused before it
+        draws, and the drawing stops between steps before a step that would end past the limit (`TimeLimit`; module
+        docstring)."""
         request = self.check(request)
         start, drawn = time.perf_counter(), []
         seeds = [request.seed + k for k in range(request.count)]
         entries = [self.catalog.get(m) for m in request.models]
-        state = {"done": 0, "total": 1, "model": "", "stopped": None}
+        state = {"done": 0, "total": 1, "model": "", "stopped": None, "drawing": start}
+        plan: list[tuple] = []  # with a time limit: the calls, at this machine's pace (_plan)
+
+        def next_step_ends_late(now: float) -> bool:
+            """Would the next step (and the decode before it, at a call's end) end past the limit, at the estimate
+            scaled by how much slower than estimated this drawing has gone so far?"""
+            done, estimated = state["done"], 0.0
+            for k, (_, _, _, steps, step, decode) in enumerate(plan):
+                if done > steps:
+                    done, estimated = done - steps, estimated + steps * step + decode
+                    continue
+                estimated += done * step
+                following = step if done < steps else decode + (plan[k + 1][4] if k + 1 < len(plan) else 0.0)
+                if k + 1 == len(plan) and done == steps:
+                    return False  # only the last decode is left: stopping saves nothing
+                slower = max(1.0, (now - state["drawing"]) / max(estimated, 1e-9))
+                return now - start + following * slower > time_limit
+            return False
 
         def on_step(pipe, step, timestep, kwargs):
             state["done"] += 1
             if progress is not None:
                 progress(min(1.0, state["done"] / state["total"]), f"{state['model']}: step {step + 1}")
-            if time_limit is not None and time.perf_counter() - start > time_limit:
+            now = time.perf_counter()
+            if time_limit is not None and (now - start > time_limit or plan and next_step_ends_late(now)):
                 state["stopped"] = "time"
             elif should_stop is not None and should_stop():
                 state["stopped"] = "asked"
@@ -255,12 +362,17 @@ class Engine:
             embeds = [v.image_embeds(prompts, seeds) if v.image_embeds is not None else None for v in variants]
             calls = [len(pipeline_calls(request.count, images_per_call(s, s), e)) for s, e in zip(sizes, embeds)]
             state["total"] = max(1, sum(n * self._steps_per_call(e, request) for n, e in zip(calls, entries)))
+            if time_limit is not None:  # on this machine, before anything draws
+                plan = self._plan(request, entries, sizes, embeds)
+                self._refuse_if_too_slow(request, entries, sizes, plan, time_limit, time.perf_counter() - start)
+                state["drawing"] = time.perf_counter()
             for entry, variant, size, image_embeds in zip(entries, variants, sizes, embeds):
                 pipe, _ = self._runset(entry)
                 variant.apply(pipe)
                 if request.init_image is not None:
                     pipe = self._img2img_pipe(entry, pipe)
                 state["model"] = entry.name
+                began = time.perf_counter()
                 images = generate(pipe, prompts, seeds, request.steps, request.guidance, size, size,
                                   negative_prompt=request.negative_prompt, step_callback=on_step,
                                   image=request.init_image, strength=request.strength, image_embeds=image_embeds,
@@ -272,6 +384,10 @@ class Engine:
                 if state["stopped"]:
                     raise Interrupted(f"stopped while drawing with {entry.name} (after {state['done']} of "
                                       f"{state['total']} steps)")
+                if plan:  # how this machine went against the estimate: half of it (geometric) moves the next one
+                    estimated = self._seconds([row for row in plan if row[0] is entry])
+                    self._slower[entry.base_key] = (self._slower.get(entry.base_key, 1.0)
+                                                    * ((time.perf_counter() - began) / max(estimated, 1e-9)) ** 0.5)
                 drawn += [Drawn(entry.name, s, im, None, size, withheld(im)) for s, im in zip(seeds, images)]
             scorer, shown = self.scorer, [d for d in drawn if not d.withheld]  # a black square gets no score
             if scorer is not None and shown:
