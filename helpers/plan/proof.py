@@ -783,13 +783,16 @@ def report_markdown(data: dict) -> str:
 
 @contextlib.contextmanager
 def t4_dtype_mode(on: bool):
-    """LAB_T4_DTYPES=1 for the duration (the CPU smoke), restored after."""
-    before = os.environ.get(T4_DTYPES_ENV)
+    """LAB_T4_DTYPES=1 and one torch thread for the duration (the CPU smoke), restored after: the smoke's matrices
+    are narrow, and a second thread on a shared 2-core machine spins more than it multiplies (4× the CPU time)."""
+    before, threads = os.environ.get(T4_DTYPES_ENV), torch.get_num_threads()
     if on:
         os.environ[T4_DTYPES_ENV] = "1"
+        torch.set_num_threads(1)
     try:
         yield
     finally:
+        torch.set_num_threads(threads)
         if before is None:
             os.environ.pop(T4_DTYPES_ENV, None)
         else:
