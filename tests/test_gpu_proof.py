@@ -148,3 +148,14 @@ def test_gpu_tiny_world_end_to_end_in_fp16_with_8bit_adamw(tmp_path):
     assert result["optimizer"].startswith("bitsandbytes") and result["fp16"] and result["grad_scaler"]
     assert result["resumed_from"] and result["resume_passed"], result
     assert result["scores_finite"], result
+
+
+@pytest.mark.slow
+def test_tiny_world_end_to_end_in_the_t4_dtype_mode_on_a_cpu(tmp_path, monkeypatch):
+    """The GPU run's part 2 through the same function on a CPU (torch AdamW: 8-bit AdamW needs CUDA): a run killed
+    after its checkpoint resumes to the uninterrupted run's weights, draws and scores."""
+    monkeypatch.setenv("LAB_T4_DTYPES", "1")
+    result = proof.tiny_world_proof(tmp_path, torch.device("cpu"))
+    assert result["fp16"] and result["grad_scaler"] and result["unet_dtype"] == "torch.float16"
+    assert result["resumed_from"] == "step-000003" and result["identical_weights"], result
+    assert result["scores_finite"] and len(result["clip_scores"]) == 4

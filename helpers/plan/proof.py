@@ -299,11 +299,11 @@ class Meter:
     """Peak memory and time of one phase at a time. CUDA: torch's peak allocated and reserved since the phase began
     and the memory outside the allocator (the CUDA context, cuDNN/cuBLAS handles, loaded kernels) at its end;
     measured = reserved + context, what a T4 would need. CPU: the process's peak resident set (VmHWM, reset when a
-    phase begins)."""
+    phase begins) as measured, the resident set when it began as "context" and the difference as "allocated"."""
 
     def __init__(self, device: torch.device):
         self.device, self.cuda = device, device.type == "cuda"
-        self.t0 = 0.0
+        self.t0, self.rss_before = 0.0, 0.0
 
     def sync(self) -> None:
         if self.cuda:
@@ -317,6 +317,7 @@ class Meter:
         else:
             with contextlib.suppress(OSError):  # Linux ≥ 4.0; elsewhere the peak since the process began
                 Path("/proc/self/clear_refs").write_text("5")
+            self.rss_before = _vm_kib("VmRSS") * 1024 / GIB
         self.t0 = time.perf_counter()
 
     def stop(self) -> dict:
@@ -324,8 +325,8 @@ class Meter:
         seconds = time.perf_counter() - self.t0
         if not self.cuda:
             peak = _vm_kib("VmHWM") * 1024 / GIB
-            return {"allocated_gib": peak, "reserved_gib": None, "context_gib": None, "measured_gib": peak,
-                    "seconds": seconds}
+            return {"allocated_gib": peak - self.rss_before, "reserved_gib": None, "context_gib": self.rss_before,
+                    "measured_gib": peak, "seconds": seconds}
         free, total = torch.cuda.mem_get_info(self.device)
         allocated = torch.cuda.max_memory_allocated(self.device) / GIB
         reserved = torch.cuda.max_memory_reserved(self.device) / GIB
@@ -744,7 +745,8 @@ def report_markdown(data: dict) -> str:
     if smoke:
         lines += ["**CPU smoke**: the real configs with every width ÷ 8, small resolutions and batches, on a CPU in "
                   "the T4-dtype mode; memory is the process's peak resident set. It proves the instrument runs, not "
-                  "the plan: compare the planned column with a GPU run's.", ""]
+                  "the plan: compare the planned column with a GPU run's.", "",
+                  f"Shrunk: {data.get('settings', {}).get('shrunk', '')}.", ""]
     else:
         s = data.get("settings", {})
         lines += [f"Full-size architectures with random weights on **{where}**, the allocator capped at "
@@ -753,10 +755,14 @@ def report_markdown(data: dict) -> str:
                   "Memory below is nearly independent of the card under these settings and calibrates the plan "
                   "(helpers.plan.calibration). **Time is this card's, not a T4's**: it is listed apart and "
                   "calibrates nothing.", ""]
+    how = ("measured = the process's peak resident set during the phase (libraries included); context = the "
+           "resident set when the phase began; peak allocated = their difference" if smoke else
+           "measured = peak reserved + memory outside the allocator (CUDA context, handles, kernels) at the phase's "
+           "end; context = that memory outside the allocator")
     lines += [f"Started {data.get('started')}, updated {data.get('updated')}; {data.get('versions', {})}.", "",
               "## Memory per phase (GiB)", "",
-              "measured = peak reserved + memory outside the allocator (CUDA context, handles, kernels) at the "
-              "phase's end; planned = helpers.plan.model's phase before the error band.", "",
+              f"{how}; planned = helpers.plan's phase before the error band (helpers.plan.proof.planned says which "
+              "number of the plan each phase is).", "",
               "| preset | phase | status | planned | measured | peak allocated | peak reserved | context | "
               "measured / planned | what ran |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in data["rows"]:
@@ -856,8 +862,10 @@ TINY_FIELDS = dict(optimizer="adamw8bit", mixed_precision="fp16", max_train_imag
 KILL_AFTER = 4  # the killed run's last step: it checkpointed at 3, step 4 is lost with it
 
 
-def tiny_preset() -> Preset:
-    return get_preset(TINY_PRESET, "tiny", **TINY_FIELDS)
+def tiny_preset(pictures_folder: Path) -> Preset:
+    """The tiny preset on generated pictures in a folder (the tiny world's own drawings; no `datasets` needed, which a
+    lent GPU machine lacks)."""
+    return get_preset(TINY_PRESET, "tiny", data_source="folder", data_ref=str(pictures_folder), **TINY_FIELDS)
 
 
 class Snapshot(Hook):
@@ -879,10 +887,10 @@ class KillAfter(Hook):
             os.kill(os.getpid(), 9)
 
 
-def tiny_world_child(run_dir: str, root: str, threads: int) -> None:
+def tiny_world_child(run_dir: str, root: str, pictures_folder: str, threads: int) -> None:
     """The killed run (its own process): train the tiny preset with checkpoints and SIGKILL itself after KILL_AFTER."""
     torch.set_num_threads(threads)
-    preset = tiny_preset()
+    preset = tiny_preset(Path(pictures_folder))
     components = load_components(preset, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     dataset = prepare_dataset(preset, components, root=root)
     Trainer(preset, components, dataset, Path(run_dir), hooks=[CheckpointHook(), KillAfter(KILL_AFTER)]).run()
@@ -893,7 +901,8 @@ def tiny_world_proof(work: Path, device: torch.device) -> dict:
     mode): train uninterrupted; train in another process, checkpoint at step 3 and SIGKILL it after step 4; resume to
     the end; compare the weights; draw; score with the fp16 open_clip scorer."""
     t0 = time.perf_counter()
-    preset, root = tiny_preset(), work / "storage"
+    folder = picture_folder("naruto", TINY_FIELDS["max_train_images"], work / "pictures")
+    preset, root = tiny_preset(folder), work / "storage"
     components = load_components(preset, device)
     dataset = prepare_dataset(preset, components, root=root)
     reference = Snapshot()
@@ -905,8 +914,8 @@ def tiny_world_proof(work: Path, device: torch.device) -> dict:
 
     run_dir = work / "killed"
     child = ("import sys; sys.path.insert(0, sys.argv[1]); from helpers.plan.proof import tiny_world_child; "
-             "tiny_world_child(*sys.argv[2:4], int(sys.argv[4]))")
-    done = subprocess.run([sys.executable, "-c", child, str(REPO_ROOT), str(run_dir), str(root),
+             "tiny_world_child(*sys.argv[2:5], int(sys.argv[5]))")
+    done = subprocess.run([sys.executable, "-c", child, str(REPO_ROOT), str(run_dir), str(root), str(folder),
                            str(torch.get_num_threads())], capture_output=True, text=True, env=os.environ.copy())
     if done.returncode != -9:
         raise RuntimeError(f"the run to kill ended with {done.returncode}, not SIGKILL:\n{done.stderr[-2000:]}")
