@@ -8,7 +8,7 @@
     python scripts/gpu_proof.py --pack-wheels wheels/   # the wheels a lent GPU machine lacks (see README)
 
 What each phase runs and what the columns mean: helpers/plan/proof.py. A GPU run writes into colab/ (commit it: the
-plan's error band is calibrated from committed reports, helpers.plan.calibration); the smoke never does.
+plan's error band, helpers.plan.calibration, is to be calibrated from committed reports); the smoke never does.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 REPO = Path(__file__).resolve().parents[1]
 # What a lent machine lacks (it has torch, transformers, peft and accelerate): the pure-Python wheels and
 # bitsandbytes with only the CUDA library its torch loads.
-CARRIED = ("diffusers", "open_clip_torch", "ftfy", "wcwidth", "bitsandbytes")
+CARRIED = ("diffusers", "open_clip_torch", "ftfy", "wcwidth", "bitsandbytes")  # open_clip also needs torchvision
 BUDGET_MIB = 64
 
 

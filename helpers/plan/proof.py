@@ -1,12 +1,13 @@
 """The plan measured: every phase of every `t4` preset run through helpers' own code on FULL-SIZE architectures with
 random weights, on a CUDA GPU made to behave like a T4 for memory, with what it held and how long it took written
-beside what the plan says (scripts/gpu_proof.py is the command; README, "Measuring the plan on a GPU").
+beside what the plan says (scripts/gpu_proof.py is the command; README, "Measuring on a GPU").
 
 The device (`t4_settings`): the caching allocator capped at a T4's 14.74 GiB less this process's CUDA context (as
 `torch.cuda.mem_get_info` measures it before any tensor), scaled-dot-product attention limited to the
 memory-efficient and math kernels (a T4 has neither flash nor cuDNN attention), TF32 off, cudnn.benchmark off. Under
 these settings what a phase allocates barely depends on the card; how long it takes does, so the report keeps the two
-apart and only memory calibrates the plan (helpers.plan.calibration reads committed reports).
+apart, and only memory is fit to calibrate the plan (helpers.plan.calibration's error band, which today rests on
+published reports: a committed GPU report is what it is to be recalibrated from).
 
 The models (`random_components`): the real configs of helpers.core.configs built directly on the device in fp16 (the
 stock SDXL VAE in fp32 where its config says force_upcast), never a full copy on the host, with the tiny world's
@@ -303,7 +304,7 @@ class Meter:
 
     def __init__(self, device: torch.device):
         self.device, self.cuda = device, device.type == "cuda"
-        self.t0, self.rss_before = 0.0, 0.0
+        self.t0, self.rss_before, self.held_before = 0.0, 0.0, 0.0
 
     def sync(self) -> None:
         if self.cuda:
@@ -314,6 +315,7 @@ class Meter:
         if self.cuda:
             self.sync()
             torch.cuda.reset_peak_memory_stats(self.device)
+            self.held_before = torch.cuda.memory_allocated(self.device) / GIB  # what earlier phases left
         else:
             with contextlib.suppress(OSError):  # Linux ≥ 4.0; elsewhere the peak since the process began
                 Path("/proc/self/clear_refs").write_text("5")
@@ -332,7 +334,7 @@ class Meter:
         reserved = torch.cuda.max_memory_reserved(self.device) / GIB
         context = (total - free - torch.cuda.memory_reserved(self.device)) / GIB
         return {"allocated_gib": allocated, "reserved_gib": reserved, "context_gib": context,
-                "measured_gib": reserved + context, "seconds": seconds}
+                "held_before_gib": self.held_before, "measured_gib": reserved + context, "seconds": seconds}
 
 
 class StepClock(Hook):
@@ -752,19 +754,19 @@ def report_markdown(data: dict) -> str:
         lines += [f"Full-size architectures with random weights on **{where}**, the allocator capped at "
                   f"{_num(s.get('cap_gib'))} GiB (a T4's {T4_USABLE_GIB} less this card's CUDA context of "
                   f"{_num(s.get('context_gib'))} GiB), {s.get('attention')}, TF32 off, cudnn.benchmark off.", "",
-                  "Memory below is nearly independent of the card under these settings and calibrates the plan "
-                  "(helpers.plan.calibration). **Time is this card's, not a T4's**: it is listed apart and "
-                  "calibrates nothing.", ""]
+                  "Memory below is nearly independent of the card under these settings: it is what the plan's "
+                  "error band (helpers.plan.calibration) is calibrated from. **Time is this card's, not a T4's**: "
+                  "it is listed apart and calibrates nothing.", ""]
     how = ("measured = the process's peak resident set during the phase (libraries included); context = the "
            "resident set when the phase began; peak allocated = their difference" if smoke else
            "measured = peak reserved + memory outside the allocator (CUDA context, handles, kernels) at the phase's "
-           "end; context = that memory outside the allocator")
+           "end; context = that memory outside the allocator; held at start = what earlier phases left allocated")
     lines += [f"Started {data.get('started')}, updated {data.get('updated')}; {data.get('versions', {})}.", "",
               "## Memory per phase (GiB)", "",
               f"{how}; planned = helpers.plan's phase before the error band (helpers.plan.proof.planned says which "
               "number of the plan each phase is).", "",
               "| preset | phase | status | planned | measured | peak allocated | peak reserved | context | "
-              "measured / planned | what ran |", "|---|---|---|---|---|---|---|---|---|---|"]
+              "held at start | measured / planned | what ran |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in data["rows"]:
         ratio = (f"{r['measured_gib'] / r['planned_gib']:.2f}" if r.get("measured_gib") and r.get("planned_gib")
                  else "")
@@ -772,7 +774,8 @@ def report_markdown(data: dict) -> str:
                                     if r.get("measured_mb") is not None else "")
         lines.append(f"| {r['preset']} | {r['phase']} | {r['status']} | {_num(r.get('planned_gib'))} | "
                      f"{_num(r.get('measured_gib'))} | {_num(r.get('allocated_gib'))} | "
-                     f"{_num(r.get('reserved_gib'))} | {_num(r.get('context_gib'))} | {ratio} | {what} |")
+                     f"{_num(r.get('reserved_gib'))} | {_num(r.get('context_gib'))} | "
+                     f"{_num(r.get('held_before_gib'))} | {ratio} | {what} |")
     lines += ["", f"## Time ({'this CPU' if smoke else where}, not a T4)", "",
               "| preset | phase | unit | measured s/unit | planned T4 s/unit | phase seconds |", "|---|---|---|---|---|---|"]
     for r in data["rows"]:
