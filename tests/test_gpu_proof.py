@@ -38,10 +38,10 @@ def planner_numbers(name: str) -> dict[str, float]:
     clip = next(ph for ph in evaluation_plan({}, {}, {}, {}, pickscore=False) if ph.name == "clip").gib
     if p.method in PRIOR_METHODS:
         plan = prior_training_plan(p)
-        loading = plan["adapter_loaded_gib"]
+        loading = plan["adapter_loaded_gib"] - plan["parts_gib"]["clip"]  # the CLIP loads while caching
     else:
         plan = training_plan(p)
-        loading = plan["weights_gib"] + CUDA_OVERHEAD_GIB
+        loading = plan["weights_gib"] - plan["parts_gib"]["clip"] + CUDA_OVERHEAD_GIB
     ph = plan["phases_gib"]
     return {"loading": loading, "caching": ph["caching"], "training": ph["training"], "checkpoint": ph["training"],
             "sampling": ph["sampling"], "scoring": clip, "checkpoint_mb": plan["checkpoint_mb"]}

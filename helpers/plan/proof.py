@@ -366,19 +366,20 @@ class StepClock(Hook):
 
 def planned(preset: Preset) -> dict[str, dict]:
     """Per phase of the t4 `preset`: the plan's GiB (helpers.plan.model, before the error band) and seconds per unit
-    on a T4 (helpers.plan.timing), with the unit and, for the checkpoint, its MB."""
+    on a T4 (helpers.plan.timing), with the unit and, for the checkpoint, its MB. Loading is the plan's loaded weights
+    without the CLIP of notebook 04, which the caching phase loads (helpers.data.embeddings.embedding_set)."""
     prior = preset.method in PRIOR_METHODS
     plan = (prior_training_plan if prior else training_plan)(preset)
     ph = plan["phases_gib"]
     scoring_gib = weights_gib("clip") + scoring_room_gib("clip") + CUDA_OVERHEAD_GIB  # notebook 05's clip phase
     if prior:
-        loading = plan["adapter_loaded_gib"]
+        loading = plan["adapter_loaded_gib"] - plan["parts_gib"]["clip"]
         per_step = prior_training_seconds(preset) / preset.max_steps
         adapter = get_preset(ADAPTER_PRESET, "t4")
         per_image = generation_seconds(adapter.family, adapter.resolution, 1)
         family, resolution = adapter.family, adapter.resolution
     else:
-        loading = plan["weights_gib"] + CUDA_OVERHEAD_GIB
+        loading = plan["weights_gib"] - plan["parts_gib"]["clip"] + CUDA_OVERHEAD_GIB
         per_step = training_estimate(preset)["seconds_per_step"]
         family, resolution = preset.family, preset.resolution
     return {"loading": {"gib": loading, "unit": None, "per_unit": None},
