@@ -327,7 +327,7 @@ class Meter:
         seconds = time.perf_counter() - self.t0
         if not self.cuda:
             peak = _vm_kib("VmHWM") * 1024 / GIB
-            return {"allocated_gib": peak - self.rss_before, "reserved_gib": None, "context_gib": self.rss_before,
+            return {"allocated_gib": max(0.0, peak - self.rss_before), "reserved_gib": None, "context_gib": self.rss_before,
                     "measured_gib": peak, "seconds": seconds}
         free, total = torch.cuda.mem_get_info(self.device)
         allocated = torch.cuda.max_memory_allocated(self.device) / GIB
