@@ -195,6 +195,7 @@ def training_plan(preset: Preset, encode_pixels: int = CACHE_ENCODE_PIXELS) -> d
     return {"preset": preset.name, "encode_batch": max(1, encode_pixels // preset.resolution**2), "parts_gib": part,
             "trainable_params": trainable, "trainable_gib": trainable_gib,
             "grads_gib": grads_gib, "optimizer_gib": optimizer_gib, "autocast_copy_gib": autocast_gib,
+            "weights_gib": all_weights,  # every module as loading puts it on the GPU (≤ the caching phase)
             "activation_gib": activations, "sampling_activation_gib": sample, "images_per_call": per_call,
             "clip_encode_gib": INFERENCE_SLACK * clip_encode,
             "overhead_gib": CUDA_OVERHEAD_GIB, "phases_gib": phases, "peak_phase": peak_phase,
