@@ -118,8 +118,9 @@ def test_a_withheld_picture_is_marked_never_scored_and_counted_out_of_tables_and
     withheld = scores[scores["withheld"]]
     assert len(withheld) >= 1 and withheld["score"].isna().all() and scores[~scores["withheld"]]["score"].notna().all()
     assert ((withheld["variant"] == LORA) & (withheld["prompt"] == prompt) & (withheld["seed"] == 0)).any()
-    for variant, part in scores.groupby("variant"):
-        row = board.summary[board.summary["variant"] == variant].iloc[0]
+    for (variant, prompt_set, model), part in scores.groupby(["variant", "prompt_set", "clip_model"]):
+        s = board.summary
+        row = s[(s["variant"] == variant) & (s["prompt_set"] == prompt_set) & (s["score_model"] == model)].iloc[0]
         assert (row["n"], row["withheld"]) == (int((~part["withheld"]).sum()), int(part["withheld"].sum()))
     paired = board.tables["sd15"].row(LORA, paired=True)
     pairs = scores.pivot(index=["prompt_set", "prompt", "seed"], columns="variant", values="withheld")

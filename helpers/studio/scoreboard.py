@@ -103,7 +103,7 @@ class Scoreboard:
         for r in self.summary.to_dict("records"):
             delta = "" if r["reference"] is None or r["reference"] != r["reference"] else (
                 f"{r['diff']:+.2f} [{r['diff_low']:+.2f}, {r['diff_high']:+.2f}]")
-            wins = "" if not delta else f"{int(r['wins'])}/{int(r['n'])}"
+            wins = "" if not delta else f"{int(r['wins'])}/{int(r['pairs'])}"
             rows.append([r["family"], r["prompt_set"], self.labels.get(r["variant"], r["variant"]),
                          short_score_name(r["score_model"]), str(int(r["n"])),
                          f"{r['mean']:.2f} [{r['low']:.2f}, {r['high']:.2f}]", delta, wins,
@@ -112,7 +112,7 @@ class Scoreboard:
 
     def caption(self) -> str:
         models = " and ".join(f"{short_score_name(m)} = {m}" for m in dict.fromkeys(self.summary["score_model"]))
-        few = int(self.summary["n"].min()) if len(self.summary) else 0
+        few = int(self.summary["pairs"].min()) if self.summary["pairs"].notna().any() else 0
         demo = (f" A demonstration, not a measurement: {few} pairs per prompt set (fewer than {MIN_PAIRS}) give CIs "
                 "too wide to read." if few < MIN_PAIRS else "")
         return (f"Every run vs its own base on each prompt set (paired on prompt and seed; n pairs; wins of n; p: "
@@ -121,7 +121,7 @@ class Scoreboard:
     def readings(self) -> list[str]:
         """One sentence per run, prompt set and score: what its paired CI says (compare.reading)."""
         return [f"{self.labels.get(r['variant'], r['variant'])}, {r['prompt_set']}, {short_score_name(r['score_model'])}"
-                f": {reading(dict(mean=r['diff'], low=r['diff_low'], high=r['diff_high'], n=int(r['n'])))}"
+                f": {reading(dict(mean=r['diff'], low=r['diff_low'], high=r['diff_high'], n=int(r['pairs'])))}"
                 for r in self.summary.to_dict("records")
                 if r["reference"] is not None and r["reference"] == r["reference"]]
 
@@ -160,14 +160,14 @@ def summary_rows(family: str, table: ScoreTable) -> list[dict]:
         if r["paired"]:
             continue
         row = dict(family=family, prompt_set=r["prompt_set"], variant=r["variant"], score_model=r["clip_model"],
-                   n=r["n"], mean=r["mean"], low=r["low"], high=r["high"], reference=None, diff=None,
+                   n=r["n"], pairs=None, mean=r["mean"], low=r["low"], high=r["high"], reference=None, diff=None,
                    diff_low=None, diff_high=None, wins=None, p=None, withheld=r.get("withheld", 0))
         paired = [p for p in table.rows if p["paired"] and p["prompt_set"] == r["prompt_set"]
                   and p["variant"] == r["variant"] and p["clip_model"] == r["clip_model"]]
         if paired:
             p = paired[0]
-            row.update(reference=p["reference"], n=p["n"], diff=p["mean"], diff_low=p["low"], diff_high=p["high"],
-                       wins=p["wins"], p=p["p"])
+            row.update(reference=p["reference"], pairs=p["n"], diff=p["mean"], diff_low=p["low"],
+                       diff_high=p["high"], wins=p["wins"], p=p["p"])
         rows.append(row)
     return rows
 
