@@ -50,12 +50,28 @@ def from_pretrained(cls, ref: str, subfolder: str | None, dtype: torch.dtype, **
     fetch … Defaulting to unsafe serialization" for a missing variant (the fp16-fix VAE), then loads fine."""
     if subfolder:
         kwargs["subfolder"] = subfolder
-    if dtype == torch.float16 and has_fp16_variant(ref, subfolder) is not False:
-        try:
-            return cls.from_pretrained(ref, variant="fp16", dtype=dtype, **kwargs)
-        except (OSError, ValueError):  # could not ask (offline) and there is none: the plain files
-            pass
-    return cls.from_pretrained(ref, dtype=dtype, **kwargs)
+    with _no_weight_bars(local=Path(ref).is_dir()):
+        if dtype == torch.float16 and has_fp16_variant(ref, subfolder) is not False:
+            try:
+                return cls.from_pretrained(ref, variant="fp16", dtype=dtype, **kwargs)
+            except (OSError, ValueError):  # could not ask (offline) and there is none: the plain files
+                pass
+        return cls.from_pretrained(ref, dtype=dtype, **kwargs)
+
+
+@contextmanager
+def _no_weight_bars(local: bool):
+    """transformers draws a "Loading weights" bar per module it loads from a local folder (the tiny world, a moment
+    each): off. From the Hub they stay on, with the downloads' bars (transformers switches both together)."""
+    from transformers.utils import logging as transformers_logging
+    shown = local and transformers_logging.is_progress_bar_enabled()
+    if shown:
+        transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            transformers_logging.enable_progress_bar()
 
 
 def has_fp16_variant(ref: str, subfolder: str | None = None) -> bool | None:

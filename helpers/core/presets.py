@@ -349,7 +349,7 @@ def get_preset(name: str, profile: str, **overrides) -> Preset:
 def runtime_verdict(preset: Preset, vram_gb: float, has_cuda: bool) -> str:
     """One line: can this runtime run the preset?"""
     if preset.profile == "tiny":
-        return f"{preset.name} [tiny]: runs anywhere (CPU, minutes)"
+        return f"{preset.name} [tiny]: runs on any machine, a CPU included"
     if not has_cuda:
         return f"{preset.name} [t4]: needs a CUDA GPU with ≥ {preset.vram_plan_gib:.0f} GiB; none here"
     ok = vram_gb >= preset.vram_plan_gib + 1.0  # 1 GiB to spare beyond the plan and its band (notebook 00)

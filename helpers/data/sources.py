@@ -59,11 +59,18 @@ class RowBytes:
 def _load_hf(ref: str):
     """A Hub dataset, or a local image folder through datasets' `imagefolder` (same code path, same columns)."""
     import datasets
+    local = Path(ref).is_dir()
+    quiet = local and not datasets.utils.are_progress_bars_disabled()
+    if quiet:  # a local folder reads in a moment: its three bars (resolve, "download", split) say nothing
+        datasets.disable_progress_bars()
     try:
-        return (datasets.load_dataset("imagefolder", data_dir=ref, split="train") if Path(ref).is_dir()
-                else datasets.load_dataset(ref, split="train"))
+        return (datasets.load_dataset("imagefolder", data_dir=ref, split="train") if local
+                else datasets.load_dataset(ref, split="train"))  # a Hub download keeps its bars: a long step
     except Exception as e:
         raise DatasetError(f"cannot load dataset {ref!r}: {type(e).__name__}: {e}") from e
+    finally:
+        if quiet:
+            datasets.enable_progress_bars()
 
 
 def records_from_hf(ds, kind: str, ref: str, limit: int | None = None, seed: int = 0) -> list[Record]:
