@@ -203,7 +203,7 @@ def plot_differences(tables: dict, path: Path, labels: dict | None = None) -> Pa
             x += 1.0
         centres.append((first + x - 1) / 2)
         x += 0.8  # a gap between runs
-    fig, axes = plt.subplots(len(models), 1, figsize=(8.5, 3.4 * len(models) + 0.6), squeeze=False)
+    fig, axes = plt.subplots(len(models), 1, figsize=(9, 3.4 * len(models) + 0.6), squeeze=False)
     for ax, model in zip(axes[:, 0], models):
         found = {(r["variant"], r["prompt_set"]): r for r in rows if r["clip_model"] == model}
         seen = set()
@@ -218,7 +218,7 @@ def plot_differences(tables: dict, path: Path, labels: dict | None = None) -> Pa
         ax.set_xticks(centres, ["\n".join(textwrap.wrap(labels.get(v, v), 16)) for v in runs], fontsize=10)
         ax.set_ylabel(f"Δ vs base\n{short_score_name(model)}", fontsize=11)
         ax.tick_params(axis="y", labelsize=10)
-        ax.legend(fontsize=10, ncol=3, loc="best")
+        ax.legend(fontsize=9, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)  # beside, never on a bar
     axes[0, 0].set_title("Each run minus its own base, same prompt and seed (95 % bootstrap CI)", fontsize=11)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
