@@ -1,7 +1,8 @@
 """The ground floor: where we run and what that allows (runtime), where everything is stored and how runs are named
 (paths: the storage layout in one place), the presets (the one table of settings; every model and dataset id lives
 there) and the full-size configs, the fp16 rule (precision), folders written whole or not at all (files) and the
-one-trainer-per-run lock (lock). Imports nothing else of helpers but helpers.bootstrap.
+one-trainer-per-run lock (lock), and the libraries' notices that are expected here, silenced at their source
+(notices). Imports nothing else of helpers but helpers.bootstrap.
 """
 from . import notices
 from .files import FolderError, NoSpaceError, discard, verify, write_folder
