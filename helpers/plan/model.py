@@ -313,9 +313,12 @@ class Table(str):
         return self
 
     def _repr_html_(self) -> str:
-        cell = "padding:1px 6px;white-space:nowrap;text-align:left;font-size:12px"
-        head = "".join(f"<th style='{cell}'>{escape(str(h))}</th>" for h in self.header)
-        body = "".join("<tr>" + "".join(f"<td style='{cell}'>{escape(str(c))}</td>" for c in row) + "</tr>"
+        def style(text) -> str:  # short cells (numbers) stay on one line; long ones wrap between words, never inside
+            wrap = "nowrap" if len(str(text)) <= 16 else "normal"
+            return f"padding:1px 6px;white-space:{wrap};text-align:left;font-size:12px"
+
+        head = "".join(f"<th style='{style(h)}'>{escape(str(h))}</th>" for h in self.header)
+        body = "".join("<tr>" + "".join(f"<td style='{style(c)}'>{escape(str(c))}</td>" for c in row) + "</tr>"
                        for row in self.rows)
         note = f"<p style='font-size:12px'>{escape(self.note)}</p>" if self.note else ""
         return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{note}"
