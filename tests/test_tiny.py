@@ -137,3 +137,21 @@ def test_generated_sets_are_distinct_and_the_general_set_shows_no_fine_tuning_su
     print(f"tiny CLIP: CIFAR-like over general pictures on class prompts AUC {cifar_auc:.3f}, Naruto-like over "
           f"general on Naruto-like captions AUC {naruto_auc:.3f}")
     assert cifar_auc >= 0.95 and naruto_auc >= 0.9
+
+
+def test_two_processes_drawing_the_same_dataset_at_once_both_get_it(tmp_path, monkeypatch):
+    # a clean clone under two test workers (or two notebooks on one Drive): both draw tiny/cifar10, and the other
+    # one's rename lands between our check and ours ("Directory not empty"); its folder is the same data: used
+    monkeypatch.setenv("LAB_TINY_DIR", str(tmp_path))
+    final, real_replace = tmp_path / "race", files.os.replace
+
+    def other_process_first(src, dst):
+        if Path(dst) == final and not final.exists():
+            final.mkdir()
+            (final / "a.txt").write_text("theirs")
+            (final / ".tiny_build").write_text(tiny.DATA_VERSION)
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(files.os, "replace", other_process_first)
+    assert tiny._build_once("race", lambda tmp: (tmp / "a.txt").write_text("ours")) == final
+    assert (final / "a.txt").read_text() == "theirs" and [p.name for p in tmp_path.iterdir()] == ["race"]

@@ -255,6 +255,13 @@ def write_folder(final: Path, fill: Callable[[Path], None], expected_bytes: int 
     return final
 
 
+def placed_by_another(error: BaseException, final: Path) -> bool:
+    """Whether `write_folder(final, …)` failed only because another writer (a second process or VM on the same
+    Drive) renamed the same folder into place between our check and our rename ("Directory not empty"). For folders
+    whose name says what they hold (a cache key, a tiny dataset's name), that folder is as good as ours: reuse it."""
+    return isinstance(error, OSError) and error.errno in (errno.ENOTEMPTY, errno.EEXIST) and Path(final).exists()
+
+
 def _discard_quietly(path: Path) -> None:
     """`discard` for cleanup on the way out: a leftover is finished later by `remove_stale`, never an error now."""
     try:

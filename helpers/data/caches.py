@@ -8,7 +8,6 @@ does not match its manifest (a disconnect mid-write, a truncated file) is rebuil
 """
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 from pathlib import Path
@@ -156,8 +155,8 @@ def cached(name: str, fields: dict, count: int, build, root: Path) -> tuple[dict
         files.write_folder(folder, fill, expected_bytes=sum(v.numel() * v.element_size() for v in tensors.values()))
     except OSError as e:
         # another builder (a second notebook, another VM on the same Drive) put the same cache in place between
-        # our check and our rename ("Directory not empty"): its cache has the same key, so it is used
-        if e.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not folder.exists():
+        # our check and our rename: its cache has the same key, so it is used
+        if not files.placed_by_another(e, folder):
             raise
         reused = _load(folder, name, count)
         print(f"another builder finished cache {folder} at the same moment: reusing it")
