@@ -11,6 +11,7 @@
     evaluation   CLIP score, PickScore, statistics, prompt sets, comparisons → tables
     prior        notebook 04's priors, their metrics, prompt → embedding sources, variations and strips
     plan         the T4 plan: meta-device models, memory phases, calibration, times, inference phases
+    proof        the plan measured: every t4 preset × phase on full-size random models (scripts/gpu_proof.py)
     studio       catalog, engine, scoreboard, A/B study, the explorer and the app
     scratch      SD1.5 from scratch in plain PyTorch (notebook 06)
 

@@ -7,7 +7,7 @@
                                                         #   → outputs/gpu_proof/gpu_proof-cpu-smoke.json + .md
     python scripts/gpu_proof.py --pack-wheels wheels/   # the wheels a lent GPU machine lacks (see README)
 
-What each phase runs and what the columns mean: helpers/plan/proof.py. A GPU run writes into colab/ (commit it: the
+What each phase runs and what the columns mean: helpers/proof/ (its __init__). A GPU run writes into colab/ (commit it: the
 plan's error band, helpers.plan.calibration, is to be calibrated from committed reports); the smoke never does.
 """
 from __future__ import annotations
@@ -115,7 +115,7 @@ def main() -> None:
         pack_wheels(args.pack_wheels, [v for v in args.cuda.split(",") if v] or [torch.version.cuda or "12.8"])
         return
 
-    from helpers.plan.proof import run_proof
+    from helpers.proof import run_proof
     smoke = args.smoke or not torch.cuda.is_available()
     out = args.out or (REPO / "outputs" / "gpu_proof" if smoke else REPO / "colab")
     t0 = time.perf_counter()

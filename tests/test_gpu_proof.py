@@ -1,4 +1,4 @@
-"""The instrument that measures the T4 plan (scripts/gpu_proof.py, helpers.plan.proof).
+"""The instrument that measures the T4 plan (scripts/gpu_proof.py, helpers.proof).
 
 Without CUDA: the CPU smoke (the real configs with every width ÷ 8, in the T4-dtype mode) runs every t4 preset × phase
 through the same functions as a GPU run and writes the same report, with the planner's numbers beside the measured ones.
@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from helpers.core.presets import PRESETS, get_preset
-from helpers.plan import proof
+import helpers.proof as proof
+from helpers.plan.model import T4_USABLE_GIB
 from helpers.plan.inference import evaluation_plan
 from helpers.plan.model import CUDA_OVERHEAD_GIB, PRIOR_METHODS, prior_training_plan, training_plan
 from helpers.plan.timing import training_estimate
@@ -33,7 +34,7 @@ def smoke(tmp_path_factory):
 
 
 def planner_numbers(name: str) -> dict[str, float]:
-    """The plan of each phase, asked of the planner directly (not through helpers.plan.proof)."""
+    """The plan of each phase, asked of the planner directly (not through helpers.proof)."""
     p = get_preset(name, "t4")
     clip = next(ph for ph in evaluation_plan({}, {}, {}, {}, pickscore=False) if ph.name == "clip").gib
     if p.method in PRIOR_METHODS:
@@ -131,7 +132,7 @@ def test_a_failed_phase_is_a_row_and_the_later_ones_say_not_reached(tmp_path):
 def test_gpu_first_preset_on_full_size_models_under_a_t4_cap(tmp_path):
     path = proof.run_proof(tmp_path / "out", tmp_path / "work", only=[proof.FIRST], tiny_world=False)
     report = json.loads(path.read_text())
-    assert report["kind"] == "gpu" and report["settings"]["cap_gib"] < proof.T4_USABLE_GIB
+    assert report["kind"] == "gpu" and report["settings"]["cap_gib"] < T4_USABLE_GIB
     rows = [r for r in report["rows"] if r["preset"] == proof.FIRST]
     assert [r["phase"] for r in rows] == list(proof.PHASES)
     for r in rows:  # measured, or out of memory under the cap, written as measured: never missing

@@ -15,7 +15,7 @@ from helpers.core import paths
 HELPERS = Path(__file__).resolve().parents[1] / "helpers"
 # import order: a room may import the rooms before it (and itself), never one after it
 ORDER = ["bootstrap", "core", "tiny", "models", "data", "generate", "methods", "train", "evaluation", "prior", "plan",
-         "studio", "scratch"]
+         "proof", "studio", "scratch"]
 
 
 def module_name(root: Path, file: Path) -> str:
