@@ -10,6 +10,7 @@ from helpers.core.precision import precision_for
 from helpers.core.presets import get_preset
 from helpers.evaluation import clip_score as evaluate
 from helpers.evaluation import compare as evaluation
+from helpers.evaluation import tables
 from helpers.evaluation import stats
 from helpers.evaluation.prompts import PromptSet, user_prompts
 from helpers.generate import grids, sampling
@@ -51,12 +52,12 @@ def test_every_variant_has_its_folder_manifest_and_identical_noise(result):
     for a, b, c in zip(*pixels.values()):
         assert np.array_equal(a, b) and np.abs(a - c).mean() > 1.0
     images = pd.read_csv(out / "images.csv")
-    assert list(images.columns) == list(evaluation.IMAGE_COLUMNS) and len(images) == 3 * 3 * len(SEEDS)
+    assert list(images.columns) == list(tables.IMAGE_COLUMNS) and len(images) == 3 * 3 * len(SEEDS)
 
 
 def test_csv_has_one_row_per_image_per_variant(result, scorer):
     scores = pd.read_csv(result.out_dir / "clip_scores.csv")
-    assert list(scores.columns) == list(evaluation.RESULT_COLUMNS)
+    assert list(scores.columns) == list(tables.RESULT_COLUMNS)
     assert len(scores) == 3 * 3 * len(SEEDS)
     assert not scores.duplicated(["variant", "prompt_set", "prompt", "seed"]).any()
     assert set(scores["clip_model"]) == {scorer.name}
@@ -105,7 +106,7 @@ def test_grids_one_sheet_per_set_rows_are_prompt_seed_pairs(result):
 
 
 def test_table_with_another_baseline_and_all_pairs(result):
-    table = evaluation.score_table(result.scores, baseline="attn2 ×1.5", pairs="all")
+    table = tables.score_table(result.scores, baseline="attn2 ×1.5", pairs="all")
     paired = [(r["variant"], r["reference"]) for r in table.rows if r["paired"] and r["prompt_set"] == "all"]
     assert paired == [("base", "attn2 ×1.5"), ("base again", "attn2 ×1.5"), ("base again", "base")]
     flipped = table.row("base", paired=True)
@@ -151,12 +152,12 @@ def test_score_images_reads_images_csv(scorer, tmp_path):
         Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / f"{k}.png")
         rows.append(dict(image_path=str(tmp_path / f"{k}.png"), prompt_set="mine", split="custom", prompt=prompt,
                          seed=k, variant="base"))
-    evaluation.results_frame(rows, tmp_path / "images.csv", evaluation.IMAGE_COLUMNS)
-    frame = evaluation.score_images(scorer, tmp_path / "images.csv")
-    assert list(frame.columns) == list(evaluation.RESULT_COLUMNS)
+    tables.results_frame(rows, tmp_path / "images.csv", tables.IMAGE_COLUMNS)
+    frame = tables.score_images(scorer, tmp_path / "images.csv")
+    assert list(frame.columns) == list(tables.RESULT_COLUMNS)
     np.testing.assert_array_equal(frame["score"], scorer.score([r["image_path"] for r in rows], ["a cat", "a dog"]))
     with pytest.raises(ValueError, match="columns"):
-        evaluation.results_frame([{"prompt": "x"}])
+        tables.results_frame([{"prompt": "x"}])
 
 
 def test_score_table_on_synthetic_scores_and_its_renderings():
@@ -165,7 +166,7 @@ def test_score_table_on_synthetic_scores_and_its_renderings():
     rows = [dict(image_path=f"{v}/{k}.png", prompt_set="s", split="train", prompt=f"p{k % 4}", seed=k // 4,
                  variant=v, clip_model="m", score=x)
             for v, scores in (("baseline", base), ("finetuned", base + 1.5)) for k, x in enumerate(scores)]
-    table = evaluation.score_table(rows)  # the first variant is the baseline; one prompt set: no pooled rows
+    table = tables.score_table(rows)  # the first variant is the baseline; one prompt set: no pooled rows
     assert {r["prompt_set"] for r in table.rows} == {"s"}
     paired = table.row("finetuned", paired=True)
     assert (paired["mean"], paired["wins"], paired["n"]) == (pytest.approx(1.5), 8, 8)
@@ -177,4 +178,4 @@ def test_score_table_on_synthetic_scores_and_its_renderings():
     assert "95% CI" in text and "finetuned − baseline" in text and "8/8" in text
     assert table.to_markdown().splitlines()[2].startswith("| prompt set | variant")
     with pytest.raises(ValueError, match="unknown baseline"):
-        evaluation.score_table(rows, baseline="base")
+        tables.score_table(rows, baseline="base")

@@ -12,7 +12,8 @@ import pandas as pd
 from PIL import Image
 from tiny_runs import train_tiny_run
 
-from helpers.evaluation.compare import MIN_PAIRS, EvaluationResult, score_table
+from helpers.evaluation.compare import EvaluationResult
+from helpers.evaluation.tables import MIN_PAIRS, score_table
 from helpers.methods.runs import load_snippet
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,15 +8,9 @@ import pandas as pd
 import pytest
 
 from helpers.evaluation.stats import wilson
-from helpers.studio.study import (
-    ANSWER_COLUMNS,
-    AnswersFileError,
-    Pair,
-    Study,
-    pairs_from_scores,
-    scripted_answers,
-    study_results,
-)
+from helpers.studio.answers import ANSWER_COLUMNS, AnswersFileError
+from helpers.studio.study import Pair, Study, pairs_from_scores, scripted_answers
+from helpers.studio.study_results import study_results
 
 
 def make_pairs(n=12, sets=("train", "generic")):

@@ -1,9 +1,9 @@
 """Measuring pictures: the CLIP score (clip_score) and PickScore, the statistics every table reports (stats:
 bootstrap CI, paired difference with a sign test, Wilson), the prompt sets (prompts) and comparisons of variants on
-the same prompts and seeds turned into tables and sheets (compare).
+the same prompts and seeds turned into sheets (compare) and tables (tables).
 """
 from .clip_score import ClipScorer
-from .compare import MIN_PAIRS, ScoreTable, evaluate_variants, fine_tune_and_evaluate, record_run_summary
+from .compare import evaluate_variants, fine_tune_and_evaluate, record_run_summary
 from .pickscore import PickScorer
 from .prompts import (
     PromptSet,
@@ -15,3 +15,4 @@ from .prompts import (
     user_prompts,
 )
 from .stats import bootstrap_ci, paired_difference, sign_test, wilson
+from .tables import MIN_PAIRS, ScoreTable

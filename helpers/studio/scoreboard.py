@@ -22,11 +22,11 @@ from pathlib import Path
 
 from ..core.presets import get_preset
 from ..evaluation import prompts as prompt_sets
-from ..evaluation.compare import (
+from ..evaluation.compare import evaluate_variants
+from ..evaluation.tables import (
     IMAGE_COLUMNS,
     MIN_PAIRS,
     ScoreTable,
-    evaluate_variants,
     reading,
     results_frame,
     score_images,
@@ -119,7 +119,7 @@ class Scoreboard:
                 f"two-sided sign test). {models}.{demo}")
 
     def readings(self) -> list[str]:
-        """One sentence per run, prompt set and score: what its paired CI says (compare.reading)."""
+        """One sentence per run, prompt set and score: what its paired CI says (tables.reading)."""
         return [f"{self.labels.get(r['variant'], r['variant'])}, {r['prompt_set']}, {short_score_name(r['score_model'])}"
                 f": {reading(dict(mean=r['diff'], low=r['diff_low'], high=r['diff_high'], n=int(r['pairs'])))}"
                 for r in self.summary.to_dict("records")

@@ -20,10 +20,7 @@ same rater gets the same order back after a restart and different raters get dif
 """
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
-import os
 import random
 import time
 import warnings
@@ -31,13 +28,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..evaluation.compare import evaluate_variants
-from ..evaluation.stats import sign_test, wilson
 from ..generate.sampling import folder_name
+from .answers import ANSWER_COLUMNS, CHOICES, append_answer, read_answers
 from .catalog import shared_size
+from .study_results import StudyResults, study_results
 
-ANSWER_COLUMNS = ("time", "study", "rater", "pair", "prompt_set", "prompt", "seed", "left", "right", "choice",
-                  "winner", "clip_left", "clip_right")
-CHOICES = ("left", "right", "tie")
 
 
 @dataclass(frozen=True)
@@ -102,131 +97,6 @@ def generate_pairs(engine, a: str, b: str, prompt_set, seeds, out_dir: str | Pat
     result = evaluate_variants(engine.pipeline(a), [engine.variant(a), engine.variant(b)], prompt_set, seeds,
                                out_dir, scorer=engine.scorer, steps=steps, size=size or shared_size([first, second])[0])
     return pairs_from_scores(result.scores, a, b)
-
-
-class AnswersFileError(ValueError):
-    """The answers file is of another layout: its answers cannot be read, nor new ones appended."""
-
-
-def _decode(raw: bytes) -> str:
-    """The file's text; bytes that are not UTF-8 text (and NULs) become U+FFFD, so their line can be named."""
-    return raw.decode("utf-8", errors="replace").removeprefix("\ufeff").replace("\x00", "\ufffd")
-
-
-def _file_header(path: Path) -> list[str] | None:
-    """The answers file's column names (None: no file yet, or an empty one); AnswersFileError unless it names
-    every column of ANSWER_COLUMNS (other orders and extra columns are read by name)."""
-    if not path.is_file():
-        return None
-    with open(path, "rb") as f:
-        first = f.readline()
-    if not first.strip():
-        if path.stat().st_size > len(first):
-            raise AnswersFileError(f"{path}, line 1: the header line is empty; the file is not an answers file of "
-                                   "this lab. Move it aside (rename it), then start the study again.")
-        return None
-    header = [c.strip() for c in next(csv.reader([_decode(first).rstrip("\r\n")]), [])]
-    missing = [c for c in ANSWER_COLUMNS if c not in header]
-    if missing:
-        raise AnswersFileError(
-            f"{path}, line 1: the header is not the A/B study's (it lacks {', '.join(missing)}), so none of its "
-            f"lines can be read as answers and no answer is appended to it. Move it aside (rename it), then start "
-            f"the study again: a new answers file is begun.")
-    return header
-
-
-def _ends_with_newline(path: Path) -> bool:
-    with open(path, "rb") as f:
-        f.seek(0, os.SEEK_END)
-        if f.tell() == 0:
-            return True
-        f.seek(-1, os.SEEK_END)
-        return f.read(1) == b"\n"
-
-
-def _records(lines: list[str], width: int):
-    """(line number, cells) of each CSV record after the header; a record may span lines only inside a quoted cell
-    (a prompt with a line break), and only while it does not exceed `width` cells: a line cut inside quotes never
-    swallows the lines after it."""
-    k = 1
-    while k < len(lines):
-        start, text = k + 1, lines[k]
-        k += 1
-        if not text.strip():
-            continue
-        if text.count('"') % 2:  # a quoted cell goes on over the next line(s), or the line was cut inside it
-            joined, j = text, k
-            while joined.count('"') % 2 and j < len(lines):
-                joined, j = joined + "\n" + lines[j], j + 1
-            cells = next(csv.reader(io.StringIO(joined, newline="")), [])
-            if joined.count('"') % 2 == 0 and len(cells) == width:
-                k = j
-                yield start, cells
-                continue
-        yield start, next(csv.reader([text]), [])
-
-
-def read_answers(path: Path, study: str, variants: tuple[str, str]) -> tuple[list[dict], list[str]]:
-    """(the answers of `study` in the file at `path`, one sentence per line left out). Lines of other studies are
-    not this study's and are skipped without a word; a line that is not a whole, valid answer is left out with a
-    sentence naming the file, the line and what is wrong with it."""
-    path = Path(path)
-    header = _file_header(path)
-    if header is None:
-        return [], []
-    lines = _decode(path.read_bytes()).split("\n")
-    lines = [line.removesuffix("\r") for line in lines]
-    rows, notes = [], []
-
-    def leave_out(line: int, why: str) -> None:
-        notes.append(f"{path}, line {line}: {why}; this line is left out of the results (the other lines' answers "
-                     "are kept).")
-
-    for line, cells in _records(lines, len(header)):
-        if "\ufffd" in "".join(cells):
-            leave_out(line, "it holds bytes that are not text (binary garbage)")
-            continue
-        if [c.strip() for c in cells] == header:
-            continue  # the header again (two files joined): not an answer
-        if len(cells) != len(header):
-            leave_out(line, f"it has {len(cells)} cells where the header has {len(header)} (cut short by a "
-                            "disconnect while it was written, or edited by hand)" if len(cells) < len(header) else
-                      f"it has {len(cells)} cells where the header has {len(header)} (two lines merged into one)")
-            continue
-        row = dict(zip(header, cells))
-        if row["study"] != study:
-            continue
-        try:
-            rows.append(_answer(row, variants))
-        except ValueError as e:
-            leave_out(line, str(e))
-    return rows, notes
-
-
-def _answer(row: dict, variants: tuple[str, str]) -> dict:
-    """One answer of ANSWER_COLUMNS with its cells checked and typed; ValueError says which cell is wrong."""
-    out = {c: row[c] for c in ANSWER_COLUMNS}
-    if not out["rater"].strip():
-        raise ValueError("its rater cell is empty")
-    if out["choice"] not in CHOICES:
-        raise ValueError(f"its choice {out['choice']!r} is not one of {', '.join(CHOICES)}")
-    if {out["left"], out["right"]} != set(variants):
-        raise ValueError(f"its left and right cells ({out['left']!r}, {out['right']!r}) are not this study's two "
-                         "variants")
-    expected = "tie" if out["choice"] == "tie" else out[out["choice"]]
-    if out["winner"] != expected:
-        raise ValueError(f"its winner {out['winner']!r} does not follow from its choice {out['choice']!r} "
-                         f"(that is {expected!r})")
-    try:
-        out["seed"] = int(out["seed"])
-    except ValueError:
-        raise ValueError(f"its seed {out['seed']!r} is not a whole number") from None
-    for side in ("clip_left", "clip_right"):
-        try:
-            out[side] = float(out[side])
-        except ValueError:
-            raise ValueError(f"its {side} {out[side]!r} is not a number") from None
-    return out
 
 
 def _rng(seed: int, rater: str) -> random.Random:
@@ -309,89 +179,11 @@ class Study:
                    prompt_set=pair.prompt_set, prompt=pair.prompt, seed=pair.seed, left=shown.left,
                    right=shown.right, choice=choice, winner=winner, clip_left=pair.clip[shown.left],
                    clip_right=pair.clip[shown.right])
-        self.csv_path.parent.mkdir(parents=True, exist_ok=True)
-        header = _file_header(self.csv_path)  # raises AnswersFileError for a file of another layout
-        with open(self.csv_path, "a", newline="", encoding="utf-8") as f:
-            if header is None:
-                header = list(ANSWER_COLUMNS)
-                csv.writer(f).writerow(header)
-            elif not _ends_with_newline(self.csv_path):
-                f.write("\r\n")  # a line cut by a crash stays a line of its own: this answer is never merged into it
-            csv.DictWriter(f, header, restval="").writerow(row)
-            f.flush()
-            os.fsync(f.fileno())
+        append_answer(self.csv_path, row)
         return row
 
     def results(self) -> "StudyResults":
         return study_results(self.answers(), self.a, self.b)
-
-
-@dataclass
-class StudyResults:
-    a: str
-    b: str
-    rows: list[dict]  # one per prompt set, then "all" (pooled) when there are several
-
-    @property
-    def frame(self):
-        import pandas as pd
-        return pd.DataFrame(self.rows)
-
-    def _cells(self) -> list[list[str]]:
-        head = ["prompt set", "answers", f"{self.a} wins", f"{self.b} wins", "ties", f"{self.a} win rate [95% CI]",
-                f"{self.b} win rate [95% CI]", "sign test p", "agrees with CLIP [95% CI]"]
-        cells = [head]
-        for r in self.rows:
-            def rate(v):
-                return "–" if r["n"] == 0 else f"{r[f'rate_{v}']:.2f} [{r[f'low_{v}']:.2f}, {r[f'high_{v}']:.2f}]"
-            agree = ("–" if not r["agree_n"] else f"{r['agreement']:.2f} [{r['agree_low']:.2f}, "
-                     f"{r['agree_high']:.2f}] of {r['agree_n']}")
-            cells.append([r["prompt_set"], str(r["n"]), str(r["wins_a"]), str(r["wins_b"]), str(r["ties"]),
-                          rate("a"), rate("b"), f"{r['p']:.2g}", agree])
-        return cells
-
-    def __str__(self) -> str:
-        cells = self._cells()
-        widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
-        return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells)
-
-    __repr__ = __str__
-
-    def _repr_html_(self) -> str:
-        from html import escape
-        head, *body = self._cells()
-        th = "".join(f"<th>{escape(c)}</th>" for c in head)
-        trs = "".join("<tr>" + "".join(f"<td>{escape(c)}</td>" for c in row) + "</tr>" for row in body)
-        return f"<table class='study-results'><thead><tr>{th}</tr></thead><tbody>{trs}</tbody></table>"
-
-
-def _summary(scope: str, part, a: str, b: str) -> dict:
-    wins_a, wins_b = int((part["winner"] == a).sum()), int((part["winner"] == b).sum())
-    ties, n = int((part["winner"] == "tie").sum()), len(part)
-    rate_a, low_a, high_a = wilson(wins_a + ties / 2, n)
-    rate_b, low_b, high_b = wilson(wins_b + ties / 2, n)
-    agree = agree_n = 0
-    for r in part.to_dict("records"):
-        if r["choice"] == "tie":
-            continue
-        picked, other = ((r["clip_left"], r["clip_right"]) if r["choice"] == "left"
-                         else (r["clip_right"], r["clip_left"]))
-        if picked != other:
-            agree_n += 1
-            agree += int(picked > other)
-    share, agree_low, agree_high = wilson(agree, agree_n)
-    return dict(prompt_set=scope, n=n, wins_a=wins_a, wins_b=wins_b, ties=ties, rate_a=rate_a, low_a=low_a,
-                high_a=high_a, rate_b=rate_b, low_b=low_b, high_b=high_b, p=sign_test(wins_a, wins_b),
-                agreement=share, agree_n=agree_n, agree_low=agree_low, agree_high=agree_high)
-
-
-def study_results(answers, a: str, b: str) -> StudyResults:
-    """Win rates, sign tests and agreement with CLIP per prompt set and pooled ("all"), by the definitions above."""
-    sets = list(dict.fromkeys(answers["prompt_set"]))
-    rows = [_summary(s, answers[answers["prompt_set"] == s], a, b) for s in sets]
-    if len(sets) != 1:
-        rows.append(_summary("all", answers, a, b))
-    return StudyResults(a, b, rows)
 
 
 def scripted_choice(rng: random.Random, shown: Shown, a: str, p_a: float = 0.5, p_tie: float = 0.1) -> str:
