@@ -3,7 +3,7 @@ import dataclasses
 
 import pytest
 
-from helpers.core import presets
+from helpers.core import preset_fields, presets
 from helpers.core.presets import PRESETS, get_preset
 
 
@@ -109,7 +109,7 @@ def test_every_numeric_field_has_a_range_checked_when_the_preset_is_made():
     trained nothing (loss 0) and exported the untouched weights, NaN max_grad_norm / noise_offset ended in a NaN stop
     that blamed the VAE. Every numeric field of Preset has a rule now; a new one without a rule fails here."""
     numeric = [f.name for f in dataclasses.fields(presets.Preset) if f.type.split(" |")[0] in ("int", "float")]
-    assert sorted(numeric) == sorted(presets.NUMBER_RULES)
+    assert sorted(numeric) == sorted(preset_fields.NUMBER_RULES)
     for field in numeric:
         for bad in (float("nan"), float("inf"), -1):
             with pytest.raises(ValueError, match=f"{field}[= ]{bad!r}"):  # resolution: the family's size rule

@@ -30,8 +30,9 @@ real configs with every width divided by 8 (`proof_configs`), at small resolutio
 memory is then the process's peak resident set (VmHWM), not a GPU's, and the rows say "CPU smoke".
 """
 from .device import Meter, t4_settings
-from .phases import PresetProof, planned, run_proof
+from .phases import PresetProof, planned
 from .report import Report, report_markdown
+from .run import run_proof
 from .tiny_world import tiny_world_proof
 from .world import (
     FIRST,
