@@ -169,6 +169,7 @@ PROMPTS = {"t4": ("a watercolor painting of a lighthouse on a cliff at sunset",
            "tiny": ("a photo of a ship", "a photo of a frog")}
 
 
-def default_prompts(profile: str) -> tuple[str, str]:
-    """(txt2img prompt, img2img prompt) that `profile`'s model knows."""
-    return PROMPTS["t4" if profile == "t4" else "tiny"]
+def default_prompts(profile: str, prompt: str = "", img2img_prompt: str = "") -> tuple[str, str]:
+    """(txt2img prompt, img2img prompt): the ones given, and for an empty one a prompt `profile`'s model knows."""
+    known = PROMPTS["t4" if profile == "t4" else "tiny"]
+    return prompt or known[0], img2img_prompt or known[1]

@@ -215,10 +215,11 @@ def plot_differences(tables: dict, path: Path, labels: dict | None = None) -> Pa
                    yerr=[[r["mean"] - r["low"]], [r["high"] - r["mean"]]], capsize=3)
             seen.add(scope)
         ax.axhline(0, color="black", linewidth=0.8)
-        ax.set_xticks(centres, ["\n".join(textwrap.wrap(labels.get(v, v), 16)) for v in runs], fontsize=10)
+        ax.set_xticks(centres, ["\n".join(textwrap.wrap(labels.get(v, v), 11)) for v in runs], fontsize=9)
         ax.set_ylabel(f"Δ vs base\n{short_score_name(model)}", fontsize=11)
         ax.tick_params(axis="y", labelsize=10)
-        ax.legend(fontsize=9, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)  # beside, never on a bar
+        if ax is axes[0, 0]:  # one legend, beside the first panel, never on a bar
+            ax.legend(fontsize=9, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     axes[0, 0].set_title("Each run minus its own base, same prompt and seed (95 % bootstrap CI)", fontsize=11)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
